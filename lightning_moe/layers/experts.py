@@ -1,0 +1,158 @@
+"""Expert feed-forward networks.
+
+Shape legend: N tokens routed to the experts (sorted by expert), D model dim, F expert hidden,
+E local experts.
+
+Experts receive their tokens already grouped: rows ``[offset_e, offset_e + tokens_per_expert[e])``
+of ``x_ND`` belong to local expert e. Each expert e is initialised from its own random stream,
+seeded by the layer's seed and its *global* index, so global expert e starts with the same weights
+whether the layer holds all experts or only a shard of them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_moe.layers.activations import activation_function, check_activation, is_glu
+
+
+def expert_generator(seed: int, global_expert: int) -> torch.Generator:
+    """A CPU generator dedicated to one global expert of a layer seeded with ``seed``."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + global_expert) % (2**63))
+
+
+class GroupedExperts(nn.Module):
+    """E MLP experts held as stacked weights.
+
+    Expert e computes ``w2[e] @ act(w1[e] @ x + b1[e]) + b2[e]``, or for GLU activations
+    ``w2[e] @ (act(w1[e] @ x) * (w3[e] @ x))`` (biases added likewise when ``bias=True``).
+
+    Args:
+        num_experts: Number of experts held here (E).
+        d_model: Model dimension D.
+        d_hidden: Expert hidden dimension F.
+        activation: Activation name (see :mod:`lightning_moe.layers.activations`).
+        bias: Give each projection a bias.
+        seed: Seed of the per-expert initialisation streams.
+        expert_offset: Global index of the first expert held here.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        d_hidden: int,
+        activation: str = "gelu",
+        bias: bool = False,
+        seed: int = 0,
+        expert_offset: int = 0,
+    ) -> None:
+        super().__init__()
+        check_activation(activation)
+        self.num_experts = num_experts
+        self.d_model = d_model
+        self.d_hidden = d_hidden
+        self.activation = activation
+        self.seed = seed
+        self.expert_offset = expert_offset
+        self.act = activation_function(activation)
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))  # (E, F, D)
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_model, d_hidden))  # (E, D, F)
+        self.w3 = nn.Parameter(torch.empty(num_experts, d_hidden, d_model)) if is_glu(activation) else None
+        self.b1 = nn.Parameter(torch.empty(num_experts, d_hidden)) if bias else None
+        self.b2 = nn.Parameter(torch.empty(num_experts, d_model)) if bias else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise each expert like ``nn.Linear`` from its own seeded stream."""
+        if self.w1.is_meta:
+            return
+        bound_in = 1.0 / math.sqrt(self.d_model)
+        bound_hidden = 1.0 / math.sqrt(self.d_hidden)
+        for local in range(self.num_experts):
+            generator = expert_generator(self.seed, self.expert_offset + local)
+            draws = [(self.w1, bound_in), (self.w3, bound_in), (self.b1, bound_in)]
+            draws += [(self.w2, bound_hidden), (self.b2, bound_hidden)]
+            for param, bound in draws:
+                if param is not None:
+                    values = torch.rand(param.shape[1:], generator=generator) * (2 * bound) - bound
+                    param[local].copy_(values)
+
+    def expert_forward(self, local: int, x_ND: Tensor) -> Tensor:
+        """Apply local expert ``local`` to its tokens ``x_ND`` (N, D) -> (N, D)."""
+        hidden_NF = x_ND @ self.w1[local].t()
+        if self.b1 is not None:
+            hidden_NF = hidden_NF + self.b1[local]
+        hidden_NF = self.act(hidden_NF)
+        if self.w3 is not None:
+            hidden_NF = hidden_NF * (x_ND @ self.w3[local].t())
+        out_ND = hidden_NF @ self.w2[local].t()
+        if self.b2 is not None:
+            out_ND = out_ND + self.b2[local]
+        return out_ND
+
+    def forward(self, x_ND: Tensor, tokens_per_expert: Tensor) -> Tensor:
+        """Run every expert on its group of rows.
+
+        Args:
+            x_ND: (N, D) tokens sorted by local expert.
+            tokens_per_expert: (E,) int64 row count of each local expert, summing to N.
+
+        Returns:
+            (N, D) expert outputs in the same order, in the input's dtype.
+        """
+        return _run_grouped(self.expert_forward, x_ND.to(self.w1.dtype), tokens_per_expert).to(x_ND.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}, "
+            f"activation={self.activation!r}, bias={self.b1 is not None}, expert_offset={self.expert_offset}"
+        )
+
+
+class ModuleListExperts(nn.Module):
+    """Experts given as arbitrary modules mapping (N, D) -> (N, D), possibly all different.
+
+    Args:
+        experts: One module per local expert.
+        expert_offset: Global index of the first expert held here.
+    """
+
+    def __init__(self, experts: Sequence[nn.Module], expert_offset: int = 0) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(experts)
+        self.num_experts = len(self.experts)
+        self.expert_offset = expert_offset
+
+    @classmethod
+    def from_factory(
+        cls, factory: Callable[[], nn.Module], num_experts: int, seed: int, expert_offset: int = 0
+    ) -> ModuleListExperts:
+        """Build ``num_experts`` modules with ``factory()``, each under its own seeded RNG."""
+        modules = []
+        for local in range(num_experts):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(expert_generator(seed, expert_offset + local).initial_seed()))
+                module = factory()
+            if not isinstance(module, nn.Module):
+                raise TypeError(f"experts= factory must return an nn.Module, got {type(module).__name__}.")
+            modules.append(module)
+        return cls(modules, expert_offset)
+
+    def forward(self, x_ND: Tensor, tokens_per_expert: Tensor) -> Tensor:
+        """Same contract as :meth:`GroupedExperts.forward`."""
+        return _run_grouped(lambda local, rows: self.experts[local](rows), x_ND, tokens_per_expert)
+
+
+def _run_grouped(expert_forward: Callable[[int, Tensor], Tensor], x_ND: Tensor, tokens_per_expert: Tensor) -> Tensor:
+    """Split ``x_ND`` by ``tokens_per_expert``, apply each expert, and concatenate in order."""
+    counts = tokens_per_expert.tolist()
+    outputs = [expert_forward(local, rows) for local, rows in enumerate(torch.split(x_ND, counts)) if counts[local]]
+    if not outputs:
+        return x_ND.new_zeros(x_ND.shape)
+    return torch.cat(outputs, dim=0)

@@ -1,0 +1,297 @@
+"""The Mixture-of-Experts feed-forward layer.
+
+Shape legend: T tokens, D model dim, F expert hidden, E experts, K top-k, N assignments.
+
+The forward pass is five steps, each a method: :meth:`MoE.route` asks the router for assignments,
+:meth:`MoE.apply_capacity` drops what exceeds each expert's capacity, :meth:`MoE.permute` sorts the
+surviving assignments into expert-contiguous rows, :meth:`MoE.compute_experts` runs the experts
+(through a dispatcher when experts live on other devices), and :meth:`MoE.unpermute` sums the
+weighted outputs back into token order. The balance and z losses are attached to the output so
+that they reach the router's gradient without the user adding them to the training loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from lightning_moe.layers.activations import check_activation
+from lightning_moe.layers.experts import GroupedExperts, ModuleListExperts
+from lightning_moe.layers.permute import capacity_mask, combine, expert_capacity, sort_by_expert
+from lightning_moe.routers import Router, Routing, build_router
+
+
+class TokenDispatcher(Protocol):
+    """Moves expert-sorted rows to the devices that hold their experts, and back.
+
+    The single-device layer uses none. Expert parallelism (``lightning_moe.parallel``) supplies one
+    that exchanges rows between ranks; the layer itself never touches a process group.
+    """
+
+    def dispatch(self, x_ND: Tensor, tokens_per_expert: Tensor) -> tuple[Tensor, Tensor]:
+        """Send rows sorted by global expert; return the rows for the local experts, grouped by
+        local expert, and (local E,) their counts."""
+        ...
+
+    def combine(self, y_MD: Tensor) -> Tensor:
+        """Return the local experts' outputs to the ranks and order that :meth:`dispatch` took
+        them from."""
+        ...
+
+
+class _AttachLoss(torch.autograd.Function):
+    """Identity on ``output`` whose backward also feeds ``scale`` as the gradient of ``loss``."""
+
+    @staticmethod
+    def forward(ctx: Any, output: Tensor, loss: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        ctx.loss_shape = loss.shape
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, Tensor, None]:
+        grad_loss = torch.full(ctx.loss_shape, ctx.scale, dtype=torch.float32, device=grad_output.device)
+        return grad_output, grad_loss, None
+
+
+class MoE(nn.Module):
+    """A Mixture-of-Experts feed-forward layer usable in any PyTorch model.
+
+    Args:
+        d_model: Model dimension D of the input and output.
+        num_experts: Global number of routed experts E.
+        top_k: Experts per token K.
+        d_hidden: Expert hidden dimension F; defaults to ``4 * d_model``.
+        activation: "gelu", "gelu_tanh", "relu", "silu", "swiglu" or "geglu".
+        router: A router name ("topk", "noisy_topk", "switch", "gshard", "sigmoid",
+            "expert_choice") or a :class:`~lightning_moe.routers.Router` instance.
+        capacity_factor: ``None`` for dropless routing; otherwise each expert takes at most
+            ``ceil(capacity_factor * T * K / E)`` assignments, the lowest-priority ones dropped.
+        num_shared_experts: Always-on experts whose outputs are added to every token's output.
+        bias: Give the built-in experts biases ``b1`` (E, F) and ``b2`` (E, D).
+        experts: A callable returning one expert module (called E times), or a list of E modules.
+            Each maps (N, D) to (N, D). Replaces the built-in experts.
+        aux_loss_weight: Weight of the router's balance loss in the gradient.
+        z_loss_weight: Weight of the router z-loss in the gradient.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int = 2,
+        d_hidden: int | None = None,
+        activation: str = "gelu",
+        router: str | Router = "topk",
+        capacity_factor: float | None = None,
+        num_shared_experts: int = 0,
+        bias: bool = False,
+        experts: Callable[[], nn.Module] | Sequence[nn.Module] | None = None,
+        aux_loss_weight: float = 0.01,
+        z_loss_weight: float = 0.0,
+    ) -> None:
+        super().__init__()
+        d_hidden = 4 * d_model if d_hidden is None else d_hidden
+        _validate(d_model, num_experts, top_k, d_hidden, activation, capacity_factor, num_shared_experts)
+        _validate_weights(aux_loss_weight, z_loss_weight)
+        self.d_model = d_model
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.d_hidden = d_hidden
+        self.capacity_factor = capacity_factor
+        self.aux_loss_weight = aux_loss_weight
+        self.z_loss_weight = z_loss_weight
+        # Multiplies the losses' gradient; a training loop sets it to match its loss scaling
+        # (1 / accumulation steps, times an fp16 loss scale). MoELightningModule does so itself.
+        self.aux_loss_scale = 1.0
+        self.dispatcher: TokenDispatcher | None = None
+        self.router = _make_router(router, d_model, num_experts, top_k, capacity_factor)
+        # One draw from the global RNG seeds every expert, so expert e's initial weights do not
+        # depend on how many experts this process ends up holding.
+        expert_seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.experts = _make_experts(experts, num_experts, d_model, d_hidden, activation, bias, expert_seed)
+        self.shared_experts = None
+        if num_shared_experts:
+            shared_seed = int(torch.randint(0, 2**62, (1,)).item())
+            self.shared_experts = GroupedExperts(num_shared_experts, d_model, d_hidden, activation, bias, shared_seed)
+        self.routing_stats: dict[str, Tensor] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Route each token to its experts and sum their weighted outputs.
+
+        Args:
+            x: (..., D) tokens of any floating dtype and leading shape.
+
+        Returns:
+            Tensor of the shape and dtype of ``x``.
+        """
+        self._check_input(x)
+        x_TD = x.reshape(-1, self.d_model)
+        routing = self.route(x_TD)
+        tokens_per_expert = torch.bincount(routing.expert_ids, minlength=self.num_experts)
+        kept_routing = self.apply_capacity(routing, num_tokens=x_TD.shape[0])
+        x_ND, order, tokens_per_sorted_expert = self.permute(x_TD, kept_routing)
+        y_ND = self.compute_experts(x_ND, tokens_per_sorted_expert)
+        out_TD = self.unpermute(y_ND, kept_routing, order, num_tokens=x_TD.shape[0])
+        if self.shared_experts is not None:
+            out_TD = out_TD + self._shared_forward(x_TD)
+        out = out_TD.to(x.dtype).reshape(x.shape)
+        self._record_stats(routing, kept_routing, tokens_per_expert)
+        return self._attach_losses(out, routing)
+
+    def route(self, x_TD: Tensor) -> Routing:
+        """Assignments of tokens ``x_TD`` (T, D) to experts, from the router."""
+        return self.router(x_TD)
+
+    def apply_capacity(self, routing: Routing, num_tokens: int) -> Routing:
+        """Drop the assignments beyond each expert's capacity; dropless when no capacity is set."""
+        if self.capacity_factor is None:
+            return routing
+        capacity = expert_capacity(self.capacity_factor, num_tokens, self.top_k, self.num_experts)
+        kept = capacity_mask(routing.expert_ids, routing.priorities, routing.token_ids, self.num_experts, capacity)
+        return Routing(
+            token_ids=routing.token_ids[kept],
+            expert_ids=routing.expert_ids[kept],
+            weights=routing.weights[kept],
+            priorities=routing.priorities[kept],
+            aux_loss=routing.aux_loss,
+            z_loss=routing.z_loss,
+        )
+
+    def permute(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, Tensor]:
+        """Gather one row per assignment, sorted by expert.
+
+        Returns:
+            ``x_ND`` (N, D) rows, ``order`` (N,) the assignment of each row, and
+            ``tokens_per_expert`` (E,) the row count of each expert.
+        """
+        order, tokens_per_expert = sort_by_expert(routing.expert_ids, self.num_experts)
+        return x_TD[routing.token_ids[order]], order, tokens_per_expert
+
+    def compute_experts(self, x_ND: Tensor, tokens_per_expert: Tensor) -> Tensor:
+        """Run the experts on expert-sorted rows, through the dispatcher when there is one."""
+        if self.dispatcher is None:
+            return self.experts(x_ND, tokens_per_expert)
+        x_local, tokens_per_local_expert = self.dispatcher.dispatch(x_ND, tokens_per_expert)
+        return self.dispatcher.combine(self.experts(x_local, tokens_per_local_expert))
+
+    def unpermute(self, y_ND: Tensor, routing: Routing, order: Tensor, num_tokens: int) -> Tensor:
+        """Sum the weighted expert outputs back into token order; (T, D) float32."""
+        return combine(y_ND, routing.token_ids[order], routing.weights[order], num_tokens)
+
+    def _shared_forward(self, x_TD: Tensor) -> Tensor:
+        assert self.shared_experts is not None
+        x_in = x_TD.to(self.shared_experts.w1.dtype)
+        outputs = [self.shared_experts.expert_forward(e, x_in) for e in range(self.shared_experts.num_experts)]
+        return torch.stack(outputs).float().sum(dim=0)
+
+    def _attach_losses(self, out: Tensor, routing: Routing) -> Tensor:
+        loss = self.aux_loss_weight * routing.aux_loss + self.z_loss_weight * routing.z_loss
+        if not (torch.is_grad_enabled() and loss.requires_grad):
+            return out
+        return _AttachLoss.apply(out, loss, self.aux_loss_scale)
+
+    def _record_stats(self, routing: Routing, kept: Routing, tokens_per_expert: Tensor) -> None:
+        assignments = routing.expert_ids.numel()
+        self.routing_stats = {
+            "tokens_per_expert": tokens_per_expert.detach(),
+            "dropped": torch.tensor(assignments - kept.expert_ids.numel()),
+            "assignments": torch.tensor(assignments),
+            "aux_loss": routing.aux_loss.detach(),
+            "z_loss": routing.z_loss.detach(),
+        }
+
+    def _check_input(self, x: Tensor) -> None:
+        if not torch.is_floating_point(x):
+            raise TypeError(f"MoE expects a floating-point input, got dtype {x.dtype}; cast it, e.g. x.float().")
+        if x.dim() == 0 or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"MoE expects inputs of shape (..., d_model={self.d_model}), got {tuple(x.shape)}; "
+                f"pass tokens whose last dimension is {self.d_model} or build MoE(d_model={x.shape[-1] if x.dim() else '?'}, ...)."
+            )
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"d_hidden={self.d_hidden}, capacity_factor={self.capacity_factor}"
+        )
+
+
+def _make_router(
+    router: str | Router, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None
+) -> Router:
+    if isinstance(router, str):
+        # Expert choice is defined by its capacity; dropless has no meaning there, so None means 1.0.
+        kwargs = {"capacity_factor": capacity_factor or 1.0} if router == "expert_choice" else {}
+        return build_router(router, d_model, num_experts, top_k, **kwargs)
+    if not isinstance(router, Router):
+        raise TypeError(f"router must be a router name or a Router instance, got {type(router).__name__}.")
+    mismatched = {
+        name: (getattr(router, name), value)
+        for name, value in (("d_model", d_model), ("num_experts", num_experts), ("top_k", top_k))
+        if getattr(router, name) != value
+    }
+    if mismatched:
+        details = ", ".join(f"router.{k}={got} but MoE {k}={want}" for k, (got, want) in mismatched.items())
+        raise ValueError(f"The router does not match the layer: {details}; build both with the same values.")
+    return router
+
+
+def _make_experts(
+    experts: Callable[[], nn.Module] | Sequence[nn.Module] | None,
+    num_experts: int,
+    d_model: int,
+    d_hidden: int,
+    activation: str,
+    bias: bool,
+    seed: int,
+) -> nn.Module:
+    if experts is None:
+        return GroupedExperts(num_experts, d_model, d_hidden, activation, bias, seed)
+    if isinstance(experts, nn.Module) and not isinstance(experts, (nn.ModuleList, nn.Sequential)):
+        raise TypeError(
+            "experts= takes a callable that returns a new module, or a list of modules; got a single "
+            f"{type(experts).__name__}. Pass `experts=lambda: MyExpert(...)`."
+        )
+    if isinstance(experts, Sequence) or isinstance(experts, (nn.ModuleList, nn.Sequential)):
+        modules = list(experts)
+        if len(modules) != num_experts:
+            raise ValueError(f"experts= lists {len(modules)} modules but num_experts={num_experts}; give one per expert.")
+        return ModuleListExperts(modules)
+    if callable(experts):
+        return ModuleListExperts.from_factory(experts, num_experts, seed)
+    raise TypeError(f"experts= must be a callable or a list of modules, got {type(experts).__name__}.")
+
+
+def _validate(
+    d_model: int,
+    num_experts: int,
+    top_k: int,
+    d_hidden: int,
+    activation: str,
+    capacity_factor: float | None,
+    num_shared_experts: int,
+) -> None:
+    for name, value in (("d_model", d_model), ("num_experts", num_experts), ("top_k", top_k), ("d_hidden", d_hidden)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}.")
+    if top_k > num_experts:
+        raise ValueError(f"top_k={top_k} is larger than num_experts={num_experts}; choose top_k <= num_experts.")
+    check_activation(activation)
+    if capacity_factor is not None and not capacity_factor > 0:
+        raise ValueError(
+            f"capacity_factor must be positive, got {capacity_factor}; use None for dropless routing."
+        )
+    if isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int) or num_shared_experts < 0:
+        raise ValueError(f"num_shared_experts must be a non-negative int, got {num_shared_experts!r}.")
+
+
+def _validate_weights(aux_loss_weight: float, z_loss_weight: float) -> None:
+    for name, value in (("aux_loss_weight", aux_loss_weight), ("z_loss_weight", z_loss_weight)):
+        if not value >= 0:
+            raise ValueError(f"{name} must be >= 0, got {value}.")

@@ -1,0 +1,89 @@
+"""``MoELightningModule``: the LightningModule base class for models with MoE layers.
+
+It takes care of what every MoE model needs in a Lightning loop and that users of other systems
+had to wire by hand: the balance and z losses scaled to match gradient accumulation and fp16 loss
+scaling, the sigmoid router's balance bias updated once per optimizer step, and the routing
+metrics logged every training step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+from torchmetrics.aggregation import MeanMetric
+from typing_extensions import override
+
+from lightning_moe.layers.moe import MoE
+
+
+class MoELightningModule(LightningModule):
+    """Subclass this instead of ``LightningModule`` when the model holds :class:`~lightning_moe.MoE` layers.
+
+    Write ``training_step`` as usual and return the task loss only: each MoE layer's balance and
+    z losses already reach the gradients. Each training step logs ``moe/aux_loss``,
+    ``moe/z_loss``, ``moe/drop_rate`` and ``moe/load_imbalance`` (max over mean tokens per expert),
+    averaged over the MoE layers; the last is shown in the progress bar.
+
+    Subclasses that override :meth:`on_before_backward` or :meth:`on_train_batch_end` call
+    ``super()`` so that this bookkeeping still happens.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.moe_metrics = torch.nn.ModuleDict(
+            {name: MeanMetric() for name in ("aux_loss", "z_loss", "drop_rate", "load_imbalance")}
+        )
+        self._bias_updated_at_step = 0
+
+    def moe_layers(self) -> Iterator[MoE]:
+        """The MoE layers of this module, in registration order."""
+        return (module for module in self.modules() if isinstance(module, MoE))
+
+    @override
+    def on_before_backward(self, loss: Tensor) -> None:
+        # Lightning divides the loss by the accumulation steps and scales it for fp16 before this
+        # hook; the losses attached inside the layers must get the same factor.
+        scale = 1.0
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            scale *= float(scaler.get_scale())
+        if self.automatic_optimization:
+            scale /= self.trainer.accumulate_grad_batches
+        for layer in self.moe_layers():
+            layer.aux_loss_scale = scale
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._update_router_biases()
+        self._log_routing_metrics()
+
+    def _update_router_biases(self) -> None:
+        """Let routers with a balance bias react once after each optimizer step."""
+        if self.trainer.global_step == self._bias_updated_at_step:
+            return
+        self._bias_updated_at_step = self.trainer.global_step
+        for layer in self.moe_layers():
+            update_bias = getattr(layer.router, "update_bias", None)
+            if update_bias is not None:
+                update_bias()
+
+    def _log_routing_metrics(self) -> None:
+        layers = [layer for layer in self.moe_layers() if layer.routing_stats]
+        if not layers:
+            return
+        values = {name: [] for name in self.moe_metrics}
+        for layer in layers:
+            stats = layer.routing_stats
+            counts = stats["tokens_per_expert"].float()
+            values["aux_loss"].append(stats["aux_loss"].float())
+            values["z_loss"].append(stats["z_loss"].float())
+            values["drop_rate"].append(stats["dropped"].float() / stats["assignments"].clamp(min=1).float())
+            values["load_imbalance"].append(counts.max() / counts.mean().clamp(min=1e-9))
+        for name, per_layer in values.items():
+            metric = self.moe_metrics[name]
+            metric(torch.stack(per_layer).mean().to(self.device))
+            self.log(f"moe/{name}", metric, on_step=True, on_epoch=True, prog_bar=name == "load_imbalance")

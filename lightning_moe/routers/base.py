@@ -1,0 +1,149 @@
+"""The router contract shared by every routing scheme.
+
+Shape legend: T tokens, D model dim, E experts, K top-k, N assignments.
+
+A router turns tokens into *assignments*: (token, expert, weight) triples. Token-choice routers
+(top-k and friends) produce ``N = T * K`` assignments ordered token-major, ``(t, k)``; expert-choice
+routing produces ``N = E * C``. Representing every scheme as flat assignments lets one layer serve
+them all: capacity, permutation and combination never need to know which router ran.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Routing:
+    """The routing decision for one batch of tokens.
+
+    Attributes:
+        token_ids: (N,) int64, the token of each assignment.
+        expert_ids: (N,) int64, the global expert of each assignment.
+        weights: (N,) float32, the factor the expert's output is scaled by before summing.
+        priorities: (N,) float32, the score that ranked the assignment when it was selected;
+            capacity keeps the highest-priority assignments of each expert.
+        aux_loss: float32 scalar, the router's load-balancing loss (unweighted).
+        z_loss: float32 scalar, ``mean(logsumexp(logits)^2)`` over tokens (unweighted).
+    """
+
+    token_ids: Tensor
+    expert_ids: Tensor
+    weights: Tensor
+    priorities: Tensor
+    aux_loss: Tensor
+    z_loss: Tensor
+
+
+class Router(nn.Module):
+    """Base class of all routers: a linear map to per-expert logits, then a scheme-specific choice.
+
+    ``weight`` has shape (E, D) and the logits are ``x @ weight.T``, computed in float32 whatever
+    the input dtype, so that softmax, top-k and the losses are stable under bf16 and fp16.
+
+    Subclasses implement :meth:`route`.
+
+    Args:
+        d_model: Model dimension D.
+        num_experts: Number of global experts E.
+        top_k: Experts per token K (for expert choice: the average number of experts per token).
+    """
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        _check_positive_int("d_model", d_model)
+        _check_positive_int("num_experts", num_experts)
+        _check_positive_int("top_k", top_k)
+        if top_k > num_experts:
+            raise ValueError(
+                f"top_k={top_k} is larger than num_experts={num_experts}; "
+                f"choose top_k between 1 and {num_experts}."
+            )
+        self.d_model = d_model
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the router weight like ``nn.Linear`` (uniform in +-1/sqrt(D))."""
+        bound = 1.0 / math.sqrt(self.d_model)
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def logits(self, x_TD: Tensor) -> Tensor:
+        """Float32 router logits.
+
+        Args:
+            x_TD: (T, D) tokens of any floating dtype.
+
+        Returns:
+            (T, E) float32 logits ``x @ weight.T``.
+        """
+        return x_TD.float() @ self.weight.float().t()
+
+    def route(self, x_TD: Tensor) -> Routing:
+        """Choose experts for the tokens ``x_TD`` (T, D). Implemented by each scheme."""
+        raise NotImplementedError
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        return self.route(x_TD)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}"
+
+
+def token_choice_routing(
+    expert_ids_TK: Tensor,
+    weights_TK: Tensor,
+    priorities_TK: Tensor,
+    aux_loss: Tensor,
+    z_loss: Tensor,
+) -> Routing:
+    """Flatten per-token choices (T, K) into token-major assignments (N = T * K)."""
+    num_tokens, top_k = expert_ids_TK.shape
+    token_ids = torch.arange(num_tokens, device=expert_ids_TK.device).repeat_interleave(top_k)
+    return Routing(
+        token_ids=token_ids,
+        expert_ids=expert_ids_TK.reshape(-1),
+        weights=weights_TK.reshape(-1).float(),
+        priorities=priorities_TK.reshape(-1).float(),
+        aux_loss=aux_loss,
+        z_loss=z_loss,
+    )
+
+
+def z_loss_of(logits_TE: Tensor) -> Tensor:
+    """Router z-loss (ST-MoE): ``mean over tokens of logsumexp(logits)^2``; 0 for no tokens."""
+    if logits_TE.shape[0] == 0:
+        return logits_TE.new_zeros(())
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+def switch_balance_loss(probs_TE: Tensor, expert_ids: Tensor, num_experts: int) -> Tensor:
+    """Switch Transformer balance loss ``E * sum_e f_e * P_e``.
+
+    Args:
+        probs_TE: (T, E) float32 router probabilities (differentiable).
+        expert_ids: (N,) the experts chosen; ``f_e`` is the fraction of these equal to e.
+        num_experts: E.
+
+    Returns:
+        Float32 scalar; 0 when there are no tokens. Equals 1 under perfect balance.
+    """
+    if probs_TE.shape[0] == 0 or expert_ids.numel() == 0:
+        return probs_TE.new_zeros(()).float()
+    counts_E = torch.bincount(expert_ids, minlength=num_experts).float()
+    fraction_E = counts_E / expert_ids.numel()
+    mean_prob_E = probs_TE.float().mean(dim=0)
+    return num_experts * (fraction_E * mean_prob_E).sum()
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}.")

@@ -1,0 +1,5 @@
+from lightning_moe.routers.base import Router
+
+
+class NoisyTopKRouter(Router):
+    pass
