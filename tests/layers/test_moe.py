@@ -1,0 +1,259 @@
+"""The whole MoE layer against the float64 per-token reference in ``moe_reference.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_moe import MoE
+from lightning_moe.routers import TopKRouter
+from tests.layers.moe_reference import reference_moe
+
+EXPERT_PARAMS = ("w1", "w2", "w3", "b1", "b2")
+
+
+def float64_params(module: nn.Module | None) -> dict | None:
+    """Leaf float64 copies of a GroupedExperts' weights, requiring grad."""
+    if module is None:
+        return None
+    params = {}
+    for name in EXPERT_PARAMS:
+        value = getattr(module, name)
+        params[name] = None if value is None else value.detach().double().requires_grad_(True)
+    return params
+
+
+def run_both(moe: MoE, x: torch.Tensor, normalize: bool = True):
+    """Forward + backward through the layer and the reference with the same upstream gradient."""
+    x = x.detach().requires_grad_(True)
+    out = moe(x)
+    upstream = torch.randn_like(out, dtype=torch.float64)
+    (out.double() * upstream).sum().backward()
+
+    x64 = x.detach().double().reshape(-1, moe.d_model).requires_grad_(True)
+    router64 = moe.router.weight.detach().double().requires_grad_(True)
+    experts64 = float64_params(moe.experts)
+    shared64 = float64_params(moe.shared_experts)
+    ref, aux, z, dropped = reference_moe(
+        x64, router64, experts64, shared64, moe.top_k, moe.experts.activation, moe.capacity_factor, normalize
+    )
+    ref_loss = (ref * upstream.reshape(ref.shape)).sum() + moe.aux_loss_weight * aux + moe.z_loss_weight * z
+    ref_loss.backward()
+    return out, x, ref.reshape(x.shape), x64, router64, experts64, shared64, aux, z, dropped
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
+    """Relative error in norm, robust to individual near-zero elements."""
+    error = (actual.double() - expected.double()).norm()
+    scale = expected.double().norm().clamp(min=1e-12)
+    assert error / scale < rtol, f"relative error {float(error / scale):.3e} >= {rtol}"
+
+
+CASES = [
+    pytest.param(dict(activation="gelu", top_k=1), id="gelu-top1"),
+    pytest.param(dict(activation="gelu_tanh", top_k=2), id="gelu_tanh-top2"),
+    pytest.param(dict(activation="relu", top_k=3), id="relu-top3"),
+    pytest.param(dict(activation="silu", top_k=4), id="silu-topE"),
+    pytest.param(dict(activation="swiglu", top_k=2, bias=True), id="swiglu-bias"),
+    pytest.param(dict(activation="geglu", top_k=2, num_shared_experts=2), id="geglu-shared2"),
+    pytest.param(dict(activation="gelu", top_k=2, capacity_factor=0.5), id="capacity0.5"),
+    pytest.param(dict(activation="swiglu", top_k=3, capacity_factor=1.0, bias=True), id="capacity1-bias"),
+    pytest.param(dict(activation="gelu", top_k=2, z_loss_weight=0.1, aux_loss_weight=0.5), id="strong-losses"),
+]
+
+
+@pytest.mark.parametrize("config", CASES)
+@pytest.mark.parametrize("shape", [(1, 12), (7, 12), (3, 5, 12)], ids=["1token", "7tokens", "3d"])
+def test_layer_matches_float64_reference(config: dict, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(sum(shape) + len(str(config)))
+    moe = MoE(12, num_experts=4, d_hidden=10, **config).double()
+    x = torch.randn(shape, dtype=torch.float64)
+    out, x, ref, x64, router64, experts64, shared64, aux, z, dropped = run_both(moe, x)
+
+    assert out.shape == x.shape and out.dtype == x.dtype
+    # Router math runs in float32 by design, so even a float64 layer agrees to float32 rounding.
+    assert_close(out, ref, 1e-6)
+    assert int(moe.routing_stats["dropped"]) == dropped
+    assert torch.allclose(moe.routing_stats["aux_loss"].double(), aux.detach(), rtol=1e-5)
+    assert torch.allclose(moe.routing_stats["z_loss"].double(), z.detach(), rtol=1e-5)
+    assert_close(x.grad, x64.grad.reshape(x.shape), 1e-6)
+    assert_close(moe.router.weight.grad, router64.grad, 1e-4)
+    for name in EXPERT_PARAMS:
+        if experts64[name] is not None:
+            assert_close(getattr(moe.experts, name).grad, experts64[name].grad, 1e-6)
+        if shared64 is not None and shared64[name] is not None:
+            assert_close(getattr(moe.shared_experts, name).grad, shared64[name].grad, 1e-6)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 13, 37], ids=lambda t: f"T{t}")
+def test_float32_and_normalize_false_match_reference(num_tokens: int) -> None:
+    torch.manual_seed(num_tokens)
+    moe = MoE(16, num_experts=5, top_k=2, router=TopKRouter(16, 5, top_k=2, normalize=False))
+    out, x, ref, x64, router64, *_ = run_both(moe, torch.randn(num_tokens, 16), normalize=False)
+    assert out.dtype == torch.float32
+    assert_close(out, ref, 1e-5)
+    assert_close(x.grad, x64.grad, 1e-4)
+    assert_close(moe.router.weight.grad, router64.grad, 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_within_relative_bound(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    moe = MoE(32, num_experts=4, top_k=2, d_hidden=64, activation="swiglu").to(dtype)
+    x = torch.randn(64, 32).to(dtype)
+    out, x, ref, x64, *_ = run_both(moe, x)
+    assert out.dtype == dtype
+    # The same layer evaluated in float64 from the rounded weights: only rounding separates them.
+    assert_close(out, ref, 2e-2)
+    assert_close(x.grad, x64.grad, 5e-2)
+
+
+def test_router_math_runs_in_float32_for_low_precision_inputs() -> None:
+    torch.manual_seed(1)
+    moe = MoE(8, num_experts=4).to(torch.bfloat16)
+    routing = moe.router(torch.randn(5, 8).to(torch.bfloat16))
+    assert routing.weights.dtype == torch.float32
+    assert routing.aux_loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (2, 0, 8)], ids=["0tokens", "empty-3d"])
+def test_empty_batch_returns_empty_output(shape: tuple[int, ...]) -> None:
+    moe = MoE(8, num_experts=4, num_shared_experts=1)
+    x = torch.randn(shape, requires_grad=True)
+    out = moe(x)
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert int(moe.routing_stats["tokens_per_expert"].sum()) == 0
+
+
+def test_tokens_per_expert_counted_before_drops() -> None:
+    torch.manual_seed(3)
+    moe = MoE(8, num_experts=4, top_k=2, capacity_factor=0.25)
+    moe(torch.randn(40, 8))
+    stats = moe.routing_stats
+    assert int(stats["tokens_per_expert"].sum()) == 80
+    capacity = 5  # ceil(0.25 * 40 * 2 / 4)
+    expected_dropped = int((stats["tokens_per_expert"] - capacity).clamp(min=0).sum())
+    assert int(stats["dropped"]) == expected_dropped > 0
+
+
+def test_capacity_drops_lowest_probability_first() -> None:
+    # Every token prefers expert 0, with probability rising with the token's first feature.
+    moe = MoE(2, num_experts=2, top_k=1, capacity_factor=1.0, d_hidden=4)
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+    x = torch.stack([torch.linspace(0.1, 2.0, 10), torch.zeros(10)], dim=1)
+    x = x[torch.randperm(10, generator=torch.Generator().manual_seed(0))]
+    out = moe(x)
+    # capacity = ceil(1.0 * 10 * 1 / 2) = 5: the five tokens with the largest feature keep expert 0.
+    kept = out.abs().sum(dim=1) > 0
+    assert int(moe.routing_stats["dropped"]) == 5
+    assert torch.equal(kept, x[:, 0] > x[:, 0].median())
+
+
+def test_capacity_ties_keep_lower_token_index() -> None:
+    moe = MoE(2, num_experts=2, top_k=1, capacity_factor=1.0, d_hidden=4)
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+    x = torch.ones(6, 2)  # identical tokens: identical probabilities
+    out = moe(x)
+    kept = out.abs().sum(dim=1) > 0
+    assert kept.tolist() == [True, True, True, False, False, False]
+
+
+def test_dropless_never_drops_under_total_imbalance() -> None:
+    moe = MoE(4, num_experts=8, top_k=2)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0, 0] = 10.0
+        moe.router.weight[1, 0] = 9.0
+    moe(torch.ones(100, 4))
+    assert moe.routing_stats["tokens_per_expert"][:2].tolist() == [100, 100]
+    assert int(moe.routing_stats["dropped"]) == 0
+
+
+def test_losses_reach_router_gradient_without_being_added() -> None:
+    torch.manual_seed(0)
+    moe = MoE(8, num_experts=4, aux_loss_weight=1.0, z_loss_weight=1.0)
+    x = torch.randn(16, 8)
+    # The output gets no gradient at all, so any router gradient comes from the attached losses.
+    (moe(x) * 0).sum().backward()
+    assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
+
+    moe.zero_grad()
+    moe.aux_loss_weight = moe.z_loss_weight = 0.0
+    (moe(x) * 0).sum().backward()
+    assert moe.router.weight.grad.abs().sum() == 0
+
+
+def test_aux_loss_scale_multiplies_loss_gradient() -> None:
+    torch.manual_seed(0)
+    moe = MoE(8, num_experts=4, aux_loss_weight=1.0)
+    x = torch.randn(16, 8)
+    (moe(x) * 0).sum().backward()
+    full = moe.router.weight.grad.clone()
+    moe.zero_grad()
+    moe.aux_loss_scale = 0.25
+    (moe(x) * 0).sum().backward()
+    torch.testing.assert_close(moe.router.weight.grad, 0.25 * full)
+
+
+class TinyExpert(nn.Module):
+    def __init__(self, d_model: int = 6, hidden: int = 5) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_model, hidden), nn.Tanh(), nn.Linear(hidden, d_model))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_custom_expert_factory_and_list_route_the_same_way() -> None:
+    torch.manual_seed(0)
+    moe = MoE(6, num_experts=3, top_k=2, experts=lambda: TinyExpert())
+    assert len(moe.experts.experts) == 3
+    x = torch.randn(9, 6)
+    out = moe(x)
+    routing = moe.router(x)
+    expected = torch.zeros(9, 6)
+    for t, e, w in zip(routing.token_ids.tolist(), routing.expert_ids.tolist(), routing.weights):
+        expected[t] += w * moe.experts.experts[e](x[t : t + 1])[0]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+    heterogeneous = [TinyExpert(6, h) for h in (2, 3, 4)]
+    moe_list = MoE(6, num_experts=3, experts=heterogeneous)
+    assert list(moe_list.experts.experts) == heterogeneous
+    assert moe_list(x).shape == x.shape
+
+
+def test_expert_initialisation_depends_only_on_seed_and_global_index() -> None:
+    from lightning_moe.layers.experts import GroupedExperts
+
+    whole = GroupedExperts(8, 4, 6, "swiglu", bias=True, seed=123)
+    shard = GroupedExperts(2, 4, 6, "swiglu", bias=True, seed=123, expert_offset=4)
+    for name in EXPERT_PARAMS:
+        assert torch.equal(getattr(whole, name)[4:6], getattr(shard, name))
+    other = GroupedExperts(8, 4, 6, "swiglu", bias=True, seed=124)
+    assert not torch.equal(whole.w1, other.w1)
+    assert not torch.equal(whole.w1[0], whole.w1[1])
+
+
+def test_same_seed_builds_same_layer() -> None:
+    torch.manual_seed(5)
+    first = MoE(8, num_experts=4, experts=lambda: TinyExpert(8))
+    torch.manual_seed(5)
+    second = MoE(8, num_experts=4, experts=lambda: TinyExpert(8))
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_stacked_weight_layouts() -> None:
+    moe = MoE(8, num_experts=3, d_hidden=5, activation="geglu", bias=True)
+    assert moe.experts.w1.shape == (3, 5, 8)
+    assert moe.experts.w2.shape == (3, 8, 5)
+    assert moe.experts.w3.shape == (3, 5, 8)
+    assert moe.experts.b1.shape == (3, 5)
+    assert moe.experts.b2.shape == (3, 8)
+    assert moe.router.weight.shape == (3, 8)
+    assert MoE(8, num_experts=3).d_hidden == 32
+    assert MoE(8, num_experts=3).experts.w3 is None
