@@ -28,7 +28,7 @@ class MoELightningModule(LightningModule):
     ``moe/z_loss``, ``moe/drop_rate`` and ``moe/load_imbalance`` (max over mean tokens per expert),
     averaged over the MoE layers; the last is shown in the progress bar.
 
-    Subclasses that override :meth:`on_before_backward` or :meth:`on_train_batch_end` call
+    Subclasses that override :meth:`on_train_batch_start` or :meth:`on_train_batch_end` call
     ``super()`` so that this bookkeeping still happens.
     """
 
@@ -44,9 +44,10 @@ class MoELightningModule(LightningModule):
         return (module for module in self.modules() if isinstance(module, MoE))
 
     @override
-    def on_before_backward(self, loss: Tensor) -> None:
-        # Lightning divides the loss by the accumulation steps and scales it for fp16 before this
-        # hook; the losses attached inside the layers must get the same factor.
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        # Lightning divides the loss by the accumulation steps and scales it for fp16 before the
+        # backward pass; the losses attached inside the layers must get the same factor. It is set
+        # before the forward pass because the layers read it there.
         scale = 1.0
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if scaler is not None and scaler.is_enabled():
@@ -55,6 +56,7 @@ class MoELightningModule(LightningModule):
             scale /= self.trainer.accumulate_grad_batches
         for layer in self.moe_layers():
             layer.aux_loss_scale = scale
+        return None
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -105,7 +105,8 @@ class MoE(nn.Module):
         self.aux_loss_weight = aux_loss_weight
         self.z_loss_weight = z_loss_weight
         # Multiplies the losses' gradient; a training loop sets it to match its loss scaling
-        # (1 / accumulation steps, times an fp16 loss scale). MoELightningModule does so itself.
+        # (1 / accumulation steps, times an fp16 loss scale) before the forward pass, which reads it.
+        # MoELightningModule does so itself.
         self.aux_loss_scale = 1.0
         self.dispatcher: TokenDispatcher | None = None
         self.router = _make_router(router, d_model, num_experts, top_k, capacity_factor)

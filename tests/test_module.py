@@ -1,0 +1,102 @@
+"""MoELightningModule: loss scaling under accumulation, routing metrics, bias updates."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_moe import MoE, MoELightningModule
+
+
+class Regressor(MoELightningModule):
+    def __init__(self, router: str = "topk", top_k: int = 2, capacity_factor: float | None = None) -> None:
+        super().__init__()
+        self.moe = MoE(6, num_experts=4, top_k=top_k, d_hidden=8, router=router, capacity_factor=capacity_factor,
+                       aux_loss_weight=0.5, z_loss_weight=0.1)
+        self.grads_at_step: list[dict[str, torch.Tensor]] = []
+
+    def forward(self, x):
+        return self.moe(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self(x), y)
+
+    def on_before_optimizer_step(self, optimizer):
+        self.grads_at_step.append({n: p.grad.clone() for n, p in self.named_parameters()})
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def make_loader(num_batches: int, batch_size: int = 8) -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(num_batches * batch_size, 6, generator=generator)
+    y = torch.randn(num_batches * batch_size, 6, generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def fit(model: Regressor, max_steps: int, accumulate: int = 1, **trainer_kwargs) -> Trainer:
+    trainer = Trainer(
+        max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
+    trainer.fit(model, make_loader(max_steps * accumulate))
+    return trainer
+
+
+@pytest.mark.parametrize("accumulate", [1, 2], ids=["accumulate1", "accumulate2"])
+def test_gradient_equals_mean_of_task_plus_weighted_losses(accumulate: int) -> None:
+    torch.manual_seed(0)
+    model = Regressor()
+    initial = copy.deepcopy(model.moe)
+    fit(model, max_steps=1, accumulate=accumulate)
+
+    # The reference: each micro-batch's task loss and attached losses, both divided by accumulate.
+    initial.aux_loss_scale = 1.0 / accumulate
+    expected = {n: torch.zeros_like(p) for n, p in initial.named_parameters()}
+    for x, y in make_loader(accumulate):
+        initial.zero_grad()
+        (torch.nn.functional.mse_loss(initial(x), y) / accumulate).backward()
+        for name, param in initial.named_parameters():
+            expected[name] += param.grad
+    got = model.grads_at_step[0]
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[f"moe.{name}"], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_aux_loss_scale_follows_accumulation() -> None:
+    model = Regressor()
+    fit(model, max_steps=1, accumulate=4)
+    assert model.moe.aux_loss_scale == pytest.approx(0.25)
+
+
+def test_routing_metrics_are_logged() -> None:
+    torch.manual_seed(0)
+    model = Regressor(capacity_factor=0.5)
+    trainer = fit(model, max_steps=3)
+    metrics = trainer.callback_metrics
+    for name in ("aux_loss", "z_loss", "drop_rate", "load_imbalance"):
+        assert f"moe/{name}_step" in metrics or f"moe/{name}" in metrics, name
+    stats = model.moe.routing_stats
+    counts = stats["tokens_per_expert"].float()
+    assert float(metrics["moe/load_imbalance_step"]) == pytest.approx(float(counts.max() / counts.mean()), rel=1e-5)
+    assert float(metrics["moe/drop_rate_step"]) == pytest.approx(float(stats["dropped"] / stats["assignments"]))
+    assert float(metrics["moe/drop_rate_step"]) > 0
+
+
+def test_moe_layers_found_in_order() -> None:
+    model = Regressor()
+    model.second = MoE(6, num_experts=2)
+    assert list(model.moe_layers()) == [model.moe, model.second]
