@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
-from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 from typing_extensions import override
 

@@ -15,8 +15,16 @@ from lightning_moe import MoE, MoELightningModule
 class Regressor(MoELightningModule):
     def __init__(self, router: str = "topk", top_k: int = 2, capacity_factor: float | None = None) -> None:
         super().__init__()
-        self.moe = MoE(6, num_experts=4, top_k=top_k, d_hidden=8, router=router, capacity_factor=capacity_factor,
-                       aux_loss_weight=0.5, z_loss_weight=0.1)
+        self.moe = MoE(
+            6,
+            num_experts=4,
+            top_k=top_k,
+            d_hidden=8,
+            router=router,
+            capacity_factor=capacity_factor,
+            aux_loss_weight=0.5,
+            z_loss_weight=0.1,
+        )
         self.grads_at_step: list[dict[str, torch.Tensor]] = []
 
     def forward(self, x):

@@ -6,7 +6,8 @@ so experts that use them carry a third weight ``w3``.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, get_args
+from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch.nn.functional as F
 from torch import Tensor

@@ -260,7 +260,9 @@ def _make_experts(
     if isinstance(experts, Sequence) or isinstance(experts, (nn.ModuleList, nn.Sequential)):
         modules = list(experts)
         if len(modules) != num_experts:
-            raise ValueError(f"experts= lists {len(modules)} modules but num_experts={num_experts}; give one per expert.")
+            raise ValueError(
+                f"experts= lists {len(modules)} modules but num_experts={num_experts}; give one per expert."
+            )
         return ModuleListExperts(modules)
     if callable(experts):
         return ModuleListExperts.from_factory(experts, num_experts, seed)
@@ -285,9 +287,7 @@ def _validate(
         raise ValueError(f"top_k={top_k} is larger than num_experts={num_experts}; choose top_k <= num_experts.")
     check_activation(activation)
     if capacity_factor is not None and not capacity_factor > 0:
-        raise ValueError(
-            f"capacity_factor must be positive, got {capacity_factor}; use None for dropless routing."
-        )
+        raise ValueError(f"capacity_factor must be positive, got {capacity_factor}; use None for dropless routing.")
     if isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int) or num_shared_experts < 0:
         raise ValueError(f"num_shared_experts must be a non-negative int, got {num_shared_experts!r}.")
 

@@ -20,9 +20,7 @@ def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_exp
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
 
 
-def capacity_mask(
-    expert_ids: Tensor, priorities: Tensor, token_ids: Tensor, num_experts: int, capacity: int
-) -> Tensor:
+def capacity_mask(expert_ids: Tensor, priorities: Tensor, token_ids: Tensor, num_experts: int, capacity: int) -> Tensor:
     """Which assignments fit in their expert's capacity.
 
     Each expert keeps its ``capacity`` assignments of highest priority; ties go to the lower token

@@ -3,8 +3,9 @@
 Shape legend: T tokens, D model dim, E experts, K top-k, N assignments.
 
 A router turns tokens into *assignments*: (token, expert, weight) triples. Token-choice routers
-(top-k and friends) produce ``N = T * K`` assignments ordered token-major, ``(t, k)``; expert-choice
-routing produces ``N = E * C``. Representing every scheme as flat assignments lets one layer serve
+(top-k and friends) produce ``N = T * K`` assignments, expert-choice routing ``N = E * C``. Every
+router returns them token-major (``token_ids`` non-decreasing), so each token's assignments are
+contiguous and the combine step can sum them without atomics. Representing every scheme as flat assignments lets one layer serve
 them all: capacity, permutation and combination never need to know which router ran.
 """
 
@@ -20,6 +21,8 @@ from torch import Tensor, nn
 @dataclass
 class Routing:
     """The routing decision for one batch of tokens.
+
+    Assignments are token-major: ``token_ids`` is sorted non-decreasing.
 
     Attributes:
         token_ids: (N,) int64, the token of each assignment.
@@ -60,8 +63,7 @@ class Router(nn.Module):
         _check_positive_int("top_k", top_k)
         if top_k > num_experts:
             raise ValueError(
-                f"top_k={top_k} is larger than num_experts={num_experts}; "
-                f"choose top_k between 1 and {num_experts}."
+                f"top_k={top_k} is larger than num_experts={num_experts}; choose top_k between 1 and {num_experts}."
             )
         self.d_model = d_model
         self.num_experts = num_experts
