@@ -91,7 +91,6 @@ class ByteCorpusDataModule(LightningDataModule):
             raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}; 0.1 is typical.")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
-        self.save_hyperparameters(ignore=["text"])
         self.block_size = block_size
         self.batch_size = batch_size
         self.val_fraction = val_fraction

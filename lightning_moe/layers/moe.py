@@ -211,7 +211,7 @@ class MoE(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.d_model:
             raise ValueError(
                 f"MoE expects inputs of shape (..., d_model={self.d_model}), got {tuple(x.shape)}; "
-                f"pass tokens whose last dimension is {self.d_model} or build MoE(d_model={x.shape[-1] if x.dim() else '?'}, ...)."
+                f"pass tokens whose last dimension is {self.d_model}, or build the layer for your model's width."
             )
 
     def extra_repr(self) -> str:

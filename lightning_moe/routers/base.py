@@ -5,8 +5,9 @@ Shape legend: T tokens, D model dim, E experts, K top-k, N assignments.
 A router turns tokens into *assignments*: (token, expert, weight) triples. Token-choice routers
 (top-k and friends) produce ``N = T * K`` assignments, expert-choice routing ``N = E * C``. Every
 router returns them token-major (``token_ids`` non-decreasing), so each token's assignments are
-contiguous and the combine step can sum them without atomics. Representing every scheme as flat assignments lets one layer serve
-them all: capacity, permutation and combination never need to know which router ran.
+contiguous and the combine step can sum them without atomics. Representing every scheme as flat
+assignments lets one layer serve them all: capacity, permutation and combination never need to
+know which router ran.
 """
 
 from __future__ import annotations

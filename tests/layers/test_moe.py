@@ -216,7 +216,7 @@ def test_custom_expert_factory_and_list_route_the_same_way() -> None:
     out = moe(x)
     routing = moe.router(x)
     expected = torch.zeros(9, 6)
-    for t, e, w in zip(routing.token_ids.tolist(), routing.expert_ids.tolist(), routing.weights):
+    for t, e, w in zip(routing.token_ids.tolist(), routing.expert_ids.tolist(), routing.weights, strict=True):
         expected[t] += w * moe.experts.experts[e](x[t : t + 1])[0]
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
@@ -243,7 +243,7 @@ def test_same_seed_builds_same_layer() -> None:
     first = MoE(8, num_experts=4, experts=lambda: TinyExpert(8))
     torch.manual_seed(5)
     second = MoE(8, num_experts=4, experts=lambda: TinyExpert(8))
-    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
 
