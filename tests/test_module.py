@@ -108,3 +108,24 @@ def test_moe_layers_found_in_order() -> None:
     model = Regressor()
     model.second = MoE(6, num_experts=2)
     assert list(model.moe_layers()) == [model.moe, model.second]
+
+
+def test_sigmoid_bias_updated_once_per_optimizer_step_with_all_micro_batches(monkeypatch) -> None:
+    from lightning_moe.routers import SigmoidRouter
+
+    torch.manual_seed(0)
+    model = Regressor(router="sigmoid")
+    seen: list[torch.Tensor] = []
+    original = SigmoidRouter.update_bias
+
+    def recording_update_bias(self, tokens_per_expert=None):
+        seen.append(self.pending_tokens_per_expert.clone())
+        original(self, tokens_per_expert)
+
+    monkeypatch.setattr(SigmoidRouter, "update_bias", recording_update_bias)
+    fit(model, max_steps=3, accumulate=2)
+    assert len(seen) == 3
+    # Two micro-batches of 8 tokens, top-2: 32 assignments per optimizer step.
+    assert [int(counts.sum()) for counts in seen] == [32, 32, 32]
+    assert model.moe.router.bias.abs().sum() > 0
+    assert int(model.moe.router.pending_tokens_per_expert.sum()) == 0
