@@ -1,23 +1,15 @@
 """lightning_moe: Mixture-of-Experts layers and training for PyTorch Lightning."""
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
+from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_moe.layers import MoE
+from lightning_moe.module import MoELightningModule
 from lightning_moe.routers import Router
+from lightning_moe.strategy import MoEStrategy
 
-if TYPE_CHECKING:
-    from lightning_moe.module import MoELightningModule
+# Lightning only registers its own strategies; this makes `Trainer(strategy="moe")` work.
+if MoEStrategy.strategy_name not in StrategyRegistry:
+    MoEStrategy.register_strategies(StrategyRegistry)
 
-__all__ = ["MoE", "MoELightningModule", "Router"]
+__all__ = ["MoE", "MoELightningModule", "MoEStrategy", "Router"]
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str) -> Any:
-    # Lightning takes seconds to import; users of the bare layer should not pay for it.
-    if name == "MoELightningModule":
-        from lightning_moe.module import MoELightningModule
-
-        return MoELightningModule
-    raise AttributeError(f"module 'lightning_moe' has no attribute {name!r}")

@@ -63,14 +63,22 @@ class MoELightningModule(LightningModule):
         self._log_routing_metrics()
 
     def _update_router_biases(self) -> None:
-        """Let routers with a balance bias react once after each optimizer step."""
+        """Let routers with a balance bias react once after each optimizer step.
+
+        The counts are summed over all data-parallel ranks first, so every rank applies the update
+        the global batch calls for and the biases stay identical everywhere.
+        """
         if self.trainer.global_step == self._bias_updated_at_step:
             return
         self._bias_updated_at_step = self.trainer.global_step
         for layer in self.moe_layers():
             update_bias = getattr(layer.router, "update_bias", None)
-            if update_bias is not None:
-                update_bias()
+            if update_bias is None:
+                continue
+            counts = layer.router.pending_tokens_per_expert
+            if self.trainer.world_size > 1:
+                counts = self.trainer.strategy.reduce(counts.clone(), reduce_op="sum")
+            update_bias(counts)
 
     def _log_routing_metrics(self) -> None:
         layers = [layer for layer in self.moe_layers() if layer.routing_stats]

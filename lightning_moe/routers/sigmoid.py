@@ -60,10 +60,25 @@ class SigmoidRouter(Router):
         self.top_groups = top_groups
         self.bias_update_rate = float(bias_update_rate)
         self.bias: Tensor
-        self.pending_tokens_per_expert: Tensor
         self.register_buffer("bias", torch.zeros(num_experts, dtype=torch.float32))
-        # Counts of the current optimizer step only; a checkpoint resumes at a step boundary.
-        self.register_buffer("pending_tokens_per_expert", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
+        # Counts of the current optimizer step only; a checkpoint resumes at a step boundary. Not a
+        # buffer: DDP would overwrite every rank's counts with rank 0's at each forward.
+        self._pending: Tensor | None = None
+
+    @property
+    def pending_tokens_per_expert(self) -> Tensor:
+        """(E,) int64 tokens per expert routed in training since the last :meth:`update_bias`."""
+        if self._pending is None:
+            return torch.zeros(self.num_experts, dtype=torch.int64, device=self.weight.device)
+        return self._pending
+
+    def reset_parameters(self) -> None:
+        """Re-draw the router weight and clear the balance bias and pending counts."""
+        super().reset_parameters()
+        # Router.__init__ calls this before the buffers exist.
+        if hasattr(self, "bias"):
+            self.bias.zero_()
+            self._pending = None
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # Keep the bias in float32 through `.to(bfloat16)`: updates of 1e-3 vanish in bf16.
@@ -88,7 +103,8 @@ class SigmoidRouter(Router):
         # Clamped so that a token whose picked scores all underflow gets zero weights, not NaN.
         weights_TK = picked_TK / picked_TK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         if self.training:
-            self.pending_tokens_per_expert += torch.bincount(expert_ids_TK.reshape(-1), minlength=self.num_experts)
+            counts_E = torch.bincount(expert_ids_TK.reshape(-1), minlength=self.num_experts)
+            self._pending = counts_E if self._pending is None else self._pending + counts_E
         normalised_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
         return token_choice_routing(
             expert_ids_TK,
@@ -132,7 +148,7 @@ class SigmoidRouter(Router):
             )
         counts_E = counts_E.to(device=self.bias.device, dtype=torch.float32)
         self.bias += self.bias_update_rate * torch.sign(counts_E.mean() - counts_E).to(self.bias.dtype)
-        self.pending_tokens_per_expert.zero_()
+        self._pending = None
 
     def extra_repr(self) -> str:
         return (

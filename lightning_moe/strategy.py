@@ -1,0 +1,180 @@
+"""``MoEStrategy``: expert-parallel x data-parallel training as a Lightning strategy.
+
+The world of W ranks is a mesh (expert_data, expert) of shape (W / EP, EP). Every MoE layer keeps
+``num_experts / EP`` experts per rank and exchanges tokens over its expert-parallel group;
+everything else is replicated and synchronised by DDP. Expert gradients are synchronised by hand
+over the ranks that hold the same experts, so that every gradient equals the single-process
+gradient of the global batch, and clipping by norm uses the norm of the whole model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.init import _materialize_distributed_module
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_moe.parallel.dataloader import EvenBatches
+from lightning_moe.parallel.gradients import clip_grad_norm_, sync_expert_gradients
+from lightning_moe.parallel.mesh import EXPERT_AXIS, EXPERT_DATA_AXIS, build_expert_mesh, check_expert_parallel_size
+from lightning_moe.parallel.sharding import expert_parameter_names, local_expert_range, moe_layers, shard_experts
+
+
+class MoEStrategy(DDPStrategy):
+    """Train MoE models with their experts spread over the processes.
+
+    Args:
+        expert_parallel_size: Ranks that share the experts of a layer (EP). Must divide the world
+            size and every layer's ``num_experts``. Defaults to the whole world.
+        **kwargs: Passed to :class:`~lightning.pytorch.strategies.DDPStrategy`
+            (``process_group_backend``, ``start_method``, ``timeout``, DDP options).
+    """
+
+    strategy_name = "moe"
+
+    def __init__(self, expert_parallel_size: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if expert_parallel_size is not None and (
+            isinstance(expert_parallel_size, bool) or not isinstance(expert_parallel_size, int)
+        ):
+            raise TypeError(f"expert_parallel_size must be an int or None, got {expert_parallel_size!r}.")
+        if expert_parallel_size is not None:
+            check_expert_parallel_size(expert_parallel_size, max(expert_parallel_size, 1))
+        self._requested_expert_parallel_size = expert_parallel_size
+        self._device_mesh: DeviceMesh | None = None
+        self._expert_params: list[nn.Parameter] = []
+
+    @property
+    def expert_parallel_size(self) -> int:
+        """EP: the number of ranks the experts of one layer are spread over."""
+        return self._requested_expert_parallel_size or self.world_size
+
+    @property
+    def device_mesh(self) -> DeviceMesh:
+        """The (expert_data, expert) mesh; available once the processes are initialised."""
+        if self._device_mesh is None:
+            raise RuntimeError("The device mesh exists only after the processes are initialised.")
+        return self._device_mesh
+
+    @property
+    def expert_group(self) -> dist.ProcessGroup:
+        """This rank's expert-parallel group."""
+        return self.device_mesh.get_group(EXPERT_AXIS)
+
+    @property
+    def expert_data_group(self) -> dist.ProcessGroup:
+        """The ranks that hold the same experts as this one."""
+        return self.device_mesh.get_group(EXPERT_DATA_AXIS)
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self._device_mesh = build_expert_mesh(self.root_device.type, self.world_size, self.expert_parallel_size)
+        # Like ModelParallelStrategy: `configure_model` can read `self.device_mesh`.
+        assert self.lightning_module is not None
+        self.lightning_module._device_mesh = self._device_mesh
+
+    @override
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        # Modules built in `configure_model` start on the meta device, so no rank ever holds all
+        # experts; `setup` shards the experts, then materialises what is left.
+        empty_init_context = torch.device("meta") if empty_init is not False else nullcontext()
+        with empty_init_context, self.precision_plugin.tensor_init_context():
+            yield
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.lightning_module is not None
+        self._shard_experts(self.lightning_module)
+        super().setup(trainer)
+        if self.expert_parallel_size > 1:
+            # Lightning clips through the precision plugin; the norm must count every rank's experts.
+            self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm  # type: ignore[method-assign]
+
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: pl.LightningModule | nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        def closure_then_sync_experts() -> Any:
+            result = closure()
+            self._sync_expert_gradients()
+            return result
+
+        return super().optimizer_step(optimizer, closure_then_sync_experts, model, **kwargs)
+
+    @override
+    def process_dataloader(self, dataloader: Any) -> Any:
+        dataloader = super().process_dataloader(dataloader)
+        if self.expert_parallel_size == 1:
+            return dataloader
+        # Each forward exchanges tokens collectively: every rank must run the same number of them.
+        return EvenBatches(dataloader, self.root_device, self.global_rank)
+
+    def _shard_experts(self, module: pl.LightningModule) -> None:
+        layers = list(moe_layers(module))
+        _check_ranks_agree(layers, self.world_size)
+        if not layers:
+            rank_zero_warn("MoEStrategy found no MoE layer in the model; it trains as plain DDP.")
+        expert_parallel_size = self.expert_parallel_size
+        expert_rank = self.device_mesh.get_local_rank(EXPERT_AXIS)
+        for _, layer in layers:
+            local_expert_range(layer.num_experts, expert_rank, expert_parallel_size)  # raises on a bad EP
+        for _, layer in layers:
+            already_sharded = layer.experts.num_experts != layer.num_experts
+            if expert_parallel_size > 1 and not already_sharded:
+                shard_experts(layer, expert_rank, expert_parallel_size, self.expert_group)
+        _materialize_distributed_module(module, self.root_device)
+        names = expert_parameter_names(module) if expert_parallel_size > 1 else []
+        # DDP neither buckets nor broadcasts these: each rank keeps and syncs its own experts.
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+        parameters = dict(module.named_parameters())
+        self._expert_params = [parameters[name] for name in names]
+
+    def _sync_expert_gradients(self) -> None:
+        if self._expert_params:
+            sync_expert_gradients(self._expert_params, self.expert_data_group, self.world_size)
+
+    def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: float) -> Tensor:
+        expert_ids = {id(p) for p in self._expert_params}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        replicated = [p for p in params if id(p) not in expert_ids]
+        experts = [p for p in params if id(p) in expert_ids]
+        return clip_grad_norm_(replicated, experts, float(clip_val), self.expert_group)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, description="Expert-parallel x data-parallel MoE training (lightning_moe)"
+        )
+
+
+def _check_ranks_agree(layers: list, world_size: int) -> None:
+    """Raise on every rank, before any exchange could hang, if the ranks' MoE layers differ."""
+    signature = [(name, type(layer.router).__name__, layer.num_experts, layer.top_k) for name, layer in layers]
+    if world_size == 1 or not dist.is_initialized():
+        return
+    signatures: list[Any] = [None] * world_size
+    dist.all_gather_object(signatures, signature)
+    for rank, other in enumerate(signatures):
+        if other != signatures[0]:
+            raise ValueError(
+                f"The ranks disagree on the MoE layers (name, router, num_experts, top_k): rank 0 has "
+                f"{signatures[0]}, rank {rank} has {other}. Build the same model on every rank."
+            )
