@@ -27,7 +27,8 @@ class MoELightningModule(LightningModule):
     ``moe/z_loss``, ``moe/drop_rate`` and ``moe/load_imbalance`` (max over mean tokens per expert),
     averaged over the MoE layers; the last is shown in the progress bar.
 
-    Subclasses that override :meth:`on_train_batch_start` or :meth:`on_train_batch_end` call
+    Subclasses that override :meth:`on_train_start`, :meth:`on_train_batch_start` or
+    :meth:`on_train_batch_end` call
     ``super()`` so that this bookkeeping still happens.
     """
 
@@ -41,6 +42,11 @@ class MoELightningModule(LightningModule):
     def moe_layers(self) -> Iterator[MoE]:
         """The MoE layers of this module, in registration order."""
         return (module for module in self.modules() if isinstance(module, MoE))
+
+    @override
+    def on_train_start(self) -> None:
+        # Counts from here on belong to the next optimizer step (also when resuming mid-run).
+        self._bias_updated_at_step = self.trainer.global_step
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:

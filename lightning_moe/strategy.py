@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_moe import checkpoint as checkpoint_io
 from lightning_moe.parallel.dataloader import EvenBatches
 from lightning_moe.parallel.gradients import clip_grad_norm_, sync_expert_gradients
 from lightning_moe.parallel.mesh import EXPERT_AXIS, EXPERT_DATA_AXIS, build_expert_mesh, check_expert_parallel_size
@@ -156,6 +158,52 @@ class MoEStrategy(DDPStrategy):
         replicated = [p for p in params if id(p) not in expert_ids]
         experts = [p for p in params if id(p) in expert_ids]
         return clip_grad_norm_(replicated, experts, float(clip_val), self.expert_group)
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        # A checkpoint is read after sharding, so each rank loads only the experts it holds.
+        return True
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Write ``filepath`` as a sharded checkpoint directory (see :mod:`lightning_moe.checkpoint`).
+
+        Every rank must call this (``Trainer.save_checkpoint`` and ``ModelCheckpoint`` do).
+        """
+        if storage_options is not None:
+            raise TypeError("MoEStrategy writes checkpoints itself and takes no `storage_options`.")
+        assert self.lightning_module is not None
+        names = self._optimizer_param_names()
+        common, shard = checkpoint_io.split_state(checkpoint, self.lightning_module, names)
+        common[checkpoint_io.METADATA_KEY] = checkpoint_io.checkpoint_metadata(
+            self.lightning_module, self.expert_parallel_size, names
+        )
+        writes_experts = self.device_mesh.get_local_rank(EXPERT_DATA_AXIS) == 0
+        expert_rank = self.device_mesh.get_local_rank(EXPERT_AXIS)
+
+        def write(directory: Path) -> None:
+            if self.is_global_zero:
+                torch.save(common, directory / checkpoint_io.COMMON_FILE)
+            if writes_experts:
+                torch.save(shard, directory / checkpoint_io.shard_file(expert_rank, self.expert_parallel_size))
+
+        checkpoint_io.write_atomically(filepath, write, self.barrier, self.is_global_zero)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        assert self.lightning_module is not None
+        names = self._optimizer_param_names()
+        if checkpoint_io.is_sharded_checkpoint(checkpoint_path):
+            return checkpoint_io.load_local(checkpoint_path, self.lightning_module, names)
+        # A one-file checkpoint holds every expert (e.g. a consolidated one): keep this rank's.
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        return checkpoint_io.localize(checkpoint, self.lightning_module, names)
+
+    def _optimizer_param_names(self) -> list[list[str]]:
+        assert self.lightning_module is not None
+        name_of = {id(param): name for name, param in self.lightning_module.named_parameters()}
+        return [[name_of[id(p)] for group in opt.param_groups for p in group["params"]] for opt in self.optimizers]
 
     @classmethod
     @override

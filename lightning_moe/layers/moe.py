@@ -109,14 +109,14 @@ class MoE(nn.Module):
         # MoELightningModule does so itself.
         self.aux_loss_scale = 1.0
         self.dispatcher: TokenDispatcher | None = None
+        # Two draws from the global CPU RNG, before anything else, seed every expert: expert e's
+        # initial weights then depend neither on how many experts this process holds nor on
+        # whether the layer is built on the meta device (where parameter init draws nothing).
+        expert_seed, shared_seed = torch.randint(0, 2**62, (2,), device="cpu").tolist()
         self.router = _make_router(router, d_model, num_experts, top_k, capacity_factor)
-        # One draw from the global RNG seeds every expert, so expert e's initial weights do not
-        # depend on how many experts this process ends up holding.
-        expert_seed = int(torch.randint(0, 2**62, (1,)).item())
         self.experts = _make_experts(experts, num_experts, d_model, d_hidden, activation, bias, expert_seed)
         self.shared_experts = None
         if num_shared_experts:
-            shared_seed = int(torch.randint(0, 2**62, (1,)).item())
             self.shared_experts = GroupedExperts(num_shared_experts, d_model, d_hidden, activation, bias, shared_seed)
         self.routing_stats: dict[str, Tensor] = {}
 

@@ -257,3 +257,17 @@ def test_stacked_weight_layouts() -> None:
     assert moe.router.weight.shape == (3, 8)
     assert MoE(8, num_experts=3).d_hidden == 32
     assert MoE(8, num_experts=3).experts.w3 is None
+
+
+def test_layer_builds_under_a_device_context_like_lightning_init() -> None:
+    # Lightning builds configure_model under `torch.device(...)`; the per-expert streams are CPU.
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        meta = MoE(8, num_experts=4, num_shared_experts=1)
+    assert meta.experts.w1.is_meta
+    torch.manual_seed(0)
+    eager = MoE(8, num_experts=4, num_shared_experts=1)
+    # Materialising the meta layer reproduces the experts of the eager one: same seed draw.
+    meta.to_empty(device="cpu")
+    meta.experts.reset_parameters()
+    assert torch.equal(meta.experts.w1, eager.experts.w1)

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
-from lightning.pytorch import Trainer
-from torch.utils.data import DataLoader
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_moe import MoE, MoELightningModule, MoEStrategy
 
@@ -34,6 +35,9 @@ class RunConfig:
     num_experts: int = 4
     top_k: int = 2
     expert_parallel_size: int | None = None
+    # True: the micro-batches of the data ranks a process stands for arrive as one Lightning batch
+    # (the model loops over them); False: as separate batches, through gradient accumulation.
+    pack_data_ranks: bool = False
 
 
 class TwoLayerMoE(MoELightningModule):
@@ -62,10 +66,12 @@ class TwoLayerMoE(MoELightningModule):
         return self.out(h)
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = torch.nn.functional.mse_loss(self(x), y)
-        self.losses.append(loss.item())
-        return loss
+        micro_batches = batch if self.config.pack_data_ranks else [batch]
+        for layer in self.moe_layers():
+            layer.aux_loss_scale /= len(micro_batches)  # each micro-batch's losses weigh 1/k
+        losses = [torch.nn.functional.mse_loss(self(x), y) for x, y in micro_batches]
+        self.losses.extend(loss.item() for loss in losses)
+        return torch.stack(losses).mean()
 
     def configure_optimizers(self):
         # eps well above float32 rounding of the gradients: Adam's first steps divide a gradient by
@@ -79,40 +85,81 @@ def batch(step: int, micro: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     return x, torch.randn(x.shape, generator=generator)
 
 
-def batches_for(config: RunConfig, ranks: list[int]) -> list:
-    """The micro-batches one process consumes, in order, when it stands for ``ranks``."""
-    return [batch(s, a, r) for s in range(config.steps) for a in range(config.accumulate) for r in ranks]
+def data_ranks_of(rank: int, world_size: int, config: RunConfig) -> list[int]:
+    """The data-parallel ranks whose batches process ``rank`` of ``world_size`` consumes."""
+    per_process = config.data_ranks // world_size
+    return list(range(rank * per_process, (rank + 1) * per_process))
 
 
-def train(rank: int, world_size: int, config: RunConfig) -> dict:
-    """Train on ``world_size`` ranks (1 = the single-process reference); return losses and weights."""
-    torch.manual_seed(0)
-    model = TwoLayerMoE(config)
-    ranks = list(range(config.data_ranks)) if world_size == 1 else [rank]
-    loader = DataLoader(batches_for(config, ranks), batch_size=None)
+class StepBatches(IterableDataset):
+    """The micro-batches of the trainer's current optimizer step, read when iteration starts, so a
+    resumed run sees exactly the batches an uninterrupted run would."""
+
+    def __init__(self, config: RunConfig, ranks: list[int], trainer: Trainer) -> None:
+        self.config, self.ranks, self.trainer = config, ranks, trainer
+
+    def __len__(self) -> int:
+        return self.config.accumulate * (1 if self.config.pack_data_ranks else len(self.ranks))
+
+    def __iter__(self):
+        step = self.trainer.global_step
+        if self.config.pack_data_ranks:
+            return iter([[batch(step, a, r) for r in self.ranks] for a in range(self.config.accumulate)])
+        return iter([batch(step, a, r) for a in range(self.config.accumulate) for r in self.ranks])
+
+
+class EpochPerStepData(LightningDataModule):
+    """One optimizer step per epoch."""
+
+    def __init__(self, config: RunConfig, ranks: list[int]) -> None:
+        super().__init__()
+        self.config, self.ranks = config, ranks
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(StepBatches(self.config, self.ranks, self.trainer), batch_size=None)
+
+
+def make_trainer(world_size: int, config: RunConfig, ranks: list[int], max_steps: int, **kwargs) -> Trainer:
     strategy = MoEStrategy(
         expert_parallel_size=config.expert_parallel_size,
         process_group_backend="gloo",
         timeout=timedelta(seconds=120),
     )
-    trainer = Trainer(
+    defaults = dict(logger=False, enable_checkpointing=False)
+    return Trainer(
         accelerator="cpu",
         devices=world_size,
         strategy=strategy,
-        max_steps=config.steps,
-        accumulate_grad_batches=config.accumulate * len(ranks),
+        max_steps=max_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=config.accumulate * (1 if config.pack_data_ranks else len(ranks)),
         gradient_clip_val=config.clip,
         use_distributed_sampler=False,
-        logger=False,
-        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        **{**defaults, **kwargs},
     )
-    trainer.fit(model, loader)
-    return {
-        "losses": model.losses,
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-    }
+
+
+def train(
+    rank: int, world_size: int, config: RunConfig, resume_from: str | None = None, checkpoint_dir: str | None = None
+) -> dict:
+    """Train on ``world_size`` ranks, each standing for ``data_ranks / world_size`` data ranks.
+
+    Optionally resume from ``resume_from``, and save a checkpoint ``step=N.ckpt`` into
+    ``checkpoint_dir`` after every step (with ``ModelCheckpoint``, at the end of each epoch).
+    Returns this rank's losses (one per micro-batch) and state dict.
+    """
+    torch.manual_seed(0)
+    model = TwoLayerMoE(config)
+    ranks = data_ranks_of(rank, world_size, config)
+    kwargs = {}
+    if checkpoint_dir is not None:
+        every_epoch = ModelCheckpoint(checkpoint_dir, filename="{step}", save_top_k=-1, save_on_train_epoch_end=True)
+        kwargs = dict(enable_checkpointing=True, callbacks=[every_epoch])
+    trainer = make_trainer(world_size, config, ranks, config.steps, **kwargs)
+    trainer.fit(model, EpochPerStepData(config, ranks), ckpt_path=resume_from)
+    return {"losses": model.losses, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
 
 def train_many(rank: int, world_size: int, configs: list[RunConfig]) -> list[dict]:
