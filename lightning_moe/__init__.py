@@ -2,6 +2,7 @@
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_moe.conversion import moefy
 from lightning_moe.layers import MoE
 from lightning_moe.module import MoELightningModule
 from lightning_moe.routers import Router
@@ -11,5 +12,5 @@ from lightning_moe.strategy import MoEStrategy
 if MoEStrategy.strategy_name not in StrategyRegistry:
     MoEStrategy.register_strategies(StrategyRegistry)
 
-__all__ = ["MoE", "MoELightningModule", "MoEStrategy", "Router"]
+__all__ = ["MoE", "MoELightningModule", "MoEStrategy", "Router", "moefy"]
 __version__ = "0.1.0"
