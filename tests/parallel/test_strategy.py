@@ -1,0 +1,73 @@
+"""MoEStrategy beyond the training maths: errors at setup, evaluation under EP, uneven data,
+building on the meta device, and plain DDP over MoE layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import StrategyRegistry
+
+from lightning_moe import MoEStrategy
+from tests.parallel import strategy_scenarios as scenarios
+from tests.parallel.launch import run_on_ranks
+
+
+def test_bad_configurations_fail_at_setup_on_every_rank() -> None:
+    results = run_on_ranks(2, scenarios.bad_configurations)
+    for errors in results:
+        assert "expert_parallel_size=3 is larger than the 2 processes" in errors["ep_larger_than_world"]
+        assert "num_experts=3 is not divisible by expert_parallel_size=2" in errors["ep_not_dividing_experts"]
+        assert "The ranks disagree on the MoE layers" in errors["ranks_disagree"]
+
+
+def test_model_without_moe_layer_warns_and_trains_as_ddp() -> None:
+    for messages in run_on_ranks(2, scenarios.no_moe_layer)[:1]:
+        assert messages and "trains as plain DDP" in messages[0]
+
+
+def test_validation_and_predict_under_expert_parallelism_with_uneven_batches() -> None:
+    results = run_on_ranks(2, scenarios.uneven_evaluation)
+    # Rank 1 had 5 validation batches and 3 prediction batches, rank 0 had 3 and 2: rank 1 is told.
+    assert results[0]["warnings"] == [] and len(results[1]["warnings"]) == 2
+    # Predictions under EP=2 equal the whole model's, rebuilt from both ranks' experts.
+    full = {k: v for k, v in results[0]["state"].items()}
+    for key in [k for k in full if ".experts." in k]:
+        full[key] = torch.cat([results[0]["state"][key], results[1]["state"][key]])
+    model = scenarios.Tagger()
+    model.load_state_dict(full)
+    model.eval()
+    for result in results:
+        assert len(result["predictions"]) == 2  # the shorter rank's count
+        for prediction, inputs in zip(result["predictions"], result["inputs"], strict=False):
+            torch.testing.assert_close(prediction, model(inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_configure_model_builds_only_local_experts_with_single_process_weights() -> None:
+    (single,) = run_on_ranks(1, scenarios.configure_model_on_meta)
+    parallel = run_on_ranks(2, scenarios.configure_model_on_meta)
+    for rank, result in enumerate(parallel):
+        assert result["offset"] == 2 * rank
+        for key, value in result["state"].items():
+            expected = single["state"][key]
+            if ".experts." in key:  # this rank's two experts, as the one-process run initialised them
+                assert value.shape[0] == 2
+                torch.testing.assert_close(value, expected[2 * rank : 2 * rank + 2], rtol=0, atol=0, msg=key)
+            else:  # replicated: identical on every rank
+                torch.testing.assert_close(value, parallel[0]["state"][key], rtol=0, atol=0, msg=key)
+
+
+def test_plain_ddp_trains_with_idle_experts() -> None:
+    results = run_on_ranks(2, scenarios.plain_ddp_with_idle_experts)
+    for key, value in results[0]["state"].items():
+        torch.testing.assert_close(value, results[1]["state"][key], rtol=0, atol=0, msg=key)
+
+
+def test_strategy_is_registered_and_validates_its_argument() -> None:
+    assert "moe" in StrategyRegistry
+    trainer = Trainer(strategy="moe", accelerator="cpu", devices=1, logger=False)
+    assert isinstance(trainer.strategy, MoEStrategy)
+    with pytest.raises(ValueError, match="expert_parallel_size must be at least 1"):
+        MoEStrategy(expert_parallel_size=0)
+    with pytest.raises(TypeError, match="expert_parallel_size must be an int"):
+        MoEStrategy(expert_parallel_size=2.0)
