@@ -4,9 +4,13 @@ Shape legend: N tokens routed to the experts (sorted by expert), D model dim, F 
 E local experts.
 
 Experts receive their tokens already grouped: rows ``[offset_e, offset_e + tokens_per_expert[e])``
-of ``x_ND`` belong to local expert e. Each expert e is initialised from its own random stream,
-seeded by the layer's seed and its *global* index, so global expert e starts with the same weights
-whether the layer holds all experts or only a shard of them.
+of ``x_ND`` belong to local expert e. :class:`GroupedExperts` runs them as grouped GEMMs where torch
+has a fused kernel for it (CUDA, bfloat16, compute capability 9.0+; see
+:mod:`lightning_moe.ops.grouped_mm`), with no host sync; elsewhere it loops over the experts.
+
+Each expert e is initialised from its own random stream, seeded by the layer's seed and its
+*global* index, so global expert e starts with the same weights whether the layer holds all
+experts or only a shard of them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_moe.layers.activations import activation_function, check_activation, is_glu
+from lightning_moe.ops.grouped_mm import grouped_mlp, grouped_mm_usable
 
 
 def expert_generator(seed: int, global_expert: int) -> torch.Generator:
@@ -80,7 +85,7 @@ class GroupedExperts(nn.Module):
             draws += [(self.w2, bound_hidden), (self.b2, bound_hidden)]
             for param, bound in draws:
                 if param is not None:
-                    values = torch.rand(param.shape[1:], generator=generator) * (2 * bound) - bound
+                    values = torch.rand(param.shape[1:], generator=generator, device="cpu") * (2 * bound) - bound
                     param[local].copy_(values)
 
     def expert_forward(self, local: int, x_ND: Tensor) -> Tensor:
@@ -106,7 +111,16 @@ class GroupedExperts(nn.Module):
         Returns:
             (N, D) expert outputs in the same order, in the input's dtype.
         """
+        dtype = _compute_dtype(x_ND, self.w1.dtype)
+        if grouped_mm_usable(x_ND.device, dtype, self.num_experts, self.d_model, self.d_hidden):
+            return self._grouped_forward(x_ND, tokens_per_expert, dtype).to(x_ND.dtype)
         return _run_grouped(self.expert_forward, x_ND.to(self.w1.dtype), tokens_per_expert).to(x_ND.dtype)
+
+    def _grouped_forward(self, x_ND: Tensor, tokens_per_expert: Tensor, dtype: torch.dtype) -> Tensor:
+        # Cast up front as autocast would for a matmul: every op of grouped_mlp then runs in `dtype`,
+        # autocast or not.
+        params = [None if p is None else p.to(dtype) for p in (self.w1, self.w2, self.w3, self.b1, self.b2)]
+        return grouped_mlp(x_ND.to(dtype), tokens_per_expert, *params, self.act)
 
     def extra_repr(self) -> str:
         return (
@@ -149,10 +163,21 @@ class ModuleListExperts(nn.Module):
         return _run_grouped(lambda local, rows: self.experts[local](rows), x_ND, tokens_per_expert)
 
 
+def _compute_dtype(x_ND: Tensor, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the expert matmuls run in: autocast's when it is on for CUDA, else the weights'."""
+    if x_ND.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return weight_dtype
+
+
 def _run_grouped(expert_forward: Callable[[int, Tensor], Tensor], x_ND: Tensor, tokens_per_expert: Tensor) -> Tensor:
-    """Split ``x_ND`` by ``tokens_per_expert``, apply each expert, and concatenate in order."""
+    """Split ``x_ND`` by ``tokens_per_expert``, apply each expert, and concatenate in order.
+
+    Experts without tokens still run on their empty slice: every expert parameter then takes part
+    in the graph and gets a (zero) gradient, as under a single grouped GEMM. Data-parallel training
+    needs that (DDP waits for every parameter's gradient), and optimizers then treat an idle expert
+    the same whether the experts are split over ranks or not.
+    """
     counts = tokens_per_expert.tolist()
-    outputs = [expert_forward(local, rows) for local, rows in enumerate(torch.split(x_ND, counts)) if counts[local]]
-    if not outputs:
-        return x_ND.new_zeros(x_ND.shape)
+    outputs = [expert_forward(local, rows) for local, rows in enumerate(torch.split(x_ND, counts))]
     return torch.cat(outputs, dim=0)

@@ -2,9 +2,10 @@
 
 Shape legend: T tokens, D model dim, E experts, N assignments.
 
-These are the pure-PyTorch forms of the steps between the router and the experts: decide which
-assignments fit in each expert's capacity, sort the survivors into expert-contiguous order, and
-sum the weighted expert outputs back into token order.
+These are the steps between the router and the experts: decide which assignments fit in each
+expert's capacity, sort the survivors into expert-contiguous order, and sum the weighted expert
+outputs back into token order. The sort runs the CUDA kernel of :mod:`lightning_moe.ops` where it
+can; none of these synchronises with the host to count assignments.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from lightning_moe import ops
 
 
 def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
@@ -40,7 +43,7 @@ def capacity_mask(expert_ids: Tensor, priorities: Tensor, token_ids: Tensor, num
     order = torch.argsort(token_ids, stable=True)
     order = order[torch.argsort(priorities[order], descending=True, stable=True)]
     order = order[torch.argsort(expert_ids[order], stable=True)]
-    counts_E = torch.bincount(expert_ids, minlength=num_experts)
+    counts_E = ops.expert_histogram(expert_ids, num_experts)
     starts_E = torch.cumsum(counts_E, dim=0) - counts_E
     rank_in_expert = torch.arange(order.numel(), device=order.device) - starts_E[expert_ids[order]]
     kept = torch.empty_like(expert_ids, dtype=torch.bool)
@@ -59,8 +62,8 @@ def sort_by_expert(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor
         ``order`` (N,) such that ``expert_ids[order]`` is sorted, assignments of one expert keeping
         their original relative order, and ``tokens_per_expert`` (E,) int64.
     """
-    order = torch.argsort(expert_ids, stable=True)
-    return order, torch.bincount(expert_ids, minlength=num_experts)
+    order, _, tokens_per_expert = ops.sort_by_expert(expert_ids, num_experts)
+    return order, tokens_per_expert
 
 
 def combine(y_ND: Tensor, token_ids: Tensor, weights: Tensor, num_tokens: int) -> Tensor:

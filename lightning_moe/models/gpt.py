@@ -11,6 +11,7 @@ with Lightning on next-token prediction; it is the default model of the ``lightn
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -252,23 +253,8 @@ class MoEGPTModule(MoELightningModule):
                 "and min_lr_ratio between 0 and 1."
             )
         self.save_hyperparameters()
-        self.model = MoEGPT(
-            vocab_size=vocab_size,
-            block_size=block_size,
-            n_layer=n_layer,
-            n_head=n_head,
-            d_model=d_model,
-            num_experts=num_experts,
-            top_k=top_k,
-            d_hidden=d_hidden,
-            activation=activation,
-            router=router,
-            capacity_factor=capacity_factor,
-            num_shared_experts=num_shared_experts,
-            aux_loss_weight=aux_loss_weight,
-            z_loss_weight=z_loss_weight,
-            dropout=dropout,
-        )
+        model_args = {name: self.hparams[name] for name in inspect.signature(MoEGPT).parameters}
+        self.model = MoEGPT(**model_args)
 
     @override
     def forward(self, idx: Tensor) -> Tensor:

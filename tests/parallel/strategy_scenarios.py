@@ -30,11 +30,8 @@ class Tagger(MoELightningModule):
         if hasattr(self, "moe"):
             return
         self.inp = torch.nn.Linear(D_MODEL, D_MODEL)
-        experts = None
-        if self.module_experts:  # one module per expert: an idle expert's parameters get no gradient of their own
-            experts = lambda: torch.nn.Sequential(
-                torch.nn.Linear(D_MODEL, 12), torch.nn.GELU(), torch.nn.Linear(12, D_MODEL)
-            )  # noqa: E731
+        # One module per expert: an idle expert's parameters get no gradient of their own.
+        experts = mlp_expert if self.module_experts else None
         self.moe = MoE(D_MODEL, num_experts=self.num_experts, top_k=2, d_hidden=12, experts=experts)
 
     def forward(self, x):
@@ -51,6 +48,10 @@ class Tagger(MoELightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def mlp_expert() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(D_MODEL, 12), torch.nn.GELU(), torch.nn.Linear(12, D_MODEL))
 
 
 class NoMoE(LightningModule):
