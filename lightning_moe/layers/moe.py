@@ -18,9 +18,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from lightning_moe import ops
 from lightning_moe.layers.activations import check_activation
+from lightning_moe.layers.capacity import capacity_mask, expert_capacity
 from lightning_moe.layers.experts import GroupedExperts, ModuleListExperts
-from lightning_moe.layers.permute import capacity_mask, combine, expert_capacity, sort_by_expert
 from lightning_moe.routers import Router, Routing, build_router
 
 
@@ -132,11 +133,14 @@ class MoE(nn.Module):
         self._check_input(x)
         x_TD = x.reshape(-1, self.d_model)
         routing = self.route(x_TD)
-        tokens_per_expert = torch.bincount(routing.expert_ids, minlength=self.num_experts)
+        tokens_per_expert = ops.expert_histogram(routing.expert_ids, self.num_experts)
         kept_routing = self.apply_capacity(routing, num_tokens=x_TD.shape[0])
-        x_ND, order, tokens_per_sorted_expert = self.permute(x_TD, kept_routing)
+        token_offsets = ops.token_offsets(kept_routing.token_ids, x_TD.shape[0])
+        x_ND, inverse, tokens_per_sorted_expert = self.permute(x_TD, kept_routing, token_offsets)
         y_ND = self.compute_experts(x_ND, tokens_per_sorted_expert)
-        out_TD = self.unpermute(y_ND, kept_routing, order, num_tokens=x_TD.shape[0])
+        # Without shared experts to add, the combine writes the output dtype directly.
+        out_dtype = torch.float32 if self.shared_experts is not None else x.dtype
+        out_TD = self.unpermute(y_ND, kept_routing, inverse, token_offsets, out_dtype)
         if self.shared_experts is not None:
             out_TD = out_TD + self._shared_forward(x_TD)
         out = out_TD.to(x.dtype).reshape(x.shape)
@@ -162,15 +166,20 @@ class MoE(nn.Module):
             z_loss=routing.z_loss,
         )
 
-    def permute(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, Tensor]:
-        """Gather one row per assignment, sorted by expert.
+    def permute(self, x_TD: Tensor, routing: Routing, token_offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Gather one row per assignment, sorted (stably) by expert.
+
+        Args:
+            x_TD: (T, D) tokens.
+            routing: Token-major assignments.
+            token_offsets: (T + 1,) start of each token's assignments.
 
         Returns:
-            ``x_ND`` (N, D) rows, ``order`` (N,) the assignment of each row, and
+            ``x_ND`` (N, D) rows, ``inverse`` (N,) the row of each assignment, and
             ``tokens_per_expert`` (E,) the row count of each expert.
         """
-        order, tokens_per_expert = sort_by_expert(routing.expert_ids, self.num_experts)
-        return x_TD[routing.token_ids[order]], order, tokens_per_expert
+        _, inverse, tokens_per_expert = ops.sort_by_expert(routing.expert_ids, self.num_experts)
+        return ops.permute(x_TD, routing.token_ids, inverse, token_offsets), inverse, tokens_per_expert
 
     def compute_experts(self, x_ND: Tensor, tokens_per_expert: Tensor) -> Tensor:
         """Run the experts on expert-sorted rows, through the dispatcher when there is one."""
@@ -179,9 +188,13 @@ class MoE(nn.Module):
         x_local, tokens_per_local_expert = self.dispatcher.dispatch(x_ND, tokens_per_expert)
         return self.dispatcher.combine(self.experts(x_local, tokens_per_local_expert))
 
-    def unpermute(self, y_ND: Tensor, routing: Routing, order: Tensor, num_tokens: int) -> Tensor:
-        """Sum the weighted expert outputs back into token order; (T, D) float32."""
-        return combine(y_ND, routing.token_ids[order], routing.weights[order], num_tokens)
+    def unpermute(
+        self, y_ND: Tensor, routing: Routing, inverse: Tensor, token_offsets: Tensor, out_dtype: torch.dtype
+    ) -> Tensor:
+        """Sum the weighted expert outputs back into token order (accumulated in float32); (T, D)."""
+        return ops.unpermute(
+            y_ND, routing.token_ids, inverse, routing.weights, token_offsets.shape[0] - 1, out_dtype, token_offsets
+        )
 
     def _shared_forward(self, x_TD: Tensor) -> Tensor:
         assert self.shared_experts is not None

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightning_moe.ops.reference import expert_histogram
+
 
 @dataclass
 class Routing:
@@ -139,7 +141,7 @@ def switch_balance_loss(probs_TE: Tensor, expert_ids: Tensor, num_experts: int) 
     """
     if probs_TE.shape[0] == 0 or expert_ids.numel() == 0:
         return probs_TE.new_zeros(()).float()
-    counts_E = torch.bincount(expert_ids, minlength=num_experts).float()
+    counts_E = expert_histogram(expert_ids, num_experts).float()
     fraction_E = counts_E / expert_ids.numel()
     mean_prob_E = probs_TE.float().mean(dim=0)
     return num_experts * (fraction_E * mean_prob_E).sum()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_moe.ops.reference import expert_histogram
 from lightning_moe.routers.base import Router, Routing, switch_balance_loss, token_choice_routing, z_loss_of
 
 
@@ -103,7 +104,7 @@ class SigmoidRouter(Router):
         # Clamped so that a token whose picked scores all underflow gets zero weights, not NaN.
         weights_TK = picked_TK / picked_TK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         if self.training:
-            counts_E = torch.bincount(expert_ids_TK.reshape(-1), minlength=self.num_experts)
+            counts_E = expert_histogram(expert_ids_TK.reshape(-1), self.num_experts)
             self._pending = counts_E if self._pending is None else self._pending + counts_E
         normalised_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
         return token_choice_routing(

@@ -1,11 +1,9 @@
-"""Capacity, permutation and combination of routed assignments.
+"""Expert capacity: which assignments each expert keeps when its capacity is limited.
 
-Shape legend: T tokens, D model dim, E experts, N assignments.
+Shape legend: E experts, N assignments.
 
-These are the steps between the router and the experts: decide which assignments fit in each
-expert's capacity, sort the survivors into expert-contiguous order, and sum the weighted expert
-outputs back into token order. The sort runs the CUDA kernel of :mod:`lightning_moe.ops` where it
-can; none of these synchronises with the host to count assignments.
+The permutation and combination steps around the experts live in :mod:`lightning_moe.ops` (CUDA
+kernels with pure-PyTorch references).
 """
 
 from __future__ import annotations
@@ -49,35 +47,3 @@ def capacity_mask(expert_ids: Tensor, priorities: Tensor, token_ids: Tensor, num
     kept = torch.empty_like(expert_ids, dtype=torch.bool)
     kept[order] = rank_in_expert < capacity
     return kept
-
-
-def sort_by_expert(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
-    """Stable expert-contiguous order of assignments.
-
-    Args:
-        expert_ids: (N,) int64 expert of each assignment.
-        num_experts: E.
-
-    Returns:
-        ``order`` (N,) such that ``expert_ids[order]`` is sorted, assignments of one expert keeping
-        their original relative order, and ``tokens_per_expert`` (E,) int64.
-    """
-    order, _, tokens_per_expert = ops.sort_by_expert(expert_ids, num_experts)
-    return order, tokens_per_expert
-
-
-def combine(y_ND: Tensor, token_ids: Tensor, weights: Tensor, num_tokens: int) -> Tensor:
-    """``out[t] = sum over assignments a of token t of weights[a] * y[a]``, accumulated in float32.
-
-    Args:
-        y_ND: (N, D) expert outputs, one row per assignment.
-        token_ids: (N,) int64 token of each row.
-        weights: (N,) float32 combine weight of each row.
-        num_tokens: T.
-
-    Returns:
-        (T, D) float32.
-    """
-    weighted_ND = y_ND.float() * weights.unsqueeze(-1)
-    out_TD = weighted_ND.new_zeros(num_tokens, y_ND.shape[-1])
-    return out_TD.index_add(0, token_ids, weighted_ND)

@@ -1,0 +1,263 @@
+"""One MoE FFN layer, forward + backward, bf16, on one GPU: the configs of ANCHORS.md section 1.
+
+Shape legend: T tokens, D model dim, F expert hidden, E experts, K top-k.
+
+For each config (T, D, F, E, K) it times, with CUDA events (warm-up, then the median of --iters):
+
+- dense: the dense-equivalent, two plain GEMMs over T*K rows with GELU between (the ceiling);
+- loop: the per-expert loop of HF Mixtral (boolean mask per expert, index, two linears, index_add);
+- grouped_mm: argsort by expert, gather, ``torch._grouped_mm`` twice with int32 cumulative offsets,
+  scale by the router weight, index_add back (no custom kernels);
+- ops: lightning_moe's ops pipeline (``ops.sort_by_expert``, ``ops.permute``, ``GroupedExperts``,
+  ``ops.unpermute``), i.e. what ``MoE.forward`` runs once it calls the ops;
+- MoE: ``lightning_moe.MoE`` itself (gelu, no bias, topk router, dropless, aux_loss_weight 0).
+
+FLOPs counted: 3 (fwd + bwd) x 2 GEMMs x 2*T*K*D*F. Memory: the peak allocated during one step above
+what was allocated before it (weights, input, upstream gradient). The last config, one expert with
+top-1, compares the layer with the plain dense FFN it would replace.
+
+    python benchmarks/moe_layer.py [--configs 1,4,6] [--iters 10] [--impls dense,ops,MoE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_moe import MoE, ops
+from lightning_moe.layers.experts import GroupedExperts
+
+
+@dataclass(frozen=True)
+class Config:
+    tokens: int
+    d_model: int
+    d_hidden: int
+    num_experts: int
+    top_k: int
+
+    def flops(self) -> float:
+        return 3 * 2 * 2 * self.tokens * self.top_k * self.d_model * self.d_hidden
+
+    def __str__(self) -> str:
+        return f"{self.tokens}, {self.d_model}, {self.d_hidden}, {self.num_experts}, {self.top_k}"
+
+
+CONFIGS = [
+    Config(16384, 1024, 4096, 8, 2),
+    Config(16384, 2048, 8192, 8, 2),
+    Config(32768, 4096, 14336, 8, 2),
+    Config(16384, 2048, 1408, 64, 6),
+    Config(8192, 1024, 4096, 64, 1),
+    Config(16384, 1024, 4096, 1, 1),  # a 1-expert MoE against the dense FFN it replaces
+]
+
+
+def route(logits_TE: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """Mixtral routing: float32 softmax over all experts, top-k, weights renormalised."""
+    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+    weights_TK, experts_TK = torch.topk(probs_TE, top_k, dim=-1)
+    return weights_TK / weights_TK.sum(dim=-1, keepdim=True), experts_TK
+
+
+class DenseEquivalent(nn.Module):
+    """Two GEMMs over the T*K rows, GELU between: the same FLOPs as the MoE, no routing."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.top_k = config.top_k
+        self.w1 = nn.Linear(config.d_model, config.d_hidden, bias=False)
+        self.w2 = nn.Linear(config.d_hidden, config.d_model, bias=False)
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        return self.w2(F.gelu(self.w1(x_TD)))
+
+
+class PerExpertLoop(nn.Module):
+    """HF Mixtral's sparse MoE block: a boolean mask per expert, index, two linears, index_add."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.top_k = config.top_k
+        self.router = nn.Linear(config.d_model, config.num_experts, bias=False)
+        self.w1 = nn.ModuleList(
+            nn.Linear(config.d_model, config.d_hidden, bias=False) for _ in range(config.num_experts)
+        )
+        self.w2 = nn.ModuleList(
+            nn.Linear(config.d_hidden, config.d_model, bias=False) for _ in range(config.num_experts)
+        )
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        weights_TK, experts_TK = route(self.router(x_TD), self.top_k)
+        out_TD = torch.zeros_like(x_TD)
+        mask_EKT = F.one_hot(experts_TK, len(self.w1)).permute(2, 1, 0)
+        for expert in range(len(self.w1)):
+            slot, token = torch.where(mask_EKT[expert])
+            y = self.w2[expert](F.gelu(self.w1[expert](x_TD[token])))
+            out_TD.index_add_(0, token, (y * weights_TK[token, slot, None]).to(x_TD.dtype))
+        return out_TD
+
+
+class GroupedMMComposition(nn.Module):
+    """argsort by expert, gather, two grouped GEMMs, scale by the router weight, index_add back."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.top_k = config.top_k
+        self.num_experts = config.num_experts
+        self.router = nn.Linear(config.d_model, config.num_experts, bias=False)
+        scale = config.d_model**-0.5
+        self.w1 = nn.Parameter(torch.randn(config.num_experts, config.d_hidden, config.d_model) * scale)
+        self.w2 = nn.Parameter(torch.randn(config.num_experts, config.d_model, config.d_hidden) * scale)
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        weights_TK, experts_TK = route(self.router(x_TD), self.top_k)
+        expert_ids = experts_TK.reshape(-1)
+        order = torch.argsort(expert_ids, stable=True)
+        token_of_row = order // self.top_k
+        counts_E = torch.zeros(self.num_experts, dtype=torch.int64, device=x_TD.device)
+        counts_E.scatter_add_(0, expert_ids, torch.ones_like(expert_ids))
+        offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+        hidden = F.gelu(torch._grouped_mm(x_TD[token_of_row], self.w1.transpose(-2, -1), offs=offsets_E))
+        y_ND = torch._grouped_mm(hidden, self.w2.transpose(-2, -1), offs=offsets_E)
+        y_ND = y_ND * weights_TK.reshape(-1)[order, None].to(y_ND.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, token_of_row, y_ND)
+
+
+class OpsPipeline(nn.Module):
+    """lightning_moe's ops between the same router and GroupedExperts: MoE.forward's steps."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.top_k = config.top_k
+        self.num_experts = config.num_experts
+        self.router = nn.Linear(config.d_model, config.num_experts, bias=False)
+        self.experts = GroupedExperts(config.num_experts, config.d_model, config.d_hidden, "gelu")
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        weights_TK, experts_TK = route(self.router(x_TD), self.top_k)
+        token_ids = torch.arange(x_TD.shape[0], device=x_TD.device).repeat_interleave(self.top_k)
+        _, inverse, tokens_per_expert = ops.sort_by_expert(experts_TK.reshape(-1), self.num_experts)
+        offsets = ops.token_offsets(token_ids, x_TD.shape[0])
+        x_ND = ops.permute(x_TD, token_ids, inverse, offsets)
+        y_ND = self.experts(x_ND, tokens_per_expert)
+        weights = weights_TK.reshape(-1)
+        return ops.unpermute(y_ND, token_ids, inverse, weights, x_TD.shape[0], x_TD.dtype, offsets)
+
+
+def lightning_moe_layer(config: Config) -> nn.Module:
+    return MoE(
+        config.d_model,
+        config.num_experts,
+        top_k=config.top_k,
+        d_hidden=config.d_hidden,
+        activation="gelu",
+        router="topk",
+        capacity_factor=None,
+        aux_loss_weight=0.0,
+    )
+
+
+IMPLEMENTATIONS: dict[str, Callable[[Config], nn.Module]] = {
+    "dense": DenseEquivalent,
+    "loop": PerExpertLoop,
+    "grouped_mm": GroupedMMComposition,
+    "ops": OpsPipeline,
+    "MoE": lightning_moe_layer,
+}
+
+
+@dataclass
+class Result:
+    milliseconds: float
+    peak_gib: float
+
+
+def measure(module: nn.Module, x: Tensor, grad: Tensor, warmup: int, iters: int) -> Result:
+    """Median fwd+bwd time over ``iters`` steps after ``warmup``, and one step's peak extra memory."""
+    params = list(module.parameters())
+
+    def step() -> None:
+        for param in params:
+            param.grad = None
+        x.grad = None
+        module(x).backward(grad)
+
+    for _ in range(warmup):
+        step()
+    for param in params:
+        param.grad = None
+    x.grad = None
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak_gib = (torch.cuda.max_memory_allocated() - before) / 2**30
+    # Steps are queued back to back, as in training, with one sync at the end: each step's time is
+    # what the GPU spends on it, including any wait for the host to launch its kernels.
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        start.record()
+        step()
+        end.record()
+    torch.cuda.synchronize()
+    times = [start.elapsed_time(end) for start, end in events]
+    return Result(statistics.median(times), peak_gib)
+
+
+def run_config(config: Config, names: list[str], warmup: int, iters: int) -> dict[str, Result]:
+    results = {}
+    for name in names:
+        torch.manual_seed(0)
+        module = IMPLEMENTATIONS[name](config).to("cuda", torch.bfloat16)
+        rows = config.tokens * config.top_k if name == "dense" else config.tokens
+        # Fresh random inputs (never zeros: they run faster than real data).
+        x = torch.randn(rows, config.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn_like(x)
+        results[name] = measure(module, x, grad, warmup, iters)
+        del module, x, grad
+        gc.collect()
+        torch.cuda.empty_cache()
+    return results
+
+
+def print_table(config: Config, results: dict[str, Result]) -> None:
+    dense = results.get("dense")
+    print(f"\nconfig (T, D, F, E, K) = ({config})")
+    print(f"{'impl':<12}{'ms':>10}{'TFLOP/s':>10}{'vs dense':>10}{'peak GiB':>10}")
+    for name, result in results.items():
+        tflops = config.flops() / result.milliseconds / 1e9
+        ratio = f"{dense.milliseconds / result.milliseconds:.2f}" if dense else "-"
+        print(f"{name:<12}{result.milliseconds:>10.2f}{tflops:>10.0f}{ratio:>10}{result.peak_gib:>10.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="all", help="1-based config numbers, e.g. 1,4,6 (default: all)")
+    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS), help="comma-separated implementations")
+    parser.add_argument("--iters", type=int, default=10, help="timed steps per implementation (median)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/moe_layer.py needs a CUDA GPU.")
+    chosen = CONFIGS if args.configs == "all" else [CONFIGS[int(i) - 1] for i in args.configs.split(",")]
+    names = [name for name in args.impls.split(",") if name]
+    unknown = set(names) - set(IMPLEMENTATIONS)
+    if unknown:
+        raise SystemExit(f"unknown --impls {sorted(unknown)}; choose from {', '.join(IMPLEMENTATIONS)}")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA kernels: {ops.cuda_kernels_available()}")
+    for config in chosen:
+        print_table(config, run_config(config, names, args.warmup, args.iters))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""The one loader of lightning_moe's CUDA extension (the kernels in ``src_cuda/``).
+
+The extension is built lazily, on first use, with ninja through ``torch.utils.cpp_extension.load``,
+for the current GPU's architecture only. Builds are cached under ``$LIGHTNING_MOE_CACHE`` (default
+``~/.cache/lightning_moe``) in a directory named by a hash of the sources, the torch, CUDA and
+Python versions and the architecture, so a changed source or upgraded torch builds afresh and
+nothing stale is ever loaded. When several processes start at once (one per GPU), a file lock lets
+one build while the others wait, then load the finished build.
+
+When the extension cannot be had (no CUDA device, no nvcc or ninja, a failed build, or
+``LIGHTNING_MOE_DISABLE_CUDA=1``), :func:`load_extension` returns ``None`` after one warning that
+names the cause, and the pure-PyTorch reference ops take over. The two environment variables are
+build switches; neither changes what the ops compute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import shutil
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+EXTENSION_NAME = "lightning_moe_cuda"
+BUILD_MESSAGE = "lightning_moe: building CUDA kernels (first use, about a minute)..."
+DISABLE_ENV = "LIGHTNING_MOE_DISABLE_CUDA"
+CACHE_ENV = "LIGHTNING_MOE_CACHE"
+# Marks a build that compiled, linked and imported; a directory without it is rebuilt.
+_COMPLETE_MARKER = "BUILD_COMPLETE"
+
+
+class ExtensionUnavailable(RuntimeError):
+    """Why the CUDA extension cannot be built or loaded; its message is the cause."""
+
+
+def source_dir() -> Path:
+    """The directory of the CUDA sources: ``src_cuda/`` at the repository root."""
+    return Path(__file__).resolve().parents[2] / "src_cuda"
+
+
+def compiled_sources(directory: Path) -> list[Path]:
+    """The translation units to compile: every ``.cu`` and ``.cpp`` file, sorted by name."""
+    return sorted([*directory.glob("*.cu"), *directory.glob("*.cpp")])
+
+
+def cache_root() -> Path:
+    """``$LIGHTNING_MOE_CACHE``, or ``~/.cache/lightning_moe``."""
+    configured = os.environ.get(CACHE_ENV)
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "lightning_moe"
+
+
+def cache_key(directory: Path, arch: str) -> str:
+    """A hash of everything the build depends on.
+
+    Args:
+        directory: The source directory; every ``.cu``, ``.cuh``, ``.cpp`` and ``.h`` file in it
+            counts, by name and content.
+        arch: Compute capability built for, e.g. ``"9.0"``.
+
+    Returns:
+        16 hex digits.
+    """
+    digest = hashlib.sha256()
+    files = sorted(p for p in directory.iterdir() if p.suffix in {".cu", ".cuh", ".cpp", ".h"})
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    # The .so links against this torch, this CUDA runtime and this Python's ABI.
+    environment = (torch.__version__, str(torch.version.cuda), arch, sys.implementation.cache_tag)
+    digest.update(repr(environment).encode())
+    return digest.hexdigest()[:16]
+
+
+def arch_flags(arch: str) -> list[str]:
+    """nvcc flags that build machine code for compute capability ``arch`` (e.g. "9.0") only.
+
+    Naming an arch also stops torch from adding flags for every architecture it knows.
+    """
+    major, minor = arch.split(".")
+    return [f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"]
+
+
+def build_extension(arch: str, cache_dir: Path | None = None, verbose: bool = False) -> tuple[ModuleType, Path]:
+    """Build (or reuse) and import the extension for compute capability ``arch``.
+
+    Needs nvcc and ninja but no GPU: importing the module does not touch the device, so this
+    also serves to check that the sources compile.
+
+    Args:
+        arch: Compute capability, e.g. ``"9.0"``.
+        cache_dir: Where build directories go; defaults to :func:`cache_root`.
+        verbose: Show the compiler's commands and output.
+
+    Returns:
+        The module and its build directory.
+
+    Raises:
+        ExtensionUnavailable: nvcc or ninja is missing, or the sources are not found.
+        Exception: whatever the build raises when compilation fails.
+    """
+    from torch.utils import cpp_extension
+
+    directory = source_dir()
+    sources = compiled_sources(directory) if directory.is_dir() else []
+    if not sources:
+        raise ExtensionUnavailable(f"the CUDA sources were not found in {directory}")
+    if cpp_extension.CUDA_HOME is None or shutil.which("nvcc", path=_nvcc_search_path()) is None:
+        raise ExtensionUnavailable("nvcc was not found (install the CUDA toolkit or set CUDA_HOME)")
+    if not cpp_extension.is_ninja_available():
+        raise ExtensionUnavailable("ninja was not found (pip install ninja)")
+    build_dir = (cache_dir or cache_root()) / f"{EXTENSION_NAME}-{cache_key(directory, arch)}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(build_dir / "build.lock"):
+        complete = (build_dir / _COMPLETE_MARKER).exists()
+        if not complete:
+            print(BUILD_MESSAGE, file=sys.stderr, flush=True)
+        module = cpp_extension.load(
+            name=EXTENSION_NAME,
+            sources=[str(path) for path in sources],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3", *arch_flags(arch)],
+            build_directory=str(build_dir),
+            verbose=verbose,
+        )
+        if not complete:
+            (build_dir / _COMPLETE_MARKER).write_text(f"{torch.__version__} {torch.version.cuda} {arch}\n")
+    return module, build_dir
+
+
+@functools.cache
+def load_extension() -> ModuleType | None:
+    """The CUDA extension for the current GPU, built on first use; ``None`` when unavailable.
+
+    The result is memoised for the process, so the build, and the warning when there is none,
+    happen once.
+    """
+    try:
+        arch = _current_arch()
+        module, _ = build_extension(arch)
+    except ExtensionUnavailable as cause:
+        _warn(str(cause))
+        return None
+    except Exception as error:  # a compiler or linker failure: fall back, but say why
+        _warn(f"the build failed: {_last_lines(str(error))}")
+        return None
+    return module
+
+
+def require_extension() -> ModuleType:
+    """The loaded extension; for op implementations that run only after :func:`use_cuda_kernels`."""
+    module = load_extension()
+    if module is None:
+        raise RuntimeError("lightning_moe's CUDA extension is not loaded; call the op through its wrapper.")
+    return module
+
+
+@torch.compiler.assume_constant_result
+def cuda_kernels_available() -> bool:
+    """Whether the CUDA extension is loaded (building it first if needed).
+
+    ``torch.compile`` evaluates this once while tracing and keeps the result as a constant.
+    """
+    return load_extension() is not None
+
+
+def use_cuda_kernels(*tensors: Tensor) -> bool:
+    """Whether an op on ``tensors`` takes the CUDA kernels: all on CUDA and the extension loaded.
+
+    Checked in this order so that CPU tensors never trigger a build or a warning.
+    """
+    return all(t.is_cuda for t in tensors) and cuda_kernels_available()
+
+
+def _current_arch() -> str:
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        raise ExtensionUnavailable(f"{DISABLE_ENV}={os.environ[DISABLE_ENV]} is set")
+    if torch.version.cuda is None:
+        raise ExtensionUnavailable(f"this torch ({torch.__version__}) is built without CUDA")
+    if not torch.cuda.is_available():
+        raise ExtensionUnavailable("CUDA is not available (no GPU or driver found)")
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}.{minor}"
+
+
+def _nvcc_search_path() -> str:
+    from torch.utils import cpp_extension
+
+    cuda_bin = os.path.join(cpp_extension.CUDA_HOME or "", "bin")
+    return os.pathsep.join([cuda_bin, os.environ.get("PATH", "")])
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (blocking); the OS releases it if the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, concurrent builds of one directory may collide
+        yield
+        return
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _warn(cause: str) -> None:
+    warnings.warn(
+        f"lightning_moe: CUDA kernels unavailable because {cause}; using the pure-PyTorch ops instead.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _last_lines(text: str, count: int = 20) -> str:
+    return "\n".join(text.strip().splitlines()[-count:])

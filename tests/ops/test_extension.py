@@ -1,0 +1,137 @@
+"""The CUDA extension loader: its fallbacks, its single warning, its cache key, its lock."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_moe.ops import __main__ as ops_main
+from lightning_moe.ops import extension
+
+
+@pytest.fixture(autouse=True)
+def fresh_loader(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loader with nothing memoised, for this test only; the process's own loader stays as it was."""
+    monkeypatch.delenv(extension.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(extension, "load_extension", functools.cache(extension.load_extension.__wrapped__))
+
+
+def load_and_collect_warnings() -> tuple[object, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = extension.load_extension()
+    return module, [str(w.message) for w in caught]
+
+
+def test_disabled_by_environment_returns_none_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(extension.DISABLE_ENV, "1")
+    module, messages = load_and_collect_warnings()
+    assert module is None
+    assert len(messages) == 1
+    assert f"{extension.DISABLE_ENV}=1" in messages[0]
+
+
+def test_without_cuda_returns_none_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    module, messages = load_and_collect_warnings()
+    assert module is None
+    assert len(messages) == 1
+    cause = "built without CUDA" if torch.version.cuda is None else "CUDA is not available"
+    assert cause in messages[0]
+
+
+def test_warning_is_given_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(extension.DISABLE_ENV, "1")
+    load_and_collect_warnings()
+    module, messages = load_and_collect_warnings()
+    assert module is None and messages == []
+
+
+def test_failed_build_returns_none_naming_the_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_build(arch: str) -> None:
+        raise RuntimeError("Error building extension\nnvcc: fatal error: boom")
+
+    monkeypatch.setattr(extension, "_current_arch", lambda: "9.0")
+    monkeypatch.setattr(extension, "build_extension", failing_build)
+    module, messages = load_and_collect_warnings()
+    assert module is None
+    assert len(messages) == 1
+    assert "the build failed" in messages[0] and "boom" in messages[0]
+
+
+def test_missing_nvcc_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(extension, "_current_arch", lambda: "9.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    module, messages = load_and_collect_warnings()
+    assert module is None
+    assert len(messages) == 1 and "nvcc was not found" in messages[0]
+
+
+def test_cpu_tensors_never_trigger_a_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    def forbidden() -> None:
+        raise AssertionError("load_extension was called for CPU tensors")
+
+    monkeypatch.setattr(extension, "load_extension", forbidden)
+    assert not extension.use_cuda_kernels(torch.zeros(2), torch.zeros(2, dtype=torch.int64))
+
+
+def test_cache_key_changes_with_the_sources(tmp_path: Path) -> None:
+    sources = tmp_path / "src_cuda"
+    shutil.copytree(extension.source_dir(), sources)
+    key = extension.cache_key(sources, "9.0")
+    assert extension.cache_key(sources, "9.0") == key
+    assert extension.cache_key(sources, "8.0") != key
+    header = sources / "rows.cuh"
+    header.write_text(header.read_text() + "\n// changed\n")
+    assert extension.cache_key(sources, "9.0") != key
+
+
+def test_cache_root_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(extension.CACHE_ENV, str(tmp_path))
+    assert extension.cache_root() == tmp_path
+    monkeypatch.delenv(extension.CACHE_ENV)
+    assert extension.cache_root() == Path.home() / ".cache" / "lightning_moe"
+
+
+def test_every_kernel_source_is_compiled() -> None:
+    names = [path.name for path in extension.compiled_sources(extension.source_dir())]
+    assert names == ["bindings.cpp", "permute.cu", "sort_by_expert.cu", "unpermute.cu"]
+
+
+def test_arch_flags_name_only_the_given_arch() -> None:
+    assert extension.arch_flags("9.0") == ["-gencode=arch=compute_90,code=sm_90"]
+
+
+def test_lock_lets_one_holder_in_at_a_time(tmp_path: Path) -> None:
+    lock = tmp_path / "build.lock"
+    held = threading.Event()
+    released_at: list[float] = []
+
+    def holder() -> None:
+        with extension._exclusive_lock(lock):
+            held.set()
+            time.sleep(0.2)
+            released_at.append(time.monotonic())
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait()
+    with extension._exclusive_lock(lock):
+        acquired_at = time.monotonic()
+    thread.join()
+    assert acquired_at >= released_at[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_build_command_without_gpu_asks_for_an_arch(capsys: pytest.CaptureFixture[str]) -> None:
+    assert ops_main.main(["build"]) == 1
+    assert "--arch" in capsys.readouterr().err
