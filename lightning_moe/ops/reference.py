@@ -35,8 +35,11 @@ def token_offsets(token_ids: Tensor, num_tokens: int) -> Tensor:
     Returns:
         (T + 1,) int64 with ``offsets[0] == 0`` and ``offsets[T] == N``.
     """
-    boundaries = torch.arange(num_tokens + 1, dtype=token_ids.dtype, device=token_ids.device)
-    return torch.searchsorted(token_ids, boundaries)
+    # A histogram and a prefix sum rather than searchsorted: inductor could not lower searchsorted
+    # over the router's token ids (torch 2.11), and this needs no sortedness to be exact.
+    counts_T = torch.zeros(num_tokens, dtype=torch.int64, device=token_ids.device)
+    counts_T.scatter_add_(0, token_ids, torch.ones_like(token_ids, dtype=torch.int64))
+    return torch.cat([counts_T.new_zeros(1), torch.cumsum(counts_T, dim=0)])
 
 
 def sort_by_expert(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
