@@ -103,8 +103,6 @@ def test_save_png_creates_the_directory(tmp_path: Path) -> None:
 def test_plot_load_command(tmp_path: Path, without_matplotlib, capsys) -> None:
     from lightning_moe import cli
 
-    if not hasattr(cli, "plot_load_main"):
-        pytest.skip("`lightning-moe plot-load` is not wired into lightning_moe/cli.py yet")
     write_counts(tmp_path, [10])
     cli.main(["plot-load", str(tmp_path), "--out", str(tmp_path / "cli.png")])
     assert "wrote" in capsys.readouterr().out and (tmp_path / "cli.png").exists()

@@ -211,10 +211,24 @@ class MoEGPTModule(MoELightningModule):
     Logs ``train_loss`` and ``val_loss`` (mean cross-entropy in nats per token); the balance
     losses of the MoE layers reach the gradient on their own and are logged by the base class.
 
+    The model arguments are those of :class:`MoEGPT`, repeated here for the command line's help.
+
     Args:
-        vocab_size, block_size, n_layer, n_head, d_model, num_experts, top_k, d_hidden,
-        activation, router, capacity_factor, num_shared_experts, aux_loss_weight, z_loss_weight,
-        dropout: Passed to :class:`MoEGPT`.
+        vocab_size: Vocabulary size; 256 for bytes.
+        block_size: Longest context in tokens.
+        n_layer: Number of transformer blocks.
+        n_head: Attention heads per block; must divide ``d_model``.
+        d_model: Model dimension.
+        num_experts: Routed experts per MoE layer.
+        top_k: Experts per token.
+        d_hidden: Expert hidden dimension; ``None`` for ``4 * d_model``.
+        activation: Expert activation.
+        router: Routing scheme of every MoE layer.
+        capacity_factor: ``None`` for dropless routing, else the experts' capacity factor.
+        num_shared_experts: Always-on experts per MoE layer.
+        aux_loss_weight: Weight of each layer's load-balancing loss.
+        z_loss_weight: Weight of each layer's router z-loss.
+        dropout: Dropout on embeddings, attention and block outputs.
         learning_rate: Peak AdamW learning rate, reached after ``warmup_steps``.
         weight_decay: AdamW weight decay of the matrices; biases and LayerNorms get none.
         warmup_steps: Optimizer steps of linear warmup. After them the learning rate follows a

@@ -79,6 +79,22 @@ def test_consolidate_gives_the_single_device_state_dict(halfway) -> None:
     assert_states_close(consolidated, assemble_full_state(results, 2), "consolidated")
 
 
+def test_consolidate_command_writes_a_single_device_checkpoint(halfway, tmp_path, capsys) -> None:
+    from lightning_moe import cli
+
+    path, results = halfway
+    out = tmp_path / "full.ckpt"
+    cli.main(["consolidate", str(path), str(out)])
+    assert "wrote" in capsys.readouterr().out
+    checkpoint = torch.load(out, weights_only=False)
+    assert "optimizer_states" not in checkpoint and checkpoint["global_step"] == 2
+    model = TwoLayerMoE(CONFIG)
+    model.load_state_dict(checkpoint["state_dict"])  # strict: every key, every shape
+    assert_states_close(model.state_dict(), assemble_full_state(results, 2), "consolidated file")
+    with pytest.raises(SystemExit):
+        cli.main(["consolidate", str(tmp_path / "missing"), str(out)])
+
+
 def test_loading_into_a_different_model_names_the_mismatch(halfway) -> None:
     path, _ = halfway
     config = RunConfig(**{**CONFIG.__dict__, "num_experts": 8})

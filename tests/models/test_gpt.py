@@ -1,0 +1,134 @@
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_moe import MoE
+from lightning_moe.models import MoEGPT, MoEGPTModule
+
+TINY = dict(block_size=16, n_layer=2, n_head=2, d_model=32, num_experts=4, top_k=2, d_hidden=64)
+
+
+def tiny_model(**overrides) -> MoEGPT:
+    torch.manual_seed(0)
+    return MoEGPT(**{**TINY, **overrides})
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"num_shared_experts": 1}, {"activation": "swiglu"}, {"top_k": 1, "dropout": 0.1}],
+    ids=["default", "shared-expert", "swiglu", "top1-dropout"],
+)
+def test_logits_shape(overrides):
+    model = tiny_model(**overrides)
+    idx = torch.randint(0, 256, (3, 16))
+    assert model(idx).shape == (3, 16, 256)
+    assert sum(isinstance(m, MoE) for m in model.modules()) == TINY["n_layer"]
+
+
+def test_embeddings_are_tied():
+    model = tiny_model()
+    assert model.lm_head.weight is model.token_embedding.weight
+
+
+def test_changing_a_future_token_leaves_earlier_logits_unchanged():
+    model = tiny_model().eval()
+    idx = torch.randint(0, 256, (2, 16))
+    changed = idx.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % 256
+    with torch.no_grad():
+        logits, changed_logits = model(idx), model(changed)
+    torch.testing.assert_close(changed_logits[:, :10], logits[:, :10])
+    assert not torch.allclose(changed_logits[:, 10:], logits[:, 10:])
+
+
+def test_initial_loss_is_close_to_uniform():
+    model = tiny_model()
+    idx = torch.randint(0, 256, (8, 16))
+    targets = torch.randint(0, 256, (8, 16))
+    loss = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
+    assert abs(loss.item() - math.log(256)) < 0.15
+
+
+def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    idx = torch.randint(0, 256, (4, 16))
+    targets = torch.roll(idx, -1, dims=1)
+    losses = []
+    for _ in range(5):
+        loss = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_router_weights_receive_gradient():
+    model = tiny_model()
+    idx = torch.randint(0, 256, (2, 16))
+    model(idx).sum().backward()
+    for block in model.blocks:
+        assert block.moe.router.weight.grad is not None
+
+
+def test_generate_appends_tokens_and_crops_long_prompts():
+    model = tiny_model().eval()
+    prompt = torch.randint(0, 256, (2, 20))  # longer than block_size=16
+    out = model.generate(prompt, max_new_tokens=5, temperature=0.8, top_k=10)
+    assert out.shape == (2, 25)
+    assert torch.equal(out[:, :20], prompt)
+    assert out.dtype == torch.int64 and int(out.min()) >= 0 and int(out.max()) < 256
+
+
+def test_greedy_generation_is_deterministic():
+    model = tiny_model().eval()
+    prompt = torch.randint(0, 256, (1, 4))
+    assert torch.equal(model.generate(prompt, 6, temperature=0), model.generate(prompt, 6, temperature=0))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"d_model": 30, "n_head": 4}, "not divisible by n_head"),
+        ({"n_layer": 0}, "n_layer must be a positive int"),
+        ({"dropout": 1.0}, "dropout must be in"),
+        ({"top_k": 5}, "top_k=5 is larger than num_experts=4"),
+    ],
+    ids=["heads", "layers", "dropout", "top-k"],
+)
+def test_invalid_arguments_name_the_fix(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model(**overrides)
+
+
+def test_sequence_longer_than_block_size_is_rejected():
+    with pytest.raises(ValueError, match="larger block_size"):
+        tiny_model()(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_module_loss_and_hyperparameters():
+    module = MoEGPTModule(**TINY, learning_rate=1e-3)
+    assert module.hparams.learning_rate == 1e-3 and module.hparams.num_experts == 4
+    idx = torch.randint(0, 256, (2, 16))
+    loss = module.next_token_loss((idx, torch.roll(idx, -1, dims=1)))
+    assert loss.ndim == 0 and abs(loss.item() - math.log(256)) < 0.15
+
+
+@pytest.mark.parametrize(
+    ("total_steps", "step", "factor"),
+    [(100, 0, 0.1), (100, 9, 1.0), (100, 10, 1.0), (100, 55, 0.55), (100, 100, 0.1), (float("inf"), 50, 1.0)],
+    ids=["warmup-start", "warmup-end", "peak", "cosine-middle", "cosine-end", "no-step-limit"],
+)
+def test_learning_rate_schedule(total_steps, step, factor):
+    module = MoEGPTModule(**TINY, warmup_steps=10, min_lr_ratio=0.1)
+    module.trainer = SimpleNamespace(estimated_stepping_batches=total_steps)
+    assert module._lr_factor(step) == pytest.approx(factor)
+
+
+def test_invalid_optimizer_settings_are_rejected():
+    with pytest.raises(ValueError, match="learning_rate > 0"):
+        MoEGPTModule(**TINY, learning_rate=0.0)
