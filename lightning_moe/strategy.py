@@ -29,7 +29,7 @@ from typing_extensions import override
 from lightning_moe import checkpoint as checkpoint_io
 from lightning_moe.parallel.dataloader import EvenBatches
 from lightning_moe.parallel.gradients import clip_grad_norm_, sync_expert_gradients
-from lightning_moe.parallel.mesh import EXPERT_AXIS, EXPERT_DATA_AXIS, build_expert_mesh, check_expert_parallel_size
+from lightning_moe.parallel.mesh import EXPERT_AXIS, EXPERT_DATA_AXIS, build_expert_mesh
 from lightning_moe.parallel.sharding import expert_parameter_names, local_expert_range, moe_layers, shard_experts
 
 
@@ -51,8 +51,8 @@ class MoEStrategy(DDPStrategy):
             isinstance(expert_parallel_size, bool) or not isinstance(expert_parallel_size, int)
         ):
             raise TypeError(f"expert_parallel_size must be an int or None, got {expert_parallel_size!r}.")
-        if expert_parallel_size is not None:
-            check_expert_parallel_size(expert_parallel_size, max(expert_parallel_size, 1))
+        if expert_parallel_size is not None and expert_parallel_size < 1:
+            raise ValueError(f"expert_parallel_size must be at least 1, got {expert_parallel_size}.")
         self._requested_expert_parallel_size = expert_parallel_size
         self._device_mesh: DeviceMesh | None = None
         self._expert_params: list[nn.Parameter] = []
