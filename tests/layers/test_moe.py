@@ -271,3 +271,53 @@ def test_layer_builds_under_a_device_context_like_lightning_init() -> None:
     meta.to_empty(device="cpu")
     meta.experts.reset_parameters()
     assert torch.equal(meta.experts.w1, eager.experts.w1)
+
+
+BAD_ARGUMENTS = [
+    pytest.param(dict(top_k=0), ValueError, "top_k must be at least 1", id="top_k<1"),
+    pytest.param(dict(top_k=5), ValueError, "top_k=5 is larger than num_experts=4", id="top_k>E"),
+    pytest.param(dict(num_experts=0, top_k=1), ValueError, "num_experts must be at least 1", id="E<1"),
+    pytest.param(dict(d_model=0), ValueError, "d_model must be at least 1", id="d_model<1"),
+    pytest.param(dict(d_model=8.0), TypeError, "d_model must be an int", id="d_model-float"),
+    pytest.param(dict(activation="tanh"), ValueError, "Unknown activation 'tanh'; choose one of", id="activation"),
+    pytest.param(dict(router="hash"), ValueError, "Unknown router 'hash'; choose one of", id="router-name"),
+    pytest.param(dict(router=object()), TypeError, "router must be a router name or a Router", id="router-type"),
+    pytest.param(dict(capacity_factor=0.0), ValueError, "capacity_factor must be positive", id="capacity<=0"),
+    pytest.param(dict(router="switch", top_k=2), ValueError, "use top_k=1", id="switch-top2"),
+    pytest.param(dict(num_shared_experts=-1), ValueError, "num_shared_experts must be a non-negative", id="shared<0"),
+    pytest.param(dict(aux_loss_weight=-1.0), ValueError, "aux_loss_weight must be >= 0", id="aux<0"),
+    pytest.param(
+        dict(experts=[TinyExpert(8)]), ValueError, "experts= lists 1 modules but num_experts=4", id="experts-len"
+    ),
+    pytest.param(dict(experts=TinyExpert(8)), TypeError, "Pass `experts=lambda: MyExpert", id="experts-module"),
+    pytest.param(
+        dict(router=TopKRouter(8, 6, top_k=2)), ValueError, "router.num_experts=6 but MoE num_experts=4", id="router-E"
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "error", "message"), BAD_ARGUMENTS)
+def test_bad_arguments_fail_at_construction_naming_the_fix(overrides: dict, error: type, message: str) -> None:
+    arguments = {**dict(d_model=8, num_experts=4, top_k=2), **overrides}
+    with pytest.raises(error, match=message.replace("(", r"\(").replace("`", ".")):
+        MoE(**arguments)
+
+
+def test_num_groups_must_divide_num_experts() -> None:
+    from lightning_moe.routers import SigmoidRouter
+
+    with pytest.raises(ValueError, match="num_groups=3 must be a positive divisor of num_experts=4"):
+        SigmoidRouter(8, 4, top_k=2, num_groups=3)
+
+
+@pytest.mark.parametrize(
+    ("x", "error", "message"),
+    [
+        pytest.param(torch.randn(3, 7), ValueError, r"inputs of shape \(\.\.\., d_model=8\), got \(3, 7\)", id="width"),
+        pytest.param(torch.randn(()), ValueError, r"inputs of shape \(\.\.\., d_model=8\), got \(\)", id="scalar"),
+        pytest.param(torch.ones(3, 8, dtype=torch.int64), TypeError, "got dtype torch.int64", id="int64"),
+    ],
+)
+def test_bad_inputs_fail_at_forward(x: torch.Tensor, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        MoE(8, num_experts=4)(x)
