@@ -8,6 +8,7 @@ Both then see the same global batch per optimizer step, split into the same micr
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -38,6 +39,8 @@ class RunConfig:
     # True: the micro-batches of the data ranks a process stands for arrive as one Lightning batch
     # (the model loops over them); False: as separate batches, through gradient accumulation.
     pack_data_ranks: bool = False
+    # Seconds each training step sleeps: gives a test time to kill a run mid-training.
+    step_sleep: float = 0.0
 
 
 class TwoLayerMoE(MoELightningModule):
@@ -70,6 +73,7 @@ class TwoLayerMoE(MoELightningModule):
         for layer in self.moe_layers():
             layer.aux_loss_scale /= len(micro_batches)  # each micro-batch's losses weigh 1/k
         losses = [torch.nn.functional.mse_loss(self(x), y) for x, y in micro_batches]
+        time.sleep(self.config.step_sleep)
         self.losses.extend(loss.item() for loss in losses)
         return torch.stack(losses).mean()
 

@@ -102,6 +102,40 @@ def test_loading_into_a_different_model_names_the_mismatch(halfway) -> None:
         run_on_ranks(1, train, config, str(path))
 
 
+def test_kill_9_loses_only_the_steps_since_the_last_checkpoint(tmp_path, uninterrupted) -> None:
+    """A run killed with SIGKILL mid-training resumes from its last checkpoint exactly."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    from tests.parallel.launch import _worker, free_port
+
+    killed = RunConfig(**{**CONFIG.__dict__, "steps": 50, "step_sleep": 0.5, "expert_parallel_size": 2})
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    ranks = [
+        context.Process(target=_worker, args=(r, 2, port, train, (killed, None, str(tmp_path)), str(tmp_path)))
+        for r in range(2)
+    ]
+    for process in ranks:
+        process.start()
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "step=2.ckpt").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for process in ranks:
+        os.kill(process.pid, signal.SIGKILL)
+        process.join()
+    assert (tmp_path / "step=2.ckpt").exists(), "the run wrote no checkpoint in time"
+    complete = sorted((p for p in tmp_path.glob("step=*.ckpt")), key=lambda p: int(p.stem.split("=")[1]))
+    assert all((p / "common.pt").exists() for p in complete)
+    last = complete[-1]
+    assert int(last.stem.split("=")[1]) < CONFIG.steps  # killed before the end: the resumed run has steps to do
+
+    resumed = run_on_ranks(2, train, RunConfig(**{**CONFIG.__dict__, "expert_parallel_size": 2}), str(last))
+    assert_states_close(assemble_full_state(resumed, 2), assemble_full_state(uninterrupted, 2), "after kill -9")
+
+
 def test_crash_while_writing_leaves_previous_checkpoint_whole(tmp_path) -> None:
     path = tmp_path / "last.ckpt"
 
