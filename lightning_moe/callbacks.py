@@ -147,8 +147,10 @@ class ExpertLoadMonitor(Callback):
         for tally in self._tallies:
             tally.reset()
         self._last_logged_step = trainer.global_step
+        # `trainer.log_dir` broadcasts under DDP-like strategies: every process must ask for it.
+        directory = Path(trainer.log_dir or trainer.default_root_dir) / LOAD_DIRNAME
         if trainer.is_global_zero:
-            self._publish(trainer, record)
+            self._publish(trainer, record, directory)
 
     def _record(self, per_layer: tuple[Tensor, ...], step: int) -> dict[str, Any]:
         record: dict[str, Any] = {"step": step, "first_step": self._last_logged_step + 1, "layers": []}
@@ -163,7 +165,7 @@ class ExpertLoadMonitor(Callback):
             record["router_entropy"].append(entropy_sum / max(tokens, 1.0))
         return record
 
-    def _publish(self, trainer: Trainer, record: dict[str, Any]) -> None:
+    def _publish(self, trainer: Trainer, record: dict[str, Any], directory: Path) -> None:
         metrics = {}
         for i, (dropped, assignments, entropy) in enumerate(
             zip(record["dropped"], record["assignments"], record["router_entropy"], strict=True)
@@ -173,7 +175,6 @@ class ExpertLoadMonitor(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=record["step"])
             logger.save()
-        directory = Path(trainer.log_dir or trainer.default_root_dir) / LOAD_DIRNAME
         directory.mkdir(parents=True, exist_ok=True)
         with open(directory / COUNTS_FILENAME, "a") as counts_file:
             counts_file.write(json.dumps(record) + "\n")

@@ -91,7 +91,7 @@ def identify_activation(fn: Callable[[Tensor], Tensor]) -> str | None:
     """
     if isinstance(fn, nn.Module) and any(True for _ in fn.parameters()):
         return None
-    x = torch.linspace(-6.0, 6.0, 241)
+    x = torch.linspace(-6.0, 6.0, 241, device="cpu")  # also under a meta default device
     try:
         with torch.no_grad():
             y = fn(x)
