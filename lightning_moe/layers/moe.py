@@ -157,14 +157,7 @@ class MoE(nn.Module):
             return routing
         capacity = expert_capacity(self.capacity_factor, num_tokens, self.top_k, self.num_experts)
         kept = capacity_mask(routing.expert_ids, routing.priorities, routing.token_ids, self.num_experts, capacity)
-        return Routing(
-            token_ids=routing.token_ids[kept],
-            expert_ids=routing.expert_ids[kept],
-            weights=routing.weights[kept],
-            priorities=routing.priorities[kept],
-            aux_loss=routing.aux_loss,
-            z_loss=routing.z_loss,
-        )
+        return routing.select(kept)
 
     def permute(self, x_TD: Tensor, routing: Routing, token_offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Gather one row per assignment, sorted (stably) by expert.

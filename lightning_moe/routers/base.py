@@ -44,6 +44,17 @@ class Routing:
     aux_loss: Tensor
     z_loss: Tensor
 
+    def select(self, keep: Tensor) -> Routing:
+        """The assignments where ``keep`` (N,) bool is True, in their order (still token-major)."""
+        return Routing(
+            token_ids=self.token_ids[keep],
+            expert_ids=self.expert_ids[keep],
+            weights=self.weights[keep],
+            priorities=self.priorities[keep],
+            aux_loss=self.aux_loss,
+            z_loss=self.z_loss,
+        )
+
 
 class Router(nn.Module):
     """Base class of all routers: a linear map to per-expert logits, then a scheme-specific choice.

@@ -65,7 +65,7 @@ class GShardRouter(Router):
         )
         if not self.training:
             return routing
-        return _keep(routing, self._kept_TK(weights_TK.detach(), uniform).reshape(-1))
+        return routing.select(self._kept_TK(weights_TK.detach(), uniform).reshape(-1))
 
     def _kept_TK(self, weights_TK: Tensor, uniform: Tensor | None) -> Tensor:
         """(T, 2) bool: every first choice, and the second where ``uniform < 2 * g2``."""
@@ -79,15 +79,3 @@ class GShardRouter(Router):
             )
         keep_second_T = uniform.to(weights_TK.device) < 2 * weights_TK[:, 1]
         return torch.stack([torch.ones_like(keep_second_T), keep_second_T], dim=-1)
-
-
-def _keep(routing: Routing, kept_N: Tensor) -> Routing:
-    """The assignments of ``routing`` where ``kept_N`` (N,) is True, in their order."""
-    return Routing(
-        token_ids=routing.token_ids[kept_N],
-        expert_ids=routing.expert_ids[kept_N],
-        weights=routing.weights[kept_N],
-        priorities=routing.priorities[kept_N],
-        aux_loss=routing.aux_loss,
-        z_loss=routing.z_loss,
-    )
