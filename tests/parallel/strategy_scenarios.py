@@ -150,3 +150,31 @@ def plain_ddp_with_idle_experts(rank: int, world_size: int) -> dict:
     strategy = "ddp" if world_size > 1 else "auto"
     trainer(world_size, strategy=strategy, max_steps=3).fit(model, loader(3, rank))
     return {"state": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
+def skewed_exchange(rank: int, world_size: int) -> dict:
+    """Expert-parallel layer where rank 0 sends nothing to its peer and rank 1 has no tokens at all."""
+    import torch.distributed as dist
+
+    from lightning_moe.parallel.sharding import shard_experts
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    whole = MoE(D_MODEL, num_experts=4, top_k=2, d_hidden=12)
+    with torch.no_grad():  # experts 0 and 1 (on rank 0) always win
+        whole.router.weight.zero_()
+        whole.router.weight[:2, 0] = 1.0
+    sharded = MoE(D_MODEL, num_experts=4, top_k=2, d_hidden=12)
+    sharded.load_state_dict(whole.state_dict())
+    shard_experts(sharded, rank, world_size, dist.group.WORLD)
+    x = tokens(6, 3).abs() if rank == 0 else tokens(0, 4)
+    x.requires_grad_(True)
+    out = sharded(x)
+    out.square().sum().backward()
+    return {
+        "out": out.detach(),
+        "x_grad": x.grad,
+        "w1_grad": sharded.experts.w1.grad,
+        "x": x.detach(),
+        "whole": whole.state_dict(),
+    }

@@ -43,6 +43,21 @@ def test_validation_and_predict_under_expert_parallelism_with_uneven_batches() -
             torch.testing.assert_close(prediction, model(inputs), rtol=1e-5, atol=1e-6)
 
 
+def test_exchange_with_zero_rows_to_a_peer_and_an_empty_rank() -> None:
+    results = run_on_ranks(2, scenarios.skewed_exchange)
+    assert results[1]["out"].shape == (0, scenarios.D_MODEL)
+    whole = scenarios.MoE(scenarios.D_MODEL, num_experts=4, top_k=2, d_hidden=12)
+    whole.load_state_dict(results[0]["whole"])
+    x = results[0]["x"].clone().requires_grad_(True)
+    out = whole(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(results[0]["out"], out.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0]["x_grad"], x.grad, rtol=1e-5, atol=1e-6)
+    # Rank 0 holds experts 0-1 (all the work); rank 1's experts got no token but still a zero gradient.
+    torch.testing.assert_close(results[0]["w1_grad"], whole.experts.w1.grad[:2], rtol=1e-5, atol=1e-6)
+    assert torch.count_nonzero(results[1]["w1_grad"]) == 0
+
+
 def test_configure_model_builds_only_local_experts_with_single_process_weights() -> None:
     (single,) = run_on_ranks(1, scenarios.configure_model_on_meta)
     parallel = run_on_ranks(2, scenarios.configure_model_on_meta)
