@@ -75,3 +75,23 @@ def test_example_config_is_the_default_run(capsys):
     from_file = printed_config(capsys, ["fit", "--config", str(EXAMPLE_CONFIG), "--print_config"])
     defaults = printed_config(capsys, ["fit", "--print_config"])
     assert from_file == defaults
+
+
+def test_strategy_is_set_from_the_command_line_by_class_path(tmp_path):
+    import torch.distributed as dist
+
+    strategy = [
+        "--trainer.strategy=lightning_moe.MoEStrategy",
+        "--trainer.strategy.expert_parallel_size=1",
+        "--trainer.strategy.process_group_backend=gloo",
+        "--trainer.devices=1",
+    ]
+    try:
+        main(["fit", *TINY_RUN, *strategy, f"--trainer.default_root_dir={tmp_path}"])
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    (checkpoint,) = (tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt")
+    assert (checkpoint / "common.pt").exists()  # MoEStrategy's sharded checkpoint directory
+    saved = yaml.safe_load((tmp_path / "lightning_logs" / "version_0" / "config.yaml").read_text())
+    assert saved["trainer"]["strategy"]["class_path"] == "lightning_moe.MoEStrategy"
