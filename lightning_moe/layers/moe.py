@@ -135,12 +135,15 @@ class MoE(nn.Module):
         routing = self.route(x_TD)
         tokens_per_expert = ops.expert_histogram(routing.expert_ids, self.num_experts)
         kept_routing = self.apply_capacity(routing, num_tokens=x_TD.shape[0])
-        token_offsets = ops.token_offsets(kept_routing.token_ids, x_TD.shape[0])
-        x_ND, inverse, tokens_per_sorted_expert = self.permute(x_TD, kept_routing, token_offsets)
-        y_ND = self.compute_experts(x_ND, tokens_per_sorted_expert)
         # Without shared experts to add, the combine writes the output dtype directly.
         out_dtype = torch.float32 if self.shared_experts is not None else x.dtype
-        out_TD = self.unpermute(y_ND, kept_routing, inverse, token_offsets, out_dtype)
+        if self._all_tokens_to_one_expert(kept_routing, x_TD.shape[0]):
+            out_TD = self._single_expert_forward(x_TD, kept_routing, out_dtype)
+        else:
+            token_offsets = ops.token_offsets(kept_routing.token_ids, x_TD.shape[0])
+            x_ND, inverse, tokens_per_sorted_expert = self.permute(x_TD, kept_routing, token_offsets)
+            y_ND = self.compute_experts(x_ND, tokens_per_sorted_expert)
+            out_TD = self.unpermute(y_ND, kept_routing, inverse, token_offsets, out_dtype)
         if self.shared_experts is not None:
             out_TD = out_TD + self._shared_forward(x_TD)
         out = out_TD.to(x.dtype).reshape(x.shape)
@@ -188,6 +191,16 @@ class MoE(nn.Module):
         return ops.unpermute(
             y_ND, routing.token_ids, inverse, routing.weights, token_offsets.shape[0] - 1, out_dtype, token_offsets
         )
+
+    def _all_tokens_to_one_expert(self, routing: Routing, num_tokens: int) -> bool:
+        """Whether the assignments are exactly token t -> the only expert, for every t in order."""
+        return self.num_experts == 1 and self.dispatcher is None and routing.token_ids.numel() == num_tokens
+
+    def _single_expert_forward(self, x_TD: Tensor, routing: Routing, out_dtype: torch.dtype) -> Tensor:
+        """One expert, one assignment per token, in token order: no sort, gather or combine needed,
+        so a 1-expert layer runs the dense FFN it replaces plus the router."""
+        y_TD = self.experts(x_TD, routing.token_ids.new_full((1,), x_TD.shape[0]))
+        return (y_TD.float() * routing.weights.unsqueeze(-1)).to(out_dtype)
 
     def _shared_forward(self, x_TD: Tensor) -> Tensor:
         assert self.shared_experts is not None

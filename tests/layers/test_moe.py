@@ -321,3 +321,26 @@ def test_num_groups_must_divide_num_experts() -> None:
 def test_bad_inputs_fail_at_forward(x: torch.Tensor, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         MoE(8, num_experts=4)(x)
+
+
+@pytest.mark.parametrize("router", ["topk", "noisy_topk", "switch", "sigmoid", "expert_choice"])
+@pytest.mark.parametrize("capacity_factor", [None, 0.5], ids=["dropless", "capacity0.5"])
+def test_single_expert_layer_is_the_weighted_expert(router: str, capacity_factor: float | None) -> None:
+    torch.manual_seed(0)
+    moe = MoE(8, num_experts=1, top_k=1, d_hidden=12, router=router, capacity_factor=capacity_factor, bias=True)
+    moe.eval()  # no router noise: the weights are deterministic
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    out = moe(x)
+    routing = moe.router(x.reshape(-1, 8))
+    kept = torch.zeros(15, dtype=torch.bool)
+    if capacity_factor is None or router == "expert_choice":  # expert choice applies C itself
+        kept[routing.token_ids] = True
+    else:  # capacity ceil(0.5 * 15 * 1 / 1) = 8: the 8 highest priorities stay
+        order = torch.argsort(routing.priorities, descending=True, stable=True)
+        kept[routing.token_ids[order[:8]]] = True
+    weights = torch.zeros(15)
+    weights[routing.token_ids] = routing.weights
+    expected = moe.experts.expert_forward(0, x.reshape(-1, 8)) * (weights * kept).unsqueeze(-1)
+    torch.testing.assert_close(out.reshape(-1, 8), expected, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    assert x.grad is not None and moe.experts.w1.grad is not None
