@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -130,15 +131,22 @@ def _sequential(module: nn.Module) -> DenseFFN | None:
         return None
     if dropout is not None and not isinstance(dropout, nn.Dropout):
         return None
+    return _linear_pair("sequential", first, act, second, _with_dropout(dropout))
+
+
+def _linear_pair(
+    kind: str, first: nn.Linear, act: Any, second: nn.Linear, install: Callable[[nn.Module], nn.Module]
+) -> DenseFFN | None:
+    """The block ``second(act(first(x)))``, if ``first`` maps D -> F and ``second`` maps F -> D."""
     if first.out_features != second.in_features or second.out_features != first.in_features:
         return None
     return DenseFFN(
-        kind="sequential",
+        kind=kind,
         d_model=first.in_features,
         d_hidden=first.out_features,
         activation=identify_activation(act),
         activation_found=repr(act),
-        install=_with_dropout(dropout),
+        install=install,
         w1=first.weight,
         w2=second.weight,
         b1=first.bias,
@@ -207,26 +215,13 @@ def _bert(module: nn.Module) -> DenseFFN | None:
     act = getattr(intermediate, "intermediate_act_fn", None)
     if not (isinstance(first, nn.Linear) and isinstance(second, nn.Linear)) or act is None:
         return None
-    if first.out_features != second.in_features or second.out_features != first.in_features:
-        return None
 
     def install(moe: nn.Module) -> nn.Module:
         module.intermediate = moe
         output.dense = nn.Identity()
         return module
 
-    return DenseFFN(
-        kind="bert",
-        d_model=first.in_features,
-        d_hidden=first.out_features,
-        activation=identify_activation(act),
-        activation_found=repr(act),
-        install=install,
-        w1=first.weight,
-        w2=second.weight,
-        b1=first.bias,
-        b2=second.bias,
-    )
+    return _linear_pair("bert", first, act, second, install)
 
 
 def _is_conv1d(module: object) -> bool:
