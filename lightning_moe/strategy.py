@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.init import _materialize_distributed_module
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -30,7 +31,13 @@ from lightning_moe import checkpoint as checkpoint_io
 from lightning_moe.parallel.dataloader import EvenBatches
 from lightning_moe.parallel.gradients import clip_grad_norm_, sync_expert_gradients
 from lightning_moe.parallel.mesh import EXPERT_AXIS, EXPERT_DATA_AXIS, build_expert_mesh
-from lightning_moe.parallel.sharding import expert_parameter_names, local_expert_range, moe_layers, shard_experts
+from lightning_moe.parallel.sharding import (
+    expert_parameter_names,
+    local_expert_range,
+    moe_layers,
+    shard_experts,
+    unshard_experts,
+)
 
 
 class MoEStrategy(DDPStrategy):
@@ -78,6 +85,20 @@ class MoEStrategy(DDPStrategy):
     def expert_data_group(self) -> dist.ProcessGroup:
         """The ranks that hold the same experts as this one."""
         return self.device_mesh.get_group(EXPERT_DATA_AXIS)
+
+    @override
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if isinstance(self._launcher, _MultiProcessingLauncher):  # spawn / fork
+            self._launcher = _MoEMultiProcessingLauncher(self, start_method=self._start_method)
+
+    def gather_experts(self) -> None:
+        """Give every rank all experts of every MoE layer again (a collective), e.g. to hand the
+        whole trained model back to the process that started the workers."""
+        assert self.lightning_module is not None
+        if self.expert_parallel_size > 1:
+            for _, layer in moe_layers(self.lightning_module):
+                unshard_experts(layer, self.expert_group)
 
     @override
     def setup_environment(self) -> None:
@@ -211,6 +232,17 @@ class MoEStrategy(DDPStrategy):
         strategy_registry.register(
             cls.strategy_name, cls, description="Expert-parallel x data-parallel MoE training (lightning_moe)"
         )
+
+
+class _MoEMultiProcessingLauncher(_MultiProcessingLauncher):
+    """Lightning's spawn/fork launcher, returning the whole model (all experts) to the main process."""
+
+    @override
+    def _collect_rank_zero_results(self, trainer: pl.Trainer, results: Any) -> Any:
+        # The worker ends after this: its experts need not be sharded again.
+        assert isinstance(self._strategy, MoEStrategy)
+        self._strategy.gather_experts()
+        return super()._collect_rank_zero_results(trainer, results)
 
 
 def _check_ranks_agree(layers: list, world_size: int) -> None:

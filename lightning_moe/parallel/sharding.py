@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -70,3 +71,28 @@ def shard_experts(layer: MoE, rank: int, group_size: int, group: dist.ProcessGro
     if group_size > 1:
         assert group is not None
         layer.dispatcher = AllToAllDispatcher(group, layer.num_experts)
+
+
+def unshard_experts(layer: MoE, group: dist.ProcessGroup) -> None:
+    """Gather every rank's experts back into ``layer`` (a collective over the expert-parallel group).
+
+    Afterwards the layer holds all its experts again and runs without a dispatcher, as before
+    :func:`shard_experts`.
+    """
+    experts = layer.experts
+    if experts.num_experts == layer.num_experts:
+        return
+    group_size = dist.get_world_size(group)
+    if isinstance(experts, GroupedExperts):
+        for name, param in list(experts.named_parameters(recurse=False)):
+            pieces = [torch.empty_like(param) for _ in range(group_size)]
+            dist.all_gather(pieces, param.detach().contiguous(), group=group)
+            setattr(experts, name, nn.Parameter(torch.cat(pieces), requires_grad=param.requires_grad))
+    else:
+        device = next(iter(experts.parameters()), torch.empty(0)).device
+        gathered: list[list[nn.Module]] = [[] for _ in range(group_size)]
+        dist.all_gather_object(gathered, [module.cpu() for module in experts.experts], group=group)
+        experts.experts = nn.ModuleList([module.to(device) for modules in gathered for module in modules])
+    experts.num_experts = layer.num_experts
+    experts.expert_offset = 0
+    layer.dispatcher = None

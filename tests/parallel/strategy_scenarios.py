@@ -178,3 +178,11 @@ def skewed_exchange(rank: int, world_size: int) -> dict:
         "x": x.detach(),
         "whole": whole.state_dict(),
     }
+
+
+def fit_two_steps(rank: int, world_size: int, module_experts: bool) -> dict:
+    """Two steps with the same batches on every rank (as a spawn launcher hands them out)."""
+    torch.manual_seed(0)
+    model = Tagger(module_experts=module_experts)
+    trainer(world_size, max_steps=2).fit(model, loader(2, 0))
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()}}

@@ -78,6 +78,26 @@ def test_plain_ddp_trains_with_idle_experts() -> None:
         torch.testing.assert_close(value, results[1]["state"][key], rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.parametrize("module_experts", [False, True], ids=["stacked", "modules"])
+def test_spawn_launcher_returns_the_whole_trained_model(module_experts: bool) -> None:
+    launched = run_on_ranks(2, scenarios.fit_two_steps, module_experts)
+    torch.manual_seed(0)
+    model = scenarios.Tagger(module_experts=module_experts)
+    strategy = MoEStrategy(process_group_backend="gloo", start_method="spawn")
+    scenarios.trainer(2, strategy, max_steps=2).fit(model, scenarios.loader(2, 0))
+    # The main process gets every expert back, trained as the launched ranks trained theirs.
+    for key, value in model.state_dict().items():
+        if ".experts." in key and not module_experts:
+            expected = torch.cat([launched[0]["state"][key], launched[1]["state"][key]])
+        elif ".experts.experts." in key:
+            index = int(key.split(".experts.experts.")[1].split(".")[0])
+            local_key = key.replace(f".experts.experts.{index}.", f".experts.experts.{index % 2}.")
+            expected = launched[index // 2]["state"][local_key]
+        else:
+            expected = launched[0]["state"][key]
+        torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7, msg=key)
+
+
 def test_strategy_is_registered_and_validates_its_argument() -> None:
     assert "moe" in StrategyRegistry
     trainer = Trainer(strategy="moe", accelerator="cpu", devices=1, logger=False)
