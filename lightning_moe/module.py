@@ -35,7 +35,7 @@ class MoELightningModule(LightningModule):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.moe_metrics = torch.nn.ModuleDict(
-            {name: MeanMetric() for name in ("aux_loss", "z_loss", "drop_rate", "load_imbalance")}
+            {name: _mean_metric() for name in ("aux_loss", "z_loss", "drop_rate", "load_imbalance")}
         )
         self._bias_updated_at_step = 0
 
@@ -90,15 +90,26 @@ class MoELightningModule(LightningModule):
         layers = [layer for layer in self.moe_layers() if layer.routing_stats]
         if not layers:
             return
-        values = {name: [] for name in self.moe_metrics}
+        # Nothing here waits for the GPU: the values stay on the device, and the drop counts (host
+        # integers) reach it through a fill kernel rather than a copy, which would synchronise.
+        values = {name: [] for name in ("aux_loss", "z_loss", "load_imbalance")}
+        drop_rates = []
         for layer in layers:
             stats = layer.routing_stats
             counts = stats["tokens_per_expert"].float()
             values["aux_loss"].append(stats["aux_loss"].float())
             values["z_loss"].append(stats["z_loss"].float())
-            values["drop_rate"].append(stats["dropped"].float() / stats["assignments"].clamp(min=1).float())
             values["load_imbalance"].append(counts.max() / counts.mean().clamp(min=1e-9))
-        for name, per_layer in values.items():
+            drop_rates.append(int(stats["dropped"]) / max(1, int(stats["assignments"])))
+        means = {name: torch.stack(per_layer).mean() for name, per_layer in values.items()}
+        means["drop_rate"] = torch.full((), sum(drop_rates) / len(drop_rates), device=self.device)
+        for name in self.moe_metrics:
             metric = self.moe_metrics[name]
-            metric(torch.stack(per_layer).mean().to(self.device))
+            metric(means[name].to(self.device))
             self.log(f"moe/{name}", metric, on_step=True, on_epoch=True, prog_bar=name == "load_imbalance")
+
+
+def _mean_metric() -> MeanMetric:
+    # "disable": no NaN check, which would read the value on the host and stall the GPU every step;
+    # a NaN then shows in the logged mean.
+    return MeanMetric(nan_strategy="disable")

@@ -133,20 +133,24 @@ class MoE(nn.Module):
         self._check_input(x)
         x_TD = x.reshape(-1, self.d_model)
         routing = self.route(x_TD)
-        tokens_per_expert = ops.expert_histogram(routing.expert_ids, self.num_experts)
         kept_routing = self.apply_capacity(routing, num_tokens=x_TD.shape[0])
         # Without shared experts to add, the combine writes the output dtype directly.
         out_dtype = torch.float32 if self.shared_experts is not None else x.dtype
         if self._all_tokens_to_one_expert(kept_routing, x_TD.shape[0]):
             out_TD = self._single_expert_forward(x_TD, kept_routing, out_dtype)
+            tokens_per_kept_expert = kept_routing.token_ids.new_full((1,), x_TD.shape[0])
         else:
             token_offsets = ops.token_offsets(kept_routing.token_ids, x_TD.shape[0])
-            x_ND, inverse, tokens_per_sorted_expert = self.permute(x_TD, kept_routing, token_offsets)
-            y_ND = self.compute_experts(x_ND, tokens_per_sorted_expert)
+            x_ND, inverse, tokens_per_kept_expert = self.permute(x_TD, kept_routing, token_offsets)
+            y_ND = self.compute_experts(x_ND, tokens_per_kept_expert)
             out_TD = self.unpermute(y_ND, kept_routing, inverse, token_offsets, out_dtype)
         if self.shared_experts is not None:
             out_TD = out_TD + self._shared_forward(x_TD)
         out = out_TD.to(x.dtype).reshape(x.shape)
+        # Dropless, the sort has counted the router's assignments already.
+        tokens_per_expert = tokens_per_kept_expert
+        if kept_routing is not routing:
+            tokens_per_expert = ops.expert_histogram(routing.expert_ids, self.num_experts)
         self._record_stats(routing, kept_routing, tokens_per_expert)
         return self._attach_losses(out, routing)
 
@@ -199,7 +203,16 @@ class MoE(nn.Module):
     def _single_expert_forward(self, x_TD: Tensor, routing: Routing, out_dtype: torch.dtype) -> Tensor:
         """One expert, one assignment per token, in token order: no sort, gather or combine needed,
         so a 1-expert layer runs the dense FFN it replaces plus the router."""
-        y_TD = self.experts(x_TD, routing.token_ids.new_full((1,), x_TD.shape[0]))
+        if isinstance(self.experts, GroupedExperts):
+            # The plain GEMMs of one expert run faster than a grouped GEMM of one group.
+            # Autocast casts for the matmuls itself; otherwise compute in the weights' dtype.
+            autocast = torch.is_autocast_enabled(x_TD.device.type)
+            y_TD = self.experts.expert_forward(0, x_TD if autocast else x_TD.to(self.experts.w1.dtype))
+        else:
+            y_TD = self.experts(x_TD, routing.token_ids.new_full((1,), x_TD.shape[0]))
+        if y_TD.dtype == out_dtype:
+            # One pass over the output; the weight is 1 for every built-in router with one expert.
+            return y_TD * routing.weights.to(out_dtype).unsqueeze(-1)
         return (y_TD.float() * routing.weights.unsqueeze(-1)).to(out_dtype)
 
     def _shared_forward(self, x_TD: Tensor) -> Tensor:
@@ -209,9 +222,13 @@ class MoE(nn.Module):
         return torch.stack(outputs).float().sum(dim=0)
 
     def _attach_losses(self, out: Tensor, routing: Routing) -> Tensor:
-        loss = self.aux_loss_weight * routing.aux_loss + self.z_loss_weight * routing.z_loss
-        if not (torch.is_grad_enabled() and loss.requires_grad):
+        if not torch.is_grad_enabled():
             return out
+        terms = [(self.aux_loss_weight, routing.aux_loss), (self.z_loss_weight, routing.z_loss)]
+        weighted = [weight * loss for weight, loss in terms if weight != 0 and loss.requires_grad]
+        if not weighted:
+            return out
+        loss = weighted[0] if len(weighted) == 1 else weighted[0] + weighted[1]
         return _AttachLoss.apply(out, loss, self.aux_loss_scale)
 
     def _record_stats(self, routing: Routing, kept: Routing, tokens_per_expert: Tensor) -> None:

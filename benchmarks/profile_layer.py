@@ -1,0 +1,75 @@
+"""Where one MoE layer's forward + backward spends its GPU time: the top CUDA kernels, per step.
+
+    python benchmarks/profile_layer.py [--configs 1,5] [--impls MoE,ops] [--top 15]
+
+Uses the configs and implementations of ``benchmarks/moe_layer.py``; prints, for each, the GPU
+time per step of the kernels that take the most, and the host time per step (the Python and
+launch overhead, which hides behind the GPU when it is shorter than the GPU time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.moe_layer import CONFIGS, IMPLEMENTATIONS
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="1,4,5,6")
+    parser.add_argument("--impls", default="MoE")
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--host", action="store_true", help="also list the ops that take the most host time")
+    args = parser.parse_args()
+    for index in args.configs.split(","):
+        config = CONFIGS[int(index) - 1]
+        for name in args.impls.split(","):
+            torch.manual_seed(0)
+            module = IMPLEMENTATIONS[name](config).to("cuda", torch.bfloat16)
+            rows = config.tokens * config.top_k if name == "dense" else config.tokens
+            x = torch.randn(rows, config.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            grad = torch.randn_like(x)
+
+            def step() -> None:
+                for param in module.parameters():
+                    param.grad = None
+                module(x).backward(grad)
+
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            host_start = time.perf_counter()
+            step()
+            host_ms = (time.perf_counter() - host_start) * 1e3
+            torch.cuda.synchronize()
+            activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.host else [])
+            with profile(activities=activities) as prof:
+                for _ in range(args.steps):
+                    step()
+                torch.cuda.synchronize()
+            events = [e for e in prof.key_averages() if e.device_time_total > 0]
+            events.sort(key=lambda e: e.device_time_total, reverse=True)
+            total_ms = sum(e.device_time_total for e in events) / 1e3 / args.steps
+            print(f"\n== {name} ({config}): GPU {total_ms:.3f} ms/step, host {host_ms:.3f} ms/step")
+            for event in events[: args.top]:
+                ms = event.device_time_total / 1e3 / args.steps
+                print(f"  {ms:8.3f} ms {event.count // args.steps:4d}x  {event.key[:110]}")
+            if args.host:
+                host_ops = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+                host_ops.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+                calls = sum(e.count for e in host_ops if e.key.startswith("aten::")) // args.steps
+                print(f"  host: {calls} aten calls/step; most self time:")
+                for event in host_ops[: args.top]:
+                    ms = event.self_cpu_time_total / 1e3 / args.steps
+                    print(f"  {ms:8.3f} ms {event.count // args.steps:4d}x  {event.key[:110]}")
+            del module, x, grad
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
