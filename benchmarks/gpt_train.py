@@ -1,6 +1,6 @@
 """Training throughput of the built-in GPT: MoE feed-forwards against dense ones of equal active size.
 
-    python benchmarks/gpt_train.py [--size default|large] [--steps 60] [--warmup 20]
+    python benchmarks/gpt_train.py [--size default,large] [--steps 60] [--warmup 20] [--profile]
 
 Both models are :class:`~lightning_moe.models.gpt.MoEGPTModule` trained by a Lightning ``Trainer``
 on one GPU under ``bf16-mixed`` on the built-in byte corpus; the dense one has each block's MoE
@@ -43,24 +43,39 @@ class DenseFFN(nn.Module):
 
 
 class Throughput(L.Callback):
-    """Wall time of the optimizer steps after the first ``warmup``."""
+    """Wall time of the optimizer steps after the first ``warmup``; optionally their GPU kernels."""
 
-    def __init__(self, warmup: int) -> None:
+    def __init__(self, warmup: int, profile: bool = False) -> None:
         self.warmup = warmup
         self.start = 0.0
         self.end = 0.0
+        self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if profile else None
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.warmup:
+        if trainer.global_step == self.warmup and not self.start:
             torch.cuda.synchronize()
             self.start = time.perf_counter()
+            if self.profiler is not None:
+                self.profiler.start()
 
     def on_train_end(self, trainer: L.Trainer, *args: Any) -> None:
         torch.cuda.synchronize()
         self.end = time.perf_counter()
+        if self.profiler is not None:
+            self.profiler.stop()
+            steps = trainer.global_step - self.warmup
+            kernels = [e for e in self.profiler.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+            kernels.sort(key=lambda e: e.device_time_total, reverse=True)
+            total = sum(e.device_time_total for e in kernels) / 1e3 / steps
+            wall = (self.end - self.start) * 1e3 / steps
+            print(f"  kernels {total:.1f} ms/step of {wall:.1f} ms/step wall; the largest:")
+            for event in kernels[:15]:
+                print(
+                    f"  {event.device_time_total / 1e3 / steps:8.3f} ms {event.count // steps:4d}x  {event.key[:100]}"
+                )
 
 
-def tokens_per_second(size: dict[str, Any], dense: bool, steps: int, warmup: int) -> float:
+def tokens_per_second(size: dict[str, Any], dense: bool, steps: int, warmup: int, profile: bool = False) -> float:
     L.seed_everything(0, verbose=False)
     model_args = {k: v for k, v in size.items() if k != "batch_size"}
     module = MoEGPTModule(num_experts=8, top_k=2, warmup_steps=10, **model_args)
@@ -69,7 +84,7 @@ def tokens_per_second(size: dict[str, Any], dense: bool, steps: int, warmup: int
         for block in module.model.blocks:
             block.moe = DenseFFN(d_model, 2 * 4 * d_model)
     data = ByteCorpusDataModule(block_size=size["block_size"], batch_size=size["batch_size"])
-    timer = Throughput(warmup)
+    timer = Throughput(warmup, profile)
     trainer = L.Trainer(
         accelerator="gpu",
         devices=1,
@@ -92,12 +107,13 @@ def main() -> None:
     parser.add_argument("--size", default="default,large")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--profile", action="store_true", help="list each model's largest GPU kernels")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA kernels: {ops.cuda_kernels_available()}")
     print(f"{'size':<10}{'dense tok/s':>14}{'MoE tok/s':>14}{'MoE/dense':>11}")
     for name in args.size.split(","):
-        dense = tokens_per_second(SIZES[name], True, args.steps, args.warmup)
-        moe = tokens_per_second(SIZES[name], False, args.steps, args.warmup)
+        dense = tokens_per_second(SIZES[name], True, args.steps, args.warmup, args.profile)
+        moe = tokens_per_second(SIZES[name], False, args.steps, args.warmup, args.profile)
         print(f"{name:<10}{dense:>14,.0f}{moe:>14,.0f}{moe / dense:>11.2f}", flush=True)
 
 

@@ -15,7 +15,49 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.moe_layer import CONFIGS, IMPLEMENTATIONS
+from benchmarks.moe_layer import CONFIGS, IMPLEMENTATIONS, Config
+
+
+def profile_one(config: Config, name: str, args: argparse.Namespace) -> None:
+    """Print the GPU kernels (and with ``--host`` the host ops) of one implementation's step."""
+    torch.manual_seed(0)
+    module = IMPLEMENTATIONS[name](config).to("cuda", torch.bfloat16)
+    rows = config.tokens * config.top_k if name == "dense" else config.tokens
+    x = torch.randn(rows, config.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn_like(x)
+
+    def step() -> None:
+        for param in module.parameters():
+            param.grad = None
+        module(x).backward(grad)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    host_start = time.perf_counter()
+    step()
+    host_ms = (time.perf_counter() - host_start) * 1e3
+    torch.cuda.synchronize()
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.host else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels.sort(key=lambda e: e.device_time_total, reverse=True)
+    total_ms = sum(e.device_time_total for e in kernels) / 1e3 / args.steps
+    print(f"\n== {name} ({config}): kernels {total_ms:.3f} ms/step, host {host_ms:.3f} ms/step")
+    for event in kernels[: args.top]:
+        ms = event.device_time_total / 1e3 / args.steps
+        print(f"  {ms:8.3f} ms {event.count // args.steps:4d}x  {event.key[:110]}")
+    if args.host:
+        host_ops = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        host_ops.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+        calls = sum(e.count for e in host_ops if e.key.startswith("aten::")) // args.steps
+        print(f"  host: {calls} aten calls/step; most self time:")
+        for event in host_ops[: args.top]:
+            ms = event.self_cpu_time_total / 1e3 / args.steps
+            print(f"  {ms:8.3f} ms {event.count // args.steps:4d}x  {event.key[:110]}")
 
 
 def main() -> None:
@@ -27,47 +69,8 @@ def main() -> None:
     parser.add_argument("--host", action="store_true", help="also list the ops that take the most host time")
     args = parser.parse_args()
     for index in args.configs.split(","):
-        config = CONFIGS[int(index) - 1]
         for name in args.impls.split(","):
-            torch.manual_seed(0)
-            module = IMPLEMENTATIONS[name](config).to("cuda", torch.bfloat16)
-            rows = config.tokens * config.top_k if name == "dense" else config.tokens
-            x = torch.randn(rows, config.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            grad = torch.randn_like(x)
-
-            def step() -> None:
-                for param in module.parameters():
-                    param.grad = None
-                module(x).backward(grad)
-
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-            host_start = time.perf_counter()
-            step()
-            host_ms = (time.perf_counter() - host_start) * 1e3
-            torch.cuda.synchronize()
-            activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.host else [])
-            with profile(activities=activities) as prof:
-                for _ in range(args.steps):
-                    step()
-                torch.cuda.synchronize()
-            events = [e for e in prof.key_averages() if e.device_time_total > 0]
-            events.sort(key=lambda e: e.device_time_total, reverse=True)
-            total_ms = sum(e.device_time_total for e in events) / 1e3 / args.steps
-            print(f"\n== {name} ({config}): GPU {total_ms:.3f} ms/step, host {host_ms:.3f} ms/step")
-            for event in events[: args.top]:
-                ms = event.device_time_total / 1e3 / args.steps
-                print(f"  {ms:8.3f} ms {event.count // args.steps:4d}x  {event.key[:110]}")
-            if args.host:
-                host_ops = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
-                host_ops.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-                calls = sum(e.count for e in host_ops if e.key.startswith("aten::")) // args.steps
-                print(f"  host: {calls} aten calls/step; most self time:")
-                for event in host_ops[: args.top]:
-                    ms = event.self_cpu_time_total / 1e3 / args.steps
-                    print(f"  {ms:8.3f} ms {event.count // args.steps:4d}x  {event.key[:110]}")
-            del module, x, grad
+            profile_one(CONFIGS[int(index) - 1], name, args)
             torch.cuda.empty_cache()
 
 

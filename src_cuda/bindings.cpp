@@ -3,13 +3,18 @@
 
 #include <torch/csrc/utils/pybind.h>
 
+#include "capacity_mask.h"
 #include "permute.h"
+#include "router_logits.h"
 #include "sort_by_expert.h"
+#include "topk_route.h"
 #include "unpermute.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lightning_moe CUDA kernels: sort_by_expert, permute, unpermute";
   m.def("sort_by_expert", &lightning_moe::sort_by_expert, py::arg("expert_ids"), py::arg("num_experts"));
+  m.def("capacity_mask", &lightning_moe::capacity_mask, py::arg("expert_ids"), py::arg("priorities"),
+        py::arg("num_experts"), py::arg("capacity"));
   m.def("permute_forward", &lightning_moe::permute_forward, py::arg("x"), py::arg("inverse"),
         py::arg("token_offsets"));
   m.def("permute_backward", &lightning_moe::permute_backward, py::arg("grad_sorted"), py::arg("inverse"),
@@ -18,4 +23,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weights"), py::arg("token_offsets"), py::arg("out_dtype"));
   m.def("unpermute_backward", &lightning_moe::unpermute_backward, py::arg("grad_out"), py::arg("y_sorted"),
         py::arg("inverse"), py::arg("weights"), py::arg("token_offsets"));
+  m.def("topk_route_forward", &lightning_moe::topk_route_forward, py::arg("logits"), py::arg("top_k"),
+        py::arg("scoring"), py::arg("normalize"), py::arg("bias"));
+  m.def("topk_route_backward", &lightning_moe::topk_route_backward, py::arg("grad_weights"),
+        py::arg("grad_prob_sum"), py::arg("grad_lse_sq_sum"), py::arg("logits"), py::arg("expert_ids"),
+        py::arg("scoring"), py::arg("normalize"));
+  m.def("router_logits_forward", &lightning_moe::router_logits_forward, py::arg("x"), py::arg("weight"));
+  m.def("router_logits_grad_x", &lightning_moe::router_logits_grad_x, py::arg("grad_logits"), py::arg("weight"),
+        py::arg("x_dtype"));
+  m.def("router_logits_grad_weight", &lightning_moe::router_logits_grad_weight, py::arg("grad_logits"),
+        py::arg("x"));
 }

@@ -2,15 +2,14 @@
 
 Shape legend: E experts, N assignments.
 
-The permutation and combination steps around the experts live in :mod:`lightning_moe.ops` (CUDA
-kernels with pure-PyTorch references).
+The mask itself is :func:`lightning_moe.ops.capacity_mask` (a CUDA kernel with a pure-PyTorch
+reference), like the permutation and combination steps around the experts.
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
 from lightning_moe import ops
@@ -37,13 +36,4 @@ def capacity_mask(expert_ids: Tensor, priorities: Tensor, token_ids: Tensor, num
     Returns:
         (N,) bool, True where the assignment is kept.
     """
-    # Stable sorts from the least to the most significant key: token asc, priority desc, expert asc.
-    order = torch.argsort(token_ids, stable=True)
-    order = order[torch.argsort(priorities[order], descending=True, stable=True)]
-    order = order[torch.argsort(expert_ids[order], stable=True)]
-    counts_E = ops.expert_histogram(expert_ids, num_experts)
-    starts_E = torch.cumsum(counts_E, dim=0) - counts_E
-    rank_in_expert = torch.arange(order.numel(), device=order.device) - starts_E[expert_ids[order]]
-    kept = torch.empty_like(expert_ids, dtype=torch.bool)
-    kept[order] = rank_in_expert < capacity
-    return kept
+    return ops.capacity_mask(expert_ids, priorities, token_ids, num_experts, capacity)

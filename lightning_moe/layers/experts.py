@@ -101,6 +101,21 @@ class GroupedExperts(nn.Module):
             out_ND = out_ND + self.b2[local]
         return out_ND
 
+    def single_expert_forward(self, x_ND: Tensor) -> Tensor:
+        """:meth:`expert_forward` of the only expert, through views rather than indexing, whose
+        backward would fill a zero tensor of each stacked weight's size."""
+        assert self.num_experts == 1, "single_expert_forward is for layers of one expert"
+        hidden_NF = x_ND @ self.w1.squeeze(0).t()
+        if self.b1 is not None:
+            hidden_NF = hidden_NF + self.b1.squeeze(0)
+        hidden_NF = self.act(hidden_NF)
+        if self.w3 is not None:
+            hidden_NF = hidden_NF * (x_ND @ self.w3.squeeze(0).t())
+        out_ND = hidden_NF @ self.w2.squeeze(0).t()
+        if self.b2 is not None:
+            out_ND = out_ND + self.b2.squeeze(0)
+        return out_ND
+
     def forward(self, x_ND: Tensor, tokens_per_expert: Tensor) -> Tensor:
         """Run every expert on its group of rows.
 
@@ -113,14 +128,14 @@ class GroupedExperts(nn.Module):
         """
         dtype = _compute_dtype(x_ND, self.w1.dtype)
         if grouped_mm_usable(x_ND.device, dtype, self.num_experts, self.d_model, self.d_hidden):
-            return self._grouped_forward(x_ND, tokens_per_expert, dtype).to(x_ND.dtype)
-        return _run_grouped(self.expert_forward, x_ND.to(self.w1.dtype), tokens_per_expert).to(x_ND.dtype)
+            return _cast(self._grouped_forward(x_ND, tokens_per_expert, dtype), x_ND.dtype)
+        return _cast(_run_grouped(self.expert_forward, _cast(x_ND, self.w1.dtype), tokens_per_expert), x_ND.dtype)
 
     def _grouped_forward(self, x_ND: Tensor, tokens_per_expert: Tensor, dtype: torch.dtype) -> Tensor:
         # Cast up front as autocast would for a matmul: every op of grouped_mlp then runs in `dtype`,
         # autocast or not.
-        params = [None if p is None else p.to(dtype) for p in (self.w1, self.w2, self.w3, self.b1, self.b2)]
-        return grouped_mlp(x_ND.to(dtype), tokens_per_expert, *params, self.act)
+        params = [_cast(p, dtype) for p in (self.w1, self.w2, self.w3, self.b1, self.b2)]
+        return grouped_mlp(_cast(x_ND, dtype), tokens_per_expert, *params, self.act)
 
     def extra_repr(self) -> str:
         return (
@@ -161,6 +176,11 @@ class ModuleListExperts(nn.Module):
     def forward(self, x_ND: Tensor, tokens_per_expert: Tensor) -> Tensor:
         """Same contract as :meth:`GroupedExperts.forward`."""
         return _run_grouped(lambda local, rows: self.experts[local](rows), x_ND, tokens_per_expert)
+
+
+def _cast(tensor: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``tensor.to(dtype)``, skipping the dispatch when it is already in ``dtype`` (host time)."""
+    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _compute_dtype(x_ND: Tensor, weight_dtype: torch.dtype) -> torch.dtype:

@@ -207,11 +207,12 @@ class MoE(nn.Module):
             # The plain GEMMs of one expert run faster than a grouped GEMM of one group.
             # Autocast casts for the matmuls itself; otherwise compute in the weights' dtype.
             autocast = torch.is_autocast_enabled(x_TD.device.type)
-            y_TD = self.experts.expert_forward(0, x_TD if autocast else x_TD.to(self.experts.w1.dtype))
+            y_TD = self.experts.single_expert_forward(x_TD if autocast else x_TD.to(self.experts.w1.dtype))
         else:
             y_TD = self.experts(x_TD, routing.token_ids.new_full((1,), x_TD.shape[0]))
+        if self.router.single_expert_weight_is_one:
+            return y_TD.to(out_dtype)  # scaling by exactly 1, whose gradient is exactly 0
         if y_TD.dtype == out_dtype:
-            # One pass over the output; the weight is 1 for every built-in router with one expert.
             return y_TD * routing.weights.to(out_dtype).unsqueeze(-1)
         return (y_TD.float() * routing.weights.unsqueeze(-1)).to(out_dtype)
 

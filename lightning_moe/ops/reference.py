@@ -1,6 +1,6 @@
 """Pure-PyTorch references of the CUDA kernels: the CPU path, the fallback, and the test oracle.
 
-Shape legend: T tokens, D model dim, E experts, N assignments.
+Shape legend: T tokens, D model dim, E experts, K top-k, N assignments.
 
 Each function computes exactly what its kernel in ``src_cuda/`` computes, in plain differentiable
 PyTorch ops, and none synchronises with the host. Assignments are token-major: ``token_ids`` is
@@ -35,11 +35,9 @@ def token_offsets(token_ids: Tensor, num_tokens: int) -> Tensor:
     Returns:
         (T + 1,) int64 with ``offsets[0] == 0`` and ``offsets[T] == N``.
     """
-    # A histogram and a prefix sum rather than searchsorted: inductor could not lower searchsorted
-    # over the router's token ids (torch 2.11), and this needs no sortedness to be exact.
-    counts_T = torch.zeros(num_tokens, dtype=torch.int64, device=token_ids.device)
-    counts_T.scatter_add_(0, token_ids, torch.ones_like(token_ids, dtype=torch.int64))
-    return torch.cat([counts_T.new_zeros(1), torch.cumsum(counts_T, dim=0)])
+    # One op (a binary search per token on CUDA), which inductor lowers; searchsorted over the
+    # router's token ids it could not (torch 2.11).
+    return torch._convert_indices_from_coo_to_csr(token_ids, num_tokens)
 
 
 def sort_by_expert(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -58,6 +56,35 @@ def sort_by_expert(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     return order, inverse, expert_histogram(expert_ids, num_experts)
+
+
+def capacity_mask(expert_ids: Tensor, priorities: Tensor, token_ids: Tensor, num_experts: int, capacity: int) -> Tensor:
+    """Which assignments fit in their expert's capacity.
+
+    Each expert keeps its ``capacity`` assignments of highest priority, ties going to the lower
+    token index. Priorities compare as ``torch.sort`` compares them: -0.0 equals 0.0 and NaN ranks
+    above every number.
+
+    Args:
+        expert_ids: (N,) int64 expert of each assignment.
+        priorities: (N,) selection score of each assignment.
+        token_ids: (N,) int64 token of each assignment.
+        num_experts: E.
+        capacity: Assignments each expert may keep, >= 0.
+
+    Returns:
+        (N,) bool, True where the assignment is kept.
+    """
+    # Stable sorts from the least to the most significant key: token asc, priority desc, expert asc.
+    order = torch.argsort(token_ids, stable=True)
+    order = order[torch.argsort(priorities[order], descending=True, stable=True)]
+    order = order[torch.argsort(expert_ids[order], stable=True)]
+    counts_E = expert_histogram(expert_ids, num_experts)
+    starts_E = torch.cumsum(counts_E, dim=0) - counts_E
+    rank_in_expert = torch.arange(order.numel(), device=order.device) - starts_E[expert_ids[order]]
+    kept = torch.empty_like(expert_ids, dtype=torch.bool)
+    kept[order] = rank_in_expert < capacity
+    return kept
 
 
 def permute(x_TD: Tensor, token_ids: Tensor, inverse: Tensor) -> Tensor:
@@ -102,3 +129,44 @@ def unpermute(
     weighted_ND = y_ND[inverse].to(accumulate) * weights.to(accumulate).unsqueeze(-1)
     out_TD = weighted_ND.new_zeros(num_tokens, y_ND.shape[-1])
     return out_TD.index_add(0, token_ids, weighted_ND).to(out_dtype)
+
+
+def topk_route(
+    logits_TE: Tensor, top_k: int, scoring: str, normalize: bool, bias_E: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A token-choice router's picks and loss sums (see :func:`lightning_moe.ops.topk_route`).
+
+    Args:
+        logits_TE: (T, E) float32 or float64 router logits.
+        top_k: K, between 1 and E.
+        scoring: ``"softmax"`` or ``"sigmoid"``.
+        normalize: Renormalise each token's picked weights to sum to 1.
+        bias_E: Optional (E,) selection bias of sigmoid scoring (ignored by softmax).
+
+    Returns:
+        ``expert_ids_TK`` (T, K) int64, best first; ``weights_TK`` (T, K); ``priorities_TK``
+        (T, K), detached; ``tokens_per_expert_E`` (E,) int64; ``prob_sum_E`` (E,) and
+        ``lse_sq_sum`` (), the sums over tokens of the probabilities and of ``logsumexp^2``.
+    """
+    if scoring == "softmax":
+        scores_TE = torch.softmax(logits_TE, dim=-1)
+        # The logits order p as p does, without the ties that rounding p makes.
+        keys_TE = logits_TE.detach()
+        masses_TE = scores_TE
+    else:
+        scores_TE = torch.sigmoid(logits_TE)
+        keys_TE = scores_TE.detach() if bias_E is None else scores_TE.detach() + bias_E
+        masses_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+    # A stable descending sort: equal keys go to the lower expert, as in the kernel.
+    expert_ids_TK = torch.sort(keys_TE, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    picked_TK = scores_TE.gather(1, expert_ids_TK)
+    weights_TK = picked_TK
+    if normalize:
+        picked_sum_T1 = picked_TK.sum(dim=-1, keepdim=True)
+        if scoring == "sigmoid":  # so that picked scores that all underflow give zeros, not NaN
+            picked_sum_T1 = picked_sum_T1.clamp_min(torch.finfo(torch.float32).tiny)
+        weights_TK = picked_TK / picked_sum_T1
+    priorities_TK = keys_TE.gather(1, expert_ids_TK) if scoring == "sigmoid" else picked_TK.detach()
+    tokens_per_expert_E = expert_histogram(expert_ids_TK.reshape(-1), logits_TE.shape[-1])
+    lse_sq_sum = torch.logsumexp(logits_TE, dim=-1).square().sum()
+    return expert_ids_TK, weights_TK, priorities_TK, tokens_per_expert_E, masses_TE.sum(dim=0), lse_sq_sum

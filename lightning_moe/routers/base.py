@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from lightning_moe.ops.reference import expert_histogram
+from lightning_moe.ops.topk_route import TopKRoute
+from lightning_moe.routers.logits import router_logits
 
 
 @dataclass
@@ -35,6 +38,9 @@ class Routing:
             capacity keeps the highest-priority assignments of each expert.
         aux_loss: float32 scalar, the router's load-balancing loss (unweighted).
         z_loss: float32 scalar, ``mean(logsumexp(logits)^2)`` over tokens (unweighted).
+        tokens_per_expert: Optional (E,) int64, how many assignments each expert has, when the
+            router counted them anyway (the fused top-k routers do), so the layer need not
+            recount; None otherwise, and after :meth:`select`, which changes the counts.
     """
 
     token_ids: Tensor
@@ -43,6 +49,7 @@ class Routing:
     priorities: Tensor
     aux_loss: Tensor
     z_loss: Tensor
+    tokens_per_expert: Tensor | None = None
 
     def select(self, keep: Tensor) -> Routing:
         """The assignments where ``keep`` (N,) bool is True, in their order (still token-major)."""
@@ -53,6 +60,7 @@ class Routing:
             priorities=self.priorities[keep],
             aux_loss=self.aux_loss,
             z_loss=self.z_loss,
+            tokens_per_expert=None,
         )
 
 
@@ -69,6 +77,11 @@ class Router(nn.Module):
         num_experts: Number of global experts E.
         top_k: Experts per token K (for expert choice: the average number of experts per token).
     """
+
+    # Whether, with a single expert, every weight is exactly 1 with zero gradient (a softmax over
+    # one logit), so that a one-expert layer may skip scaling by it. Subclasses for which that holds
+    # set it; the default is the safe answer for any router.
+    single_expert_weight_is_one: ClassVar[bool] = False
 
     def __init__(self, d_model: int, num_experts: int, top_k: int) -> None:
         super().__init__()
@@ -99,7 +112,7 @@ class Router(nn.Module):
         Returns:
             (T, E) float32 logits ``x @ weight.T``.
         """
-        return x_TD.float() @ self.weight.float().t()
+        return router_logits(x_TD, self.weight)
 
     def route(self, x_TD: Tensor) -> Routing:
         """Choose experts for the tokens ``x_TD`` (T, D). Implemented by each scheme."""
@@ -118,10 +131,13 @@ def token_choice_routing(
     priorities_TK: Tensor,
     aux_loss: Tensor,
     z_loss: Tensor,
+    tokens_per_expert: Tensor | None = None,
 ) -> Routing:
     """Flatten per-token choices (T, K) into token-major assignments (N = T * K)."""
     num_tokens, top_k = expert_ids_TK.shape
-    token_ids = torch.arange(num_tokens, device=expert_ids_TK.device).repeat_interleave(top_k)
+    token_ids = torch.arange(num_tokens, device=expert_ids_TK.device)
+    if top_k > 1:
+        token_ids = token_ids.repeat_interleave(top_k)
     return Routing(
         token_ids=token_ids,
         expert_ids=expert_ids_TK.reshape(-1),
@@ -129,6 +145,31 @@ def token_choice_routing(
         priorities=priorities_TK.reshape(-1).float(),
         aux_loss=aux_loss,
         z_loss=z_loss,
+        tokens_per_expert=tokens_per_expert,
+    )
+
+
+def routing_from_topk_route(route: TopKRoute, num_experts: int) -> Routing:
+    """The :class:`Routing` of an :func:`lightning_moe.ops.topk_route` result, with its losses.
+
+    The balance loss is the Switch form of :func:`switch_balance_loss`,
+    ``E * sum_e (tokens_per_expert_e / N) * (prob_sum_e / T)``, and the z-loss is
+    ``lse_sq_sum / T``; both are 0 when there are no tokens.
+    """
+    num_tokens, top_k = route.expert_ids_TK.shape
+    if num_tokens == 0:
+        aux_loss = z_loss = route.prob_sum_E.new_zeros(())
+    else:
+        counts_E = route.tokens_per_expert_E.to(route.prob_sum_E.dtype)
+        aux_loss = torch.dot(counts_E, route.prob_sum_E) * (num_experts / (num_tokens * top_k * num_tokens))
+        z_loss = route.lse_sq_sum / num_tokens
+    return token_choice_routing(
+        route.expert_ids_TK,
+        route.weights_TK,
+        route.priorities_TK,
+        aux_loss=aux_loss,
+        z_loss=z_loss,
+        tokens_per_expert=route.tokens_per_expert_E,
     )
 
 

@@ -36,6 +36,8 @@ class ExpertChoiceRouter(Router):
         capacity_factor: Scales the tokens per expert C; must be positive.
     """
 
+    single_expert_weight_is_one = True  # a softmax over one expert
+
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, capacity_factor: float = 1.0) -> None:
         if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
             raise TypeError(f"capacity_factor must be a float, got {type(capacity_factor).__name__}.")

@@ -38,6 +38,8 @@ class NoisyTopKRouter(Router):
         top_k: Experts per token K.
     """
 
+    single_expert_weight_is_one = True  # a softmax over one expert
+
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2) -> None:
         super().__init__(d_model, num_experts, top_k)
         self.noise_weight = nn.Parameter(torch.zeros(num_experts, d_model))

@@ -8,8 +8,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_moe import ops
 from lightning_moe.ops.reference import expert_histogram
-from lightning_moe.routers.base import Router, Routing, switch_balance_loss, token_choice_routing, z_loss_of
+from lightning_moe.routers.base import (
+    Router,
+    Routing,
+    routing_from_topk_route,
+    switch_balance_loss,
+    token_choice_routing,
+    z_loss_of,
+)
 
 
 class SigmoidRouter(Router):
@@ -32,6 +40,10 @@ class SigmoidRouter(Router):
     with ``f_e`` the fraction of the T * K assignments on e and ``P_e`` the mean over tokens of the
     normalised scores ``scores / scores.sum(-1)``; weight it small or zero, since the bias does the
     balancing. Priorities are the biased scores that made the selection.
+
+    Without groups, scoring, top-k and the loss sums run as one fused op,
+    :func:`lightning_moe.ops.topk_route` (CUDA kernels on the GPU); equal biased scores go to the
+    lower expert.
 
     Args:
         d_model: Model dimension D.
@@ -97,15 +109,22 @@ class SigmoidRouter(Router):
             Token-major :class:`Routing` with ``N = T * K`` assignments.
         """
         logits_TE = self.logits(x_TD)
+        if self.num_groups == 1:
+            route = ops.topk_route(logits_TE, self.top_k, "sigmoid", normalize=True, bias_E=self.bias.float())
+            self._count_pending(route.tokens_per_expert_E)
+            return routing_from_topk_route(route, self.num_experts)
+        return self._route_in_top_groups(logits_TE)
+
+    def _route_in_top_groups(self, logits_TE: Tensor) -> Routing:
+        """Group-limited routing of the logits (T, E), in plain PyTorch ops."""
         scores_TE = torch.sigmoid(logits_TE)
         biased_TE = scores_TE.detach() + self.bias.float()
         expert_ids_TK = torch.topk(self._restrict_to_top_groups(biased_TE), self.top_k, dim=-1).indices
         picked_TK = scores_TE.gather(1, expert_ids_TK)
         # Clamped so that a token whose picked scores all underflow gets zero weights, not NaN.
         weights_TK = picked_TK / picked_TK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        if self.training:
-            counts_E = expert_histogram(expert_ids_TK.reshape(-1), self.num_experts)
-            self._pending = counts_E if self._pending is None else self._pending + counts_E
+        counts_E = expert_histogram(expert_ids_TK.reshape(-1), self.num_experts)
+        self._count_pending(counts_E)
         normalised_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
         return token_choice_routing(
             expert_ids_TK,
@@ -113,7 +132,13 @@ class SigmoidRouter(Router):
             priorities_TK=biased_TE.gather(1, expert_ids_TK),
             aux_loss=switch_balance_loss(normalised_TE, expert_ids_TK.reshape(-1), self.num_experts),
             z_loss=z_loss_of(logits_TE),
+            tokens_per_expert=counts_E,
         )
+
+    def _count_pending(self, counts_E: Tensor) -> None:
+        """In training, add the tokens per expert (E,) to :attr:`pending_tokens_per_expert`."""
+        if self.training:
+            self._pending = counts_E if self._pending is None else self._pending + counts_E
 
     def _restrict_to_top_groups(self, biased_TE: Tensor) -> Tensor:
         """``biased_TE`` with the experts outside each token's ``top_groups`` best groups at -inf."""

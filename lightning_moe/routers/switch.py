@@ -29,6 +29,8 @@ class SwitchRouter(Router):
         jitter_eps: Half-width of the multiplicative jitter, in ``[0, 1)``; 0 disables it.
     """
 
+    single_expert_weight_is_one = True  # a softmax over one expert
+
     def __init__(self, d_model: int, num_experts: int, top_k: int = 1, jitter_eps: float = 0.01) -> None:
         if top_k != 1:
             raise ValueError(

@@ -344,3 +344,22 @@ def test_single_expert_layer_is_the_weighted_expert(router: str, capacity_factor
     torch.testing.assert_close(out.reshape(-1, 8), expected, rtol=1e-5, atol=1e-6)
     out.square().sum().backward()
     assert x.grad is not None and moe.experts.w1.grad is not None
+
+
+@pytest.mark.parametrize("router", ["topk", "noisy_topk", "switch", "expert_choice"])
+def test_routers_that_skip_the_single_expert_weight_give_exactly_one(router: str) -> None:
+    """The one-expert layer skips scaling by the weight only for routers whose weight is exactly 1."""
+    torch.manual_seed(0)
+    moe = MoE(8, num_experts=1, top_k=1, d_hidden=12, router=router)
+    assert moe.router.single_expert_weight_is_one
+    x_TD = torch.randn(64, 8) * torch.logspace(-3, 3, 64).unsqueeze(-1)  # tiny to huge logits
+    for mode in (moe.train, moe.eval):
+        mode()
+        routing = moe.router(x_TD)
+        assert torch.equal(routing.weights, torch.ones_like(routing.weights))
+        assert torch.equal(routing.token_ids, torch.arange(64))
+
+
+def test_sigmoid_router_keeps_scaling_by_the_weight() -> None:
+    # A sigmoid that underflows to 0 gives weight 0, not 1: the layer must use the weight.
+    assert not MoE(8, num_experts=1, top_k=1, router="sigmoid").router.single_expert_weight_is_one

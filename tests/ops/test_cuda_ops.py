@@ -22,7 +22,18 @@ from lightning_moe.layers.experts import GroupedExperts, _run_grouped
 from lightning_moe.layers.moe import MoE
 from lightning_moe.ops import extension, reference
 from lightning_moe.ops.grouped_mm import grouped_mm_usable
-from tests.ops.routing_cases import CASE_NAMES, Case, loop_sort, make_case
+from lightning_moe.routers import SigmoidRouter, TopKRouter
+from lightning_moe.routers.logits import router_logits
+from tests.ops.routing_cases import (
+    CASE_NAMES,
+    PRIORITY_KINDS,
+    Case,
+    capacities_to_try,
+    loop_sort,
+    make_case,
+    make_priorities,
+    make_skewed_routing,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -80,6 +91,94 @@ def test_sort_by_expert_at_scale(num_assignments: int, num_experts: int, generat
     expected = reference.sort_by_expert(expert_ids, num_experts)
     for got, want in zip((order, inverse, counts), expected, strict=True):
         assert torch.equal(got, want)
+
+
+def poison_small_blocks() -> None:
+    """:func:`poison_cached_memory` for outputs under 1 MiB (the allocator's small pool), with the
+    byte 0xAB, which no bool holds."""
+    blocks = [torch.full((1 << 20,), 0xAB, dtype=torch.uint8, device="cuda") for _ in range(8)]
+    del blocks
+
+
+def capacity_routing(
+    routing: str, num_assignments: int, num_experts: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Token-major ``(token_ids, expert_ids)`` on the CPU: skewed loads, or one expert taking all."""
+    if routing == "one_expert_takes_all":
+        return torch.arange(num_assignments), torch.full((num_assignments,), num_experts - 1)
+    return make_skewed_routing(num_assignments, num_experts, generator)
+
+
+@pytest.mark.parametrize("kind", PRIORITY_KINDS)
+@pytest.mark.parametrize("routing", ["skewed", "one_expert_takes_all"])
+@pytest.mark.parametrize("num_assignments", [0, 1, 1000, 4097, 65_536])
+@pytest.mark.parametrize("num_experts", [1, 8, 64, 256])
+def test_capacity_mask_matches_the_reference(
+    num_experts: int, num_assignments: int, routing: str, kind: str, generator: torch.Generator
+) -> None:
+    token_ids, expert_ids = capacity_routing(routing, num_assignments, num_experts, generator)
+    priorities = make_priorities(kind, num_assignments, generator)
+    cpu_args = (expert_ids, priorities, token_ids, num_experts)
+    args = (expert_ids.cuda(), priorities.cuda(), token_ids.cuda(), num_experts)
+    for capacity in capacities_to_try(expert_ids, num_experts):
+        poison_cached_memory()
+        poison_small_blocks()
+        kept = ops.capacity_mask(*args, capacity)
+        assert kept.dtype == torch.bool and kept.shape == (num_assignments,)
+        assert kept.view(torch.uint8).le(1).all(), "a mask element was never written"
+        assert torch.equal(kept, reference.capacity_mask(*args, capacity)), f"capacity {capacity}"
+        assert torch.equal(kept.cpu(), reference.capacity_mask(*cpu_args, capacity)), f"capacity {capacity}"
+
+
+def test_capacity_mask_orders_zeros_and_nans_like_the_cpu(generator: torch.Generator) -> None:
+    token_ids, expert_ids = make_skewed_routing(20_000, 8, generator)
+    priorities = make_priorities("few_values", expert_ids.numel(), generator)
+    priorities[torch.rand(priorities.shape, generator=generator) < 0.1] = float("nan")
+    args = (expert_ids.cuda(), priorities.cuda(), token_ids.cuda(), 8)
+    for capacity in capacities_to_try(expert_ids, 8):
+        kept = ops.capacity_mask(*args, capacity)
+        # The CPU's torch.sort is the rule: NaN above every number, -0.0 equal to 0.0.
+        expected = reference.capacity_mask(expert_ids, priorities, token_ids, 8, capacity)
+        assert torch.equal(kept.cpu(), expected), f"capacity {capacity}"
+
+
+def test_capacity_mask_of_bfloat16_priorities(generator: torch.Generator) -> None:
+    token_ids, expert_ids = make_skewed_routing(10_000, 16, generator)
+    priorities = torch.rand(expert_ids.shape, generator=generator).bfloat16()  # many ties after rounding
+    capacity = int(torch.bincount(expert_ids).max()) // 2
+    kept = ops.capacity_mask(expert_ids.cuda(), priorities.cuda(), token_ids.cuda(), 16, capacity)
+    assert torch.equal(kept.cpu(), reference.capacity_mask(expert_ids, priorities, token_ids, 16, capacity))
+
+
+def test_capacity_mask_is_the_same_on_every_run(generator: torch.Generator) -> None:
+    token_ids, expert_ids = make_skewed_routing(65_536, 64, generator)
+    priorities = make_priorities("few_values", expert_ids.numel(), generator)
+    capacity = int(torch.bincount(expert_ids).max()) // 2
+    args = (expert_ids.cuda(), priorities.cuda(), token_ids.cuda(), 64, capacity)
+    first = ops.capacity_mask(*args)
+    for _ in range(3):
+        assert torch.equal(ops.capacity_mask(*args), first)
+
+
+def test_capacity_mask_does_not_synchronise_with_the_host(generator: torch.Generator) -> None:
+    token_ids, expert_ids = make_skewed_routing(4096, 64, generator)
+    priorities = make_priorities("few_values", expert_ids.numel(), generator)
+    args = (expert_ids.cuda(), priorities.cuda(), token_ids.cuda(), 64, 16)
+    ops.capacity_mask(*args)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.capacity_mask(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_compiled_capacity_mask_matches_eager(generator: torch.Generator) -> None:
+    token_ids, expert_ids = make_skewed_routing(3000, 8, generator)
+    priorities = make_priorities("few_values", expert_ids.numel(), generator)
+    args = (expert_ids.cuda(), priorities.cuda(), token_ids.cuda(), 8, 200)
+    compiled = torch.compile(ops.capacity_mask, fullgraph=True)
+    assert torch.equal(compiled(*args), ops.capacity_mask(*args))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -201,6 +300,125 @@ def test_compiled_ops_match_eager(generator: torch.Generator) -> None:
         torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
 
 
+TOPK_ROUTE_MODES = [
+    pytest.param(scoring, normalize, bias, id=f"{scoring}-{'normalize' if normalize else 'raw'}-{bias_id}")
+    for scoring, bias_choices in (("softmax", (False,)), ("sigmoid", (False, True)))
+    for normalize in (True, False)
+    for bias, bias_id in ((choice, "bias" if choice else "no_bias") for choice in bias_choices)
+]
+
+
+def routing_inputs(
+    num_tokens: int, num_experts: int, bias: bool, generator: torch.Generator
+) -> tuple[Tensor, Tensor | None]:
+    """Float32 logits (requiring grad) and an optional bias on the GPU, of the router's scale."""
+    logits_TE = 2 * torch.randn(num_tokens, num_experts, generator=generator)
+    bias_E = 0.3 * torch.randn(num_experts, generator=generator) if bias else None
+    return logits_TE.cuda().requires_grad_(), None if bias_E is None else bias_E.cuda()
+
+
+def routed_given_picks(logits_TE: Tensor, expert_ids_TK: Tensor, scoring: str, normalize: bool) -> list[Tensor]:
+    """The differentiable outputs of topk_route for given picks: the float64 oracle."""
+    scores_TE = torch.softmax(logits_TE, -1) if scoring == "softmax" else torch.sigmoid(logits_TE)
+    picked_TK = scores_TE.gather(1, expert_ids_TK)
+    weights_TK = picked_TK
+    if normalize:
+        picked_sum_T1 = picked_TK.sum(-1, keepdim=True)
+        if scoring == "sigmoid":
+            picked_sum_T1 = picked_sum_T1.clamp_min(torch.finfo(torch.float32).tiny)
+        weights_TK = picked_TK / picked_sum_T1
+    masses_TE = scores_TE if scoring == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
+    return [weights_TK, masses_TE.sum(0), torch.logsumexp(logits_TE, -1).square().sum()]
+
+
+@pytest.mark.parametrize(("scoring", "normalize", "bias"), TOPK_ROUTE_MODES)
+@pytest.mark.parametrize("top_k", [1, 2, 6, None], ids=["K1", "K2", "K6", "KE"])
+@pytest.mark.parametrize("num_experts", [1, 8, 64, 160], ids=lambda e: f"E{e}")
+@pytest.mark.parametrize("num_tokens", [0, 1, 37, 4096], ids=lambda t: f"T{t}")
+def test_topk_route_forward_and_backward(
+    num_tokens: int,
+    num_experts: int,
+    top_k: int | None,
+    scoring: str,
+    normalize: bool,
+    bias: bool,
+    generator: torch.Generator,
+) -> None:
+    top_k = num_experts if top_k is None else top_k
+    if top_k > num_experts:
+        pytest.skip("top_k above the number of experts")
+    logits_TE, bias_E = routing_inputs(num_tokens, num_experts, bias, generator)
+    poison_cached_memory()
+    got = ops.topk_route(logits_TE, top_k, scoring, normalize, bias_E)  # type: ignore[arg-type]
+    want = reference.topk_route(logits_TE, top_k, scoring, normalize, bias_E)
+    # The picks and counts are exact: both sides rank the same float32 keys.
+    assert torch.equal(got.expert_ids_TK, want[0]) and torch.equal(got.tokens_per_expert_E, want[3])
+    logits64 = logits_TE.detach().double().cpu().requires_grad_()
+    oracle = routed_given_picks(logits64, got.expert_ids_TK.cpu(), scoring, normalize)
+    bias64 = 0.0 if bias_E is None else bias_E.double().cpu()
+    scores64 = torch.softmax(logits64, -1) if scoring == "softmax" else torch.sigmoid(logits64) + bias64
+    assert_close_to_oracle(got.priorities_TK, want[2], scores64.detach().gather(1, got.expert_ids_TK.cpu()))
+    differentiable = [got.weights_TK, got.prob_sum_E, got.lse_sq_sum]
+    for output, torch_output, oracle_output in zip(differentiable, (want[1], want[4], want[5]), oracle, strict=True):
+        assert output.dtype == torch.float32 and output.shape == oracle_output.shape
+        assert_close_to_oracle(output, torch_output, oracle_output.detach())
+
+    upstream = [torch.randn(output.shape, generator=generator).cuda() for output in differentiable]
+    poison_cached_memory()
+    (grad,) = torch.autograd.grad(differentiable, logits_TE, upstream)
+    (torch_grad,) = torch.autograd.grad([want[1], want[4], want[5]], logits_TE, upstream)
+    (oracle_grad,) = torch.autograd.grad(oracle, logits64, [u.double().cpu() for u in upstream])
+    assert_close_to_oracle(grad, torch_grad, oracle_grad)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_topk_route_is_the_same_on_every_run(scoring: str, generator: torch.Generator) -> None:
+    logits_TE, bias_E = routing_inputs(4096, 64, scoring == "sigmoid", generator)
+    upstream_weights = torch.randn(4096, 6, generator=generator).cuda()
+
+    def run() -> list[Tensor]:
+        route = ops.topk_route(logits_TE, 6, scoring, True, bias_E)  # type: ignore[arg-type]
+        loss = (route.weights_TK * upstream_weights).sum() + route.prob_sum_E.square().sum() + route.lse_sq_sum
+        return [*route, *torch.autograd.grad(loss, logits_TE)]
+
+    for first, second in zip(run(), run(), strict=True):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_compiled_topk_route_matches_eager(scoring: str, generator: torch.Generator) -> None:
+    logits_TE, bias_E = routing_inputs(256, 64, scoring == "sigmoid", generator)
+    upstream_weights = torch.randn(256, 6, generator=generator).cuda()
+
+    def losses(logits: Tensor) -> Tensor:
+        route = ops.topk_route(logits, 6, scoring, True, bias_E)  # type: ignore[arg-type]
+        return (route.weights_TK * upstream_weights).sum() + route.prob_sum_E.square().sum() + route.lse_sq_sum
+
+    compiled = torch.compile(losses, fullgraph=True)
+    eager_grad, compiled_grad = (
+        torch.autograd.grad(function(logits_TE), logits_TE)[0] for function in (losses, compiled)
+    )
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_topk_route_and_its_routers_do_not_synchronise_with_the_host(generator: torch.Generator) -> None:
+    x_TD = torch.randn(512, 64, generator=generator).cuda().requires_grad_()
+    routers = [TopKRouter(64, 64, 6).cuda(), SigmoidRouter(64, 64, 6).cuda().train()]
+
+    def route_and_backward() -> None:
+        for router in routers:
+            routing = router(x_TD)
+            (routing.weights.sum() + routing.aux_loss + routing.z_loss).backward()
+
+    route_and_backward()  # first calls initialise cuBLAS and the allocator, which may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        route_and_backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_opcheck_of_every_op(generator: torch.Generator) -> None:
     case = on_cuda(make_case("dropped_assignments", generator))
     _, inverse, _ = ops.sort_by_expert(case.expert_ids, case.num_experts)
@@ -211,6 +429,167 @@ def test_opcheck_of_every_op(generator: torch.Generator) -> None:
     torch.library.opcheck(torch.ops.lightning_moe.sort_by_expert.default, (case.expert_ids, case.num_experts))
     torch.library.opcheck(torch.ops.lightning_moe.permute.default, (x_TD, inverse, offsets))
     torch.library.opcheck(torch.ops.lightning_moe.unpermute.default, (y_ND, inverse, weights, offsets, torch.float32))
+    torch.library.opcheck(
+        torch.ops.lightning_moe.capacity_mask.default, (case.expert_ids, case.weights, case.num_experts, 3)
+    )
+    logits_TE, bias_E = routing_inputs(case.num_tokens, case.num_experts, True, generator)
+    # Not test_aot_dispatch_dynamic: it adds up the outputs in place starting from the first, an
+    # int64 tensor, and fails casting the float sums; test_compiled_topk_route_matches_eager covers it.
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    for args in ((logits_TE, 2, "sigmoid", True, bias_E), (logits_TE, 3, "softmax", False, None)):
+        torch.library.opcheck(torch.ops.lightning_moe.topk_route.default, args, test_utils=checks)
+    router_weight = torch.randn(5, 16, generator=generator).cuda().requires_grad_()
+    grad_TE = torch.randn(case.num_tokens, 5, generator=generator).cuda()
+    torch.library.opcheck(torch.ops.lightning_moe.router_logits.default, (x_TD, router_weight))
+    grad_x_args = (grad_TE, router_weight.detach(), torch.float32)
+    torch.library.opcheck(torch.ops.lightning_moe.router_logits_grad_x.default, grad_x_args)
+    torch.library.opcheck(torch.ops.lightning_moe.router_logits_grad_weight.default, (grad_TE, x_TD.detach()))
+
+
+ROUTER_TOKENS = [0, 1, 37, 16_384]
+ROUTER_DIMS = [8, 1000, 1024, 2048]
+ROUTER_EXPERTS = [1, 2, 8, 64, 160, 256]
+
+
+def router_inputs(
+    num_tokens: int, dim: int, num_experts: int, dtype: torch.dtype, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Tokens in ``dtype``, a float32 weight scaled like a router's, and a gradient of the logits."""
+    x_TD = torch.randn(num_tokens, dim, generator=generator).to("cuda", dtype)
+    weight_ED = ((torch.rand(num_experts, dim, generator=generator) * 2 - 1) / dim**0.5).cuda()
+    grad_TE = torch.randn(num_tokens, num_experts, generator=generator).cuda()
+    return x_TD, weight_ED, grad_TE
+
+
+def poison_float_blocks() -> None:
+    """:func:`poison_cached_memory`, and NaN in the allocator's small pool (outputs under 1 MiB) too."""
+    poison_cached_memory()
+    blocks = [torch.full((1 << 18,), float("nan"), device="cuda") for _ in range(8)]
+    del blocks
+
+
+def assert_close_to_gpu_oracle(got: Tensor, same_dtype_torch: Tensor, oracle: Tensor) -> None:
+    """:func:`assert_close_to_oracle` with the float64 oracle left on the GPU (large shapes)."""
+    assert not got.isnan().any(), "an output element was never written"
+    if got.numel() == 0:
+        return
+    got_error = (got.double() - oracle).abs().max().item()
+    torch_error = (same_dtype_torch.double() - oracle).abs().max().item()
+    scale = oracle.abs().max().item()
+    assert got_error <= 2 * torch_error + 1e-6 * max(scale, 1.0), (got_error, torch_error)
+
+
+def assert_router_logits_close(x_TD: Tensor, weight_ED: Tensor, grad_TE: Tensor) -> None:
+    """The kernels' logits and gradients against PyTorch's float32 computation and a float64 oracle."""
+    x_TD, weight_ED = x_TD.detach().requires_grad_(), weight_ED.detach().requires_grad_()
+    poison_float_blocks()
+    logits = ops.router_logits(x_TD, weight_ED)
+    poison_float_blocks()
+    grad_x, grad_weight = torch.autograd.grad(logits, (x_TD, weight_ED), grad_TE)
+    assert logits.dtype == torch.float32 and grad_weight.dtype == torch.float32 and grad_x.dtype == x_TD.dtype
+    x32, weight = x_TD.detach().float(), weight_ED.detach()
+    x64, weight64, grad64 = x32.double(), weight.double(), grad_TE.double()
+    assert_close_to_gpu_oracle(logits, x32 @ weight.t(), x64 @ weight64.t())
+    assert_close_to_gpu_oracle(grad_x, (grad_TE @ weight).to(x_TD.dtype), grad64 @ weight64)
+    assert_close_to_gpu_oracle(grad_weight, grad_TE.t() @ x32, grad64.t() @ x64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("num_experts", ROUTER_EXPERTS, ids=lambda e: f"E{e}")
+@pytest.mark.parametrize("dim", ROUTER_DIMS, ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("num_tokens", ROUTER_TOKENS, ids=lambda t: f"T{t}")
+def test_router_logits_forward_and_backward(
+    num_tokens: int, dim: int, num_experts: int, dtype: torch.dtype, generator: torch.Generator
+) -> None:
+    assert_router_logits_close(*router_inputs(num_tokens, dim, num_experts, dtype, generator))
+
+
+@pytest.mark.parametrize("layout", ["unaligned_dim", "misaligned_view", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_router_logits_of_unaligned_tokens(layout: str, dtype: torch.dtype, generator: torch.Generator) -> None:
+    num_tokens, dim, num_experts = 300, 64, 3
+    x_TD, weight_ED, grad_TE = router_inputs(num_tokens, 2 * dim + 1, num_experts, dtype, generator)
+    if layout == "unaligned_dim":  # rows of 129 elements: no row but the first starts on 16 bytes
+        weight = weight_ED
+    elif layout == "misaligned_view":  # contiguous, but one element past a 16-byte boundary
+        x_TD = x_TD.flatten()[1 : 1 + num_tokens * dim].view(num_tokens, dim)
+        weight = weight_ED[:, :dim]
+    else:  # every other column: the wrapper makes it contiguous
+        x_TD = x_TD[:, : 2 * dim : 2]
+        weight = weight_ED[:, :dim]
+    assert_router_logits_close(x_TD, weight, grad_TE)
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "dim", "num_experts"), [(16_384, 1024, 8), (16_384, 2048, 64), (37, 1000, 160), (4096, 13, 3)]
+)
+def test_router_logits_are_the_same_on_every_run(
+    num_tokens: int, dim: int, num_experts: int, generator: torch.Generator
+) -> None:
+    x_TD, weight_ED, grad_TE = router_inputs(num_tokens, dim, num_experts, torch.bfloat16, generator)
+    x_TD.requires_grad_()
+    weight_ED.requires_grad_()
+
+    def run() -> list[Tensor]:
+        logits = ops.router_logits(x_TD, weight_ED)
+        return [logits, *torch.autograd.grad(logits, (x_TD, weight_ED), grad_TE)]
+
+    for first, second in zip(run(), run(), strict=True):
+        assert torch.equal(first, second)
+
+
+def test_router_logits_do_not_synchronise_with_the_host(generator: torch.Generator) -> None:
+    inputs = [router_inputs(4096, 1024, num_experts, torch.bfloat16, generator) for num_experts in (1, 8, 64, 160)]
+    for x_TD, weight_ED, _ in inputs:
+        x_TD.requires_grad_()
+        weight_ED.requires_grad_()
+    router_logits(*inputs[0][:2])  # loads the extension
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x_TD, weight_ED, grad_TE in inputs:
+            router_logits(x_TD, weight_ED).backward(grad_TE)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_compiled_router_logits_match_eager(generator: torch.Generator) -> None:
+    x_TD, weight_ED, grad_TE = router_inputs(1000, 256, 8, torch.bfloat16, generator)
+    compiled = torch.compile(router_logits, fullgraph=True)
+    outputs = []
+    for function in (router_logits, compiled):
+        x_in, weight_in = x_TD.clone().requires_grad_(), weight_ED.clone().requires_grad_()
+        logits = function(x_in, weight_in)
+        outputs.append([logits, *torch.autograd.grad(logits, (x_in, weight_in), grad_TE)])
+    for eager, traced in zip(*outputs, strict=True):
+        assert torch.equal(traced, eager)
+
+
+def test_router_logits_ignore_autocast(generator: torch.Generator) -> None:
+    x_TD, weight_ED, _ = router_inputs(500, 256, 8, torch.float32, generator)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = router_logits(x_TD, weight_ED)
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, router_logits(x_TD, weight_ED))
+
+
+def test_router_logits_of_a_half_precision_weight_take_the_kernels(generator: torch.Generator) -> None:
+    """A model cast whole to bf16 still gets the kernels, its weight widened to float32."""
+    x_TD, weight_ED, grad_TE = router_inputs(4096, 1024, 8, torch.bfloat16, generator)
+    weight_bf16 = weight_ED.bfloat16().requires_grad_()
+    x_TD.requires_grad_()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        logits = router_logits(x_TD, weight_bf16)
+        grad_x, grad_weight = torch.autograd.grad(logits, (x_TD, weight_bf16), grad_TE)
+        torch.cuda.synchronize()
+    assert any("logits_forward_kernel" in event.key for event in prof.key_averages()), "the kernels did not run"
+    assert logits.dtype == torch.float32 and grad_weight.dtype == torch.bfloat16 and grad_x.dtype == torch.bfloat16
+    weight32 = weight_bf16.detach().float()
+    x64, weight64, grad64 = x_TD.detach().double(), weight32.double(), grad_TE.double()
+    assert_close_to_gpu_oracle(logits, x_TD.detach().float() @ weight32.t(), x64 @ weight64.t())
+    expected_grad_weight = (grad_TE.t() @ x_TD.detach().float()).bfloat16()
+    assert_close_to_gpu_oracle(grad_weight, expected_grad_weight, (grad64.t() @ x64).bfloat16().double())
 
 
 @pytest.mark.parametrize(("activation", "bias"), [("gelu", False), ("swiglu", True)])

@@ -16,13 +16,46 @@ def test_fake_implementations_give_the_output_shapes() -> None:
         offsets = torch.empty(num_tokens + 1, dtype=torch.int64)
         weights = torch.empty(assignments)
         order, inverse, counts = torch.ops.lightning_moe.sort_by_expert(ids, experts)
+        kept = torch.ops.lightning_moe.capacity_mask(ids, weights, experts, 2)
         x_sorted = torch.ops.lightning_moe.permute(x, inverse, offsets)
         grad_x = torch.ops.lightning_moe.permute_backward(x_sorted, inverse, offsets, torch.bfloat16)
         out = torch.ops.lightning_moe.unpermute(x_sorted, inverse, weights, offsets, torch.float32)
         grad_y, grad_w = torch.ops.lightning_moe.unpermute_backward(out, x_sorted, inverse, weights, offsets)
     assert order.shape == inverse.shape == (assignments,) and counts.shape == (experts,)
+    assert kept.shape == (assignments,) and kept.dtype == torch.bool
     assert x_sorted.shape == (assignments, dim) and x_sorted.dtype == torch.bfloat16
     assert grad_x.shape == (num_tokens, dim) and grad_x.dtype == torch.bfloat16
     assert out.shape == (num_tokens, dim) and out.dtype == torch.float32
     assert grad_y.shape == (assignments, dim) and grad_y.dtype == torch.bfloat16
     assert grad_w.shape == (assignments,) and grad_w.dtype == torch.float32
+
+
+def test_fake_implementations_of_topk_route() -> None:
+    num_tokens, experts, top_k = 5, 6, 2
+    with FakeTensorMode():
+        logits = torch.empty(num_tokens, experts)
+        bias = torch.empty(experts)
+        expert_ids, weights, priorities, counts, prob_sum, lse_sq_sum = torch.ops.lightning_moe.topk_route(
+            logits, top_k, "sigmoid", True, bias
+        )
+        grad_logits = torch.ops.lightning_moe.topk_route_backward(
+            weights, prob_sum, lse_sq_sum, logits, expert_ids, "sigmoid", True
+        )
+    assert expert_ids.shape == weights.shape == priorities.shape == (num_tokens, top_k)
+    assert expert_ids.dtype == counts.dtype == torch.int64
+    assert weights.dtype == priorities.dtype == prob_sum.dtype == lse_sq_sum.dtype == torch.float32
+    assert counts.shape == prob_sum.shape == (experts,) and lse_sq_sum.shape == ()
+    assert grad_logits.shape == (num_tokens, experts) and grad_logits.dtype == torch.float32
+
+
+def test_fake_implementations_of_router_logits() -> None:
+    num_tokens, dim, experts = 5, 12, 3
+    with FakeTensorMode():
+        x = torch.empty(num_tokens, dim, dtype=torch.bfloat16)
+        weight = torch.empty(experts, dim)
+        logits = torch.ops.lightning_moe.router_logits(x, weight)
+        grad_x = torch.ops.lightning_moe.router_logits_grad_x(logits, weight, torch.bfloat16)
+        grad_weight = torch.ops.lightning_moe.router_logits_grad_weight(logits, x)
+    assert logits.shape == (num_tokens, experts) and logits.dtype == torch.float32
+    assert grad_x.shape == (num_tokens, dim) and grad_x.dtype == torch.bfloat16
+    assert grad_weight.shape == (experts, dim) and grad_weight.dtype == torch.float32

@@ -104,7 +104,16 @@ def test_cache_root_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp
 
 def test_every_kernel_source_is_compiled() -> None:
     names = [path.name for path in extension.compiled_sources(extension.source_dir())]
-    assert names == ["bindings.cpp", "permute.cu", "sort_by_expert.cu", "unpermute.cu"]
+    assert names == [
+        "bindings.cpp",
+        "capacity_mask.cu",
+        "permute.cu",
+        "router_logits.cu",
+        "sort_by_expert.cu",
+        "topk_route.cu",
+        "topk_route_backward.cu",
+        "unpermute.cu",
+    ]
 
 
 def test_arch_flags_name_only_the_given_arch() -> None:

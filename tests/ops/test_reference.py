@@ -7,7 +7,17 @@ import torch
 
 from lightning_moe import ops
 from lightning_moe.ops import reference
-from tests.ops.routing_cases import CASE_NAMES, loop_permute, loop_sort, loop_unpermute, make_case
+from tests.ops.routing_cases import (
+    CASE_NAMES,
+    PRIORITY_KINDS,
+    capacities_to_try,
+    loop_capacity_mask,
+    loop_permute,
+    loop_sort,
+    loop_unpermute,
+    make_case,
+    make_priorities,
+)
 
 
 @pytest.fixture
@@ -106,3 +116,40 @@ def test_wrappers_take_the_reference_on_cpu(name: str, generator: torch.Generato
     assert torch.equal(x_ND, reference.permute(x_TD, case.token_ids, inverse))
     out = ops.unpermute(x_ND, case.token_ids, inverse, case.weights, case.num_tokens)
     assert torch.equal(out, reference.unpermute(x_ND, case.token_ids, inverse, case.weights, case.num_tokens))
+
+
+@pytest.mark.parametrize("kind", PRIORITY_KINDS)
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_capacity_mask_matches_loops(name: str, kind: str, generator: torch.Generator) -> None:
+    case = make_case(name, generator, num_tokens=61)
+    priorities = make_priorities(kind, case.token_ids.numel(), generator)
+    args = (case.expert_ids, priorities, case.token_ids, case.num_experts)
+    for capacity in capacities_to_try(case.expert_ids, case.num_experts):
+        kept = reference.capacity_mask(*args, capacity)
+        assert kept.dtype == torch.bool
+        assert kept.tolist() == loop_capacity_mask(*args, capacity), f"capacity {capacity}"
+        assert torch.equal(ops.capacity_mask(*args, capacity), kept)  # the wrapper takes the reference on CPU
+
+
+@pytest.mark.parametrize("capacity", [0, 3])
+def test_capacity_mask_of_nothing(capacity: int) -> None:
+    empty = torch.zeros(0, dtype=torch.int64)
+    kept = ops.capacity_mask(empty, torch.zeros(0), empty, 4, capacity)
+    assert kept.shape == (0,) and kept.dtype == torch.bool
+
+
+def test_capacity_mask_orders_zeros_and_nans_like_torch_sort() -> None:
+    priorities = torch.tensor([0.0, float("nan"), -0.0, 1.0, float("nan"), -float("nan")])
+    token_ids = torch.arange(6)
+    expert_ids = torch.zeros(6, dtype=torch.int64)
+    # NaN first (all NaNs equal), then 1.0, then 0.0 and -0.0 as equals: the lower token wins.
+    expected = [[1, 4, 5], [1, 3, 4, 5], [0, 1, 3, 4, 5]]
+    for capacity, kept_tokens in zip([3, 4, 5], expected, strict=True):
+        kept = reference.capacity_mask(expert_ids, priorities, token_ids, 1, capacity)
+        assert kept.nonzero().flatten().tolist() == kept_tokens
+
+
+def test_capacity_mask_rejects_a_negative_capacity() -> None:
+    ids = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="capacity must be >= 0"):
+        ops.capacity_mask(ids, torch.zeros(3), ids, 1, -1)

@@ -70,6 +70,16 @@ def test_token_choice_routing_is_token_major() -> None:
     assert routing.weights.dtype == routing.priorities.dtype == torch.float32
 
 
+def test_select_drops_the_counts_it_changes() -> None:
+    expert_ids_TK = torch.tensor([[2, 0], [1, 3]])
+    weights_TK = torch.full((2, 2), 0.5)
+    counts = torch.tensor([1, 1, 1, 1])
+    routing = token_choice_routing(expert_ids_TK, weights_TK, weights_TK, torch.zeros(()), torch.zeros(()), counts)
+    assert routing.tokens_per_expert is counts
+    kept = routing.select(torch.tensor([True, False, True, True]))
+    assert kept.expert_ids.tolist() == [2, 1, 3] and kept.tokens_per_expert is None
+
+
 @pytest.mark.parametrize(
     "args, error, match",
     [
@@ -116,6 +126,8 @@ def test_every_router_keeps_the_contract(name: str, training: bool, num_tokens: 
     for loss in (routing.aux_loss, routing.z_loss):
         assert loss.dtype == torch.float32 and loss.shape == ()
     assert not routing.priorities.requires_grad
+    if routing.tokens_per_expert is not None:  # counted by the router: must be the histogram
+        assert torch.equal(routing.tokens_per_expert, torch.bincount(routing.expert_ids, minlength=8))
     if num_tokens == 0:
         assert num_assignments == 0 and routing.aux_loss.item() == 0.0 and routing.z_loss.item() == 0.0
     else:

@@ -223,3 +223,14 @@ def test_bias_stays_float32_when_router_is_cast_to_bf16() -> None:
     assert router.bias.dtype == torch.float32
     router.update_bias(torch.tensor([10, 0, 0, 0]))
     assert router.bias[0].item() == pytest.approx(-1e-3)
+
+
+@pytest.mark.parametrize("num_groups, top_groups", [(1, 1), (4, 2)], ids=["fused", "grouped"])
+def test_routing_and_pending_counts_carry_the_tokens_per_expert(num_groups: int, top_groups: int) -> None:
+    torch.manual_seed(0)
+    router = make_router(8, 2, num_groups, top_groups).train()
+    routing = router.route(torch.randn(33, D_MODEL))
+    counts_E = torch.bincount(routing.expert_ids, minlength=8)
+    assert routing.tokens_per_expert is not None and torch.equal(routing.tokens_per_expert, counts_E)
+    router.route(torch.randn(5, D_MODEL))
+    assert int(router.pending_tokens_per_expert.sum()) == (33 + 5) * 2

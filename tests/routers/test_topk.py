@@ -86,3 +86,18 @@ def test_bf16_input_gives_float32_routing() -> None:
     routing = router.route(x_TD)
     assert routing.weights.dtype == torch.float32
     assert_matches_reference(routing, reference(router, x_TD.float()), 7)
+
+
+def test_routing_carries_the_tokens_per_expert() -> None:
+    torch.manual_seed(0)
+    routing = TopKRouter(D_MODEL, 8, 3).route(torch.randn(33, D_MODEL))
+    assert routing.tokens_per_expert is not None
+    assert torch.equal(routing.tokens_per_expert, torch.bincount(routing.expert_ids, minlength=8))
+
+
+def test_equal_probabilities_go_to_the_lower_expert() -> None:
+    router = TopKRouter(D_MODEL, 8, 3)
+    with torch.no_grad():
+        router.weight.zero_()
+    routing = router.route(torch.randn(4, D_MODEL))
+    assert routing.expert_ids.tolist() == [0, 1, 2] * 4

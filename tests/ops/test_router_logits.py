@@ -1,0 +1,54 @@
+"""Which inputs the router-logits kernels take. The kernels themselves are checked on a GPU, in
+tests/ops/test_cuda_ops.py; the fallback, in tests/routers/test_logits.py.
+
+Shape legend: T tokens, D model dim, E experts.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from lightning_moe.ops.router_logits import MAX_KERNEL_EXPERTS, kernels_accept
+
+# The module, not the function of the same name that lightning_moe.ops exports.
+router_logits_module = importlib.import_module("lightning_moe.ops.router_logits")
+
+ACCEPTANCE = [
+    pytest.param((37, 64), torch.bfloat16, (8, 64), torch.float32, True, id="bfloat16_tokens"),
+    pytest.param((37, 64), torch.float16, (8, 64), torch.float32, True, id="float16_tokens"),
+    pytest.param((37, 64), torch.float32, (8, 64), torch.float32, True, id="float32_tokens"),
+    pytest.param((0, 64), torch.bfloat16, (8, 64), torch.float32, True, id="no_tokens"),
+    pytest.param((37, 13), torch.bfloat16, (8, 13), torch.float32, True, id="unaligned_dim"),
+    pytest.param((37, 64), torch.bfloat16, (1, 64), torch.float32, True, id="one_expert"),
+    pytest.param((37, 64), torch.bfloat16, (MAX_KERNEL_EXPERTS, 64), torch.float32, True, id="most_experts"),
+    pytest.param((37, 64), torch.bfloat16, (MAX_KERNEL_EXPERTS + 1, 64), torch.float32, False, id="too_many_experts"),
+    pytest.param((37, 64), torch.bfloat16, (0, 64), torch.float32, False, id="no_experts"),
+    pytest.param((37, 0), torch.bfloat16, (8, 0), torch.float32, False, id="empty_dim"),
+    pytest.param((37, 64), torch.float64, (8, 64), torch.float64, False, id="float64"),
+    pytest.param((37, 64), torch.bfloat16, (8, 64), torch.bfloat16, False, id="bfloat16_weight"),
+    pytest.param((37, 64), torch.bfloat16, (8, 32), torch.float32, False, id="dims_differ"),
+    pytest.param((2, 37, 64), torch.bfloat16, (8, 64), torch.float32, False, id="3d_tokens"),
+]
+
+
+@pytest.mark.parametrize(("x_shape", "x_dtype", "weight_shape", "weight_dtype", "accepted"), ACCEPTANCE)
+def test_kernels_accept_the_documented_inputs(
+    x_shape: tuple[int, ...],
+    x_dtype: torch.dtype,
+    weight_shape: tuple[int, int],
+    weight_dtype: torch.dtype,
+    accepted: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As if the tensors were on a GPU with the extension loaded: only shapes and dtypes decide.
+    monkeypatch.setattr(router_logits_module, "use_cuda_kernels", lambda *tensors: True)
+    x = torch.zeros(x_shape, dtype=x_dtype)
+    weight = torch.zeros(weight_shape, dtype=weight_dtype)
+    assert kernels_accept(x, weight) is accepted
+
+
+def test_cpu_tensors_are_never_accepted() -> None:
+    assert not kernels_accept(torch.randn(4, 8).bfloat16(), torch.randn(2, 8))
