@@ -305,9 +305,6 @@ class MoEGPTModule(MoELightningModule):
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.learning_rate,
             betas=(0.9, 0.95),
-            # One kernel per step for all parameters on a GPU; the MoE's many expert weights make
-            # the optimizer a larger share of the step than in a dense model.
-            fused=all(param.is_cuda for param in self.parameters()) or None,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
