@@ -42,8 +42,12 @@ class ExtensionUnavailable(RuntimeError):
 
 
 def source_dir() -> Path:
-    """The directory of the CUDA sources: ``src_cuda/`` at the repository root."""
-    return Path(__file__).resolve().parents[2] / "src_cuda"
+    """The directory of the CUDA sources: ``src_cuda/`` at the repository root.
+
+    The package reaches it through ``lightning_moe/_cuda_sources``, a link in a source checkout and
+    a copy in an installed wheel.
+    """
+    return (Path(__file__).parents[1] / "_cuda_sources").resolve()
 
 
 def compiled_sources(directory: Path) -> list[Path]:

@@ -116,6 +116,19 @@ def test_every_kernel_source_is_compiled() -> None:
     ]
 
 
+def test_wheels_carry_every_kernel_source() -> None:
+    """Installed packages find the sources in lightning_moe/_cuda_sources, which package-data fills."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(extension.__file__).resolve().parents[2]
+    assert extension.source_dir() == (root / "src_cuda").resolve()
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["lightning_moe"]
+    package = root / "lightning_moe"
+    shipped = {path.resolve() for pattern in patterns for path in package.glob(pattern)}
+    sources = {path.resolve() for path in (root / "src_cuda").iterdir() if path.is_file()}
+    assert sources <= shipped, f"not in the wheel: {sorted(p.name for p in sources - shipped)}"
+
+
 def test_arch_flags_name_only_the_given_arch() -> None:
     assert extension.arch_flags("9.0") == ["-gencode=arch=compute_90,code=sm_90"]
 
