@@ -4,7 +4,8 @@ Shape legend: T tokens, D model dim, F expert hidden, E experts, K top-k.
 
 For each config (T, D, F, E, K) it times, with CUDA events (warm-up, then the median of --iters):
 
-- dense: the dense-equivalent, two plain GEMMs over T*K rows with GELU between (the ceiling);
+- dense: the dense-equivalent, two plain GEMMs over T*K rows with GELU between (the ceiling); with
+  ``--activation swiglu``, three GEMMs with ``silu(x w1) * (x w3)`` between, in eager PyTorch;
 - loop: the per-expert loop of HF Mixtral (boolean mask per expert, index, two linears, index_add);
 - grouped_mm: argsort by expert, gather, ``torch._grouped_mm`` twice with int32 cumulative offsets,
   scale by the router weight, index_add back (no custom kernels);
@@ -12,11 +13,13 @@ For each config (T, D, F, E, K) it times, with CUDA events (warm-up, then the me
   ``ops.unpermute``), i.e. what ``MoE.forward`` runs once it calls the ops;
 - MoE: ``lightning_moe.MoE`` itself (gelu, no bias, topk router, dropless, aux_loss_weight 0).
 
-FLOPs counted: 3 (fwd + bwd) x 2 GEMMs x 2*T*K*D*F. Memory: the peak allocated during one step above
+``--activation swiglu`` gives the experts of ops and MoE a third projection, gated by the fused
+``ops.glu``; loop and grouped_mm are GELU only. FLOPs counted: 3 (fwd + bwd) x 2 GEMMs (3 for
+swiglu) x 2*T*K*D*F. Memory: the peak allocated during one step above
 what was allocated before it (weights, input, upstream gradient). The last config, one expert with
 top-1, compares the layer with the plain dense FFN it would replace.
 
-    python benchmarks/moe_layer.py [--configs 1,4,6] [--iters 10] [--impls dense,ops,MoE]
+    python benchmarks/moe_layer.py [--configs 1,4,6] [--iters 10] [--impls dense,ops,MoE] [--activation swiglu]
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ from torch import Tensor, nn
 from lightning_moe import MoE, ops
 from lightning_moe.layers.experts import GroupedExperts
 
+ACTIVATIONS = ("gelu", "swiglu")
+# The implementations that take --activation swiglu; the others are GELU only.
+GATED_IMPLEMENTATIONS = ("dense", "ops", "MoE")
+
 
 @dataclass(frozen=True)
 class Config:
@@ -43,8 +50,8 @@ class Config:
     num_experts: int
     top_k: int
 
-    def flops(self) -> float:
-        return 3 * 2 * 2 * self.tokens * self.top_k * self.d_model * self.d_hidden
+    def flops(self, gemms: int = 2) -> float:
+        return 3 * gemms * 2 * self.tokens * self.top_k * self.d_model * self.d_hidden
 
     def __str__(self) -> str:
         return f"{self.tokens}, {self.d_model}, {self.d_hidden}, {self.num_experts}, {self.top_k}"
@@ -68,16 +75,20 @@ def route(logits_TE: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
 
 
 class DenseEquivalent(nn.Module):
-    """Two GEMMs over the T*K rows, GELU between: the same FLOPs as the MoE, no routing."""
+    """Two GEMMs over the T*K rows, GELU between (three, SwiGLU-gated, for swiglu): the same FLOPs
+    as the MoE, no routing."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, activation: str = "gelu") -> None:
         super().__init__()
         self.top_k = config.top_k
         self.w1 = nn.Linear(config.d_model, config.d_hidden, bias=False)
         self.w2 = nn.Linear(config.d_hidden, config.d_model, bias=False)
+        self.w3 = nn.Linear(config.d_model, config.d_hidden, bias=False) if activation == "swiglu" else None
 
     def forward(self, x_TD: Tensor) -> Tensor:
-        return self.w2(F.gelu(self.w1(x_TD)))
+        if self.w3 is None:
+            return self.w2(F.gelu(self.w1(x_TD)))
+        return self.w2(F.silu(self.w1(x_TD)) * self.w3(x_TD))
 
 
 class PerExpertLoop(nn.Module):
@@ -134,12 +145,12 @@ class GroupedMMComposition(nn.Module):
 class OpsPipeline(nn.Module):
     """lightning_moe's ops between the same router and GroupedExperts: MoE.forward's steps."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, activation: str = "gelu") -> None:
         super().__init__()
         self.top_k = config.top_k
         self.num_experts = config.num_experts
         self.router = nn.Linear(config.d_model, config.num_experts, bias=False)
-        self.experts = GroupedExperts(config.num_experts, config.d_model, config.d_hidden, "gelu")
+        self.experts = GroupedExperts(config.num_experts, config.d_model, config.d_hidden, activation)
 
     def forward(self, x_TD: Tensor) -> Tensor:
         weights_TK, experts_TK = route(self.router(x_TD), self.top_k)
@@ -152,20 +163,20 @@ class OpsPipeline(nn.Module):
         return ops.unpermute(y_ND, token_ids, inverse, weights, x_TD.shape[0], x_TD.dtype, offsets)
 
 
-def lightning_moe_layer(config: Config) -> nn.Module:
+def lightning_moe_layer(config: Config, activation: str = "gelu") -> nn.Module:
     return MoE(
         config.d_model,
         config.num_experts,
         top_k=config.top_k,
         d_hidden=config.d_hidden,
-        activation="gelu",
+        activation=activation,
         router="topk",
         capacity_factor=None,
         aux_loss_weight=0.0,
     )
 
 
-IMPLEMENTATIONS: dict[str, Callable[[Config], nn.Module]] = {
+IMPLEMENTATIONS: dict[str, Callable[..., nn.Module]] = {
     "dense": DenseEquivalent,
     "loop": PerExpertLoop,
     "grouped_mm": GroupedMMComposition,
@@ -214,11 +225,13 @@ def measure(module: nn.Module, x: Tensor, grad: Tensor, warmup: int, iters: int)
     return Result(statistics.median(times), peak_gib)
 
 
-def run_config(config: Config, names: list[str], warmup: int, iters: int) -> dict[str, Result]:
+def run_config(config: Config, names: list[str], warmup: int, iters: int, activation: str) -> dict[str, Result]:
     results = {}
     for name in names:
         torch.manual_seed(0)
-        module = IMPLEMENTATIONS[name](config).to("cuda", torch.bfloat16)
+        factory = IMPLEMENTATIONS[name]
+        module = factory(config, activation) if name in GATED_IMPLEMENTATIONS else factory(config)
+        module = module.to("cuda", torch.bfloat16)
         rows = config.tokens * config.top_k if name == "dense" else config.tokens
         # Fresh random inputs (never zeros: they run faster than real data).
         x = torch.randn(rows, config.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -230,12 +243,13 @@ def run_config(config: Config, names: list[str], warmup: int, iters: int) -> dic
     return results
 
 
-def print_table(config: Config, results: dict[str, Result]) -> None:
+def print_table(config: Config, results: dict[str, Result], activation: str) -> None:
     dense = results.get("dense")
-    print(f"\nconfig (T, D, F, E, K) = ({config})")
+    gemms = 3 if activation == "swiglu" else 2
+    print(f"\nconfig (T, D, F, E, K) = ({config})" + ("" if activation == "gelu" else f", {activation}"))
     print(f"{'impl':<12}{'ms':>10}{'TFLOP/s':>10}{'vs dense':>10}{'peak GiB':>10}")
     for name, result in results.items():
-        tflops = config.flops() / result.milliseconds / 1e9
+        tflops = config.flops(gemms) / result.milliseconds / 1e9
         ratio = f"{dense.milliseconds / result.milliseconds:.2f}" if dense else "-"
         print(f"{name:<12}{result.milliseconds:>10.2f}{tflops:>10.0f}{ratio:>10}{result.peak_gib:>10.2f}")
 
@@ -243,20 +257,23 @@ def print_table(config: Config, results: dict[str, Result]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="all", help="1-based config numbers, e.g. 1,4,6 (default: all)")
-    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS), help="comma-separated implementations")
+    parser.add_argument("--impls", help="comma-separated implementations (default: all that take the --activation)")
+    parser.add_argument("--activation", default="gelu", choices=ACTIVATIONS, help="expert activation (default gelu)")
     parser.add_argument("--iters", type=int, default=10, help="timed steps per implementation (median)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/moe_layer.py needs a CUDA GPU.")
     chosen = CONFIGS if args.configs == "all" else [CONFIGS[int(i) - 1] for i in args.configs.split(",")]
-    names = [name for name in args.impls.split(",") if name]
-    unknown = set(names) - set(IMPLEMENTATIONS)
+    available = list(IMPLEMENTATIONS) if args.activation == "gelu" else list(GATED_IMPLEMENTATIONS)
+    names = available if args.impls is None else [name for name in args.impls.split(",") if name]
+    unknown = set(names) - set(available)
     if unknown:
-        raise SystemExit(f"unknown --impls {sorted(unknown)}; choose from {', '.join(IMPLEMENTATIONS)}")
+        choices = ", ".join(available)
+        raise SystemExit(f"--impls {sorted(unknown)} not with --activation {args.activation}; choose from {choices}")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA kernels: {ops.cuda_kernels_available()}")
     for config in chosen:
-        print_table(config, run_config(config, names, args.warmup, args.iters))
+        print_table(config, run_config(config, names, args.warmup, args.iters, args.activation), args.activation)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
 from lightning_moe.layers.activations import activation_function, check_activation, is_glu
+from lightning_moe.ops.glu import GluKind, glu
 from lightning_moe.ops.grouped_mm import grouped_mlp, grouped_mm_usable
 
 
@@ -65,6 +67,8 @@ class GroupedExperts(nn.Module):
         self.seed = seed
         self.expert_offset = expert_offset
         self.act = activation_function(activation)
+        # The name of the fused act(w1 x) * (w3 x) op, for GLU activations.
+        self.glu_kind: GluKind | None = cast(GluKind, activation) if is_glu(activation) else None
         self.w1 = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))  # (E, F, D)
         self.w2 = nn.Parameter(torch.empty(num_experts, d_model, d_hidden))  # (E, D, F)
         self.w3 = nn.Parameter(torch.empty(num_experts, d_hidden, d_model)) if is_glu(activation) else None
@@ -90,30 +94,39 @@ class GroupedExperts(nn.Module):
 
     def expert_forward(self, local: int, x_ND: Tensor) -> Tensor:
         """Apply local expert ``local`` to its tokens ``x_ND`` (N, D) -> (N, D)."""
-        hidden_NF = x_ND @ self.w1[local].t()
-        if self.b1 is not None:
-            hidden_NF = hidden_NF + self.b1[local]
-        hidden_NF = self.act(hidden_NF)
-        if self.w3 is not None:
-            hidden_NF = hidden_NF * (x_ND @ self.w3[local].t())
-        out_ND = hidden_NF @ self.w2[local].t()
-        if self.b2 is not None:
-            out_ND = out_ND + self.b2[local]
-        return out_ND
+        w3_FD = None if self.w3 is None else self.w3[local]
+        b1_F = None if self.b1 is None else self.b1[local]
+        b2_D = None if self.b2 is None else self.b2[local]
+        return self._mlp(x_ND, self.w1[local], self.w2[local], w3_FD, b1_F, b2_D)
 
     def single_expert_forward(self, x_ND: Tensor) -> Tensor:
         """:meth:`expert_forward` of the only expert, through views rather than indexing, whose
         backward would fill a zero tensor of each stacked weight's size."""
         assert self.num_experts == 1, "single_expert_forward is for layers of one expert"
-        hidden_NF = x_ND @ self.w1.squeeze(0).t()
-        if self.b1 is not None:
-            hidden_NF = hidden_NF + self.b1.squeeze(0)
-        hidden_NF = self.act(hidden_NF)
-        if self.w3 is not None:
-            hidden_NF = hidden_NF * (x_ND @ self.w3.squeeze(0).t())
-        out_ND = hidden_NF @ self.w2.squeeze(0).t()
-        if self.b2 is not None:
-            out_ND = out_ND + self.b2.squeeze(0)
+        w3_FD, b1_F, b2_D = (None if p is None else p.squeeze(0) for p in (self.w3, self.b1, self.b2))
+        return self._mlp(x_ND, self.w1.squeeze(0), self.w2.squeeze(0), w3_FD, b1_F, b2_D)
+
+    def _mlp(
+        self,
+        x_ND: Tensor,
+        w1_FD: Tensor,
+        w2_DF: Tensor,
+        w3_FD: Tensor | None,
+        b1_F: Tensor | None,
+        b2_D: Tensor | None,
+    ) -> Tensor:
+        """One expert's MLP on its rows, given that expert's weights."""
+        hidden_NF = x_ND @ w1_FD.t()
+        if b1_F is not None:
+            hidden_NF = hidden_NF + b1_F
+        if w3_FD is None:
+            hidden_NF = self.act(hidden_NF)
+        else:  # act and gate as one fused op on CUDA
+            assert self.glu_kind is not None
+            hidden_NF = glu(hidden_NF, x_ND @ w3_FD.t(), self.glu_kind)
+        out_ND = hidden_NF @ w2_DF.t()
+        if b2_D is not None:
+            out_ND = out_ND + b2_D
         return out_ND
 
     def forward(self, x_ND: Tensor, tokens_per_expert: Tensor) -> Tensor:
@@ -134,8 +147,8 @@ class GroupedExperts(nn.Module):
     def _grouped_forward(self, x_ND: Tensor, tokens_per_expert: Tensor, dtype: torch.dtype) -> Tensor:
         # Cast up front as autocast would for a matmul: every op of grouped_mlp then runs in `dtype`,
         # autocast or not.
-        params = [_cast(p, dtype) for p in (self.w1, self.w2, self.w3, self.b1, self.b2)]
-        return grouped_mlp(_cast(x_ND, dtype), tokens_per_expert, *params, self.act)
+        w1, w2, w3, b1, b2 = (_cast(p, dtype) for p in (self.w1, self.w2, self.w3, self.b1, self.b2))
+        return grouped_mlp(_cast(x_ND, dtype), tokens_per_expert, w1, w2, w3, b1, b2, self.act, self.glu_kind)
 
     def extra_repr(self) -> str:
         return (

@@ -25,6 +25,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lightning_moe.ops.glu import GluKind, glu
+
 # torch's fused grouped GEMM accepts fewer than this many groups.
 MAX_GROUPS = 1024
 # Row strides must be multiples of 16 bytes.
@@ -99,6 +101,7 @@ def grouped_mlp(
     b1_EF: Tensor | None,
     b2_ED: Tensor | None,
     activation: Callable[[Tensor], Tensor],
+    glu_kind: GluKind | None = None,
 ) -> Tensor:
     """Every expert's MLP on its block of rows, as two (three for GLUs) grouped GEMMs.
 
@@ -114,6 +117,9 @@ def grouped_mlp(
         b1_EF: (E, F) bias of the first projection, or None.
         b2_ED: (E, D) bias of the second projection, or None.
         activation: Elementwise activation.
+        glu_kind: ``"swiglu"`` or ``"geglu"`` when ``activation`` is that GLU's gate (SiLU or the erf
+            GELU): act and gate then run as the fused :func:`lightning_moe.ops.glu.glu`. None
+            applies ``activation`` and the gate as separate ops.
 
     Returns:
         (N, D) in ``x_ND``'s dtype.
@@ -133,9 +139,11 @@ def grouped_mlp(
     hidden_NF = grouped_mm(x_ND, w1_EFD.transpose(-2, -1), offs=offsets_E)
     if b1_EF is not None:
         hidden_NF = hidden_NF + b1_EF[expert_of_row_N]
-    hidden_NF = activation(hidden_NF)
-    if w3_EFD is not None:
-        hidden_NF = hidden_NF * grouped_mm(x_ND, w3_EFD.transpose(-2, -1), offs=offsets_E)
+    if w3_EFD is None:
+        hidden_NF = activation(hidden_NF)
+    else:
+        gate_NF = grouped_mm(x_ND, w3_EFD.transpose(-2, -1), offs=offsets_E)
+        hidden_NF = activation(hidden_NF) * gate_NF if glu_kind is None else glu(hidden_NF, gate_NF, glu_kind)
     out_ND = grouped_mm(hidden_NF, w2_EDF.transpose(-2, -1), offs=offsets_E)
     if b2_ED is not None:
         out_ND = out_ND + b2_ED[expert_of_row_N]

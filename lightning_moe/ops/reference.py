@@ -1,6 +1,6 @@
 """Pure-PyTorch references of the CUDA kernels: the CPU path, the fallback, and the test oracle.
 
-Shape legend: T tokens, D model dim, E experts, K top-k, N assignments.
+Shape legend: T tokens, D model dim, E experts, K top-k, N assignments, F expert hidden.
 
 Each function computes exactly what its kernel in ``src_cuda/`` computes, in plain differentiable
 PyTorch ops, and none synchronises with the host. Assignments are token-major: ``token_ids`` is
@@ -11,6 +11,7 @@ sorted non-decreasing, so token t's assignments are contiguous. Sums are accumul
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -170,3 +171,19 @@ def topk_route(
     tokens_per_expert_E = expert_histogram(expert_ids_TK.reshape(-1), logits_TE.shape[-1])
     lse_sq_sum = torch.logsumexp(logits_TE, dim=-1).square().sum()
     return expert_ids_TK, weights_TK, priorities_TK, tokens_per_expert_E, masses_TE.sum(dim=0), lse_sq_sum
+
+
+def glu(a_NF: Tensor, b_NF: Tensor, kind: str) -> Tensor:
+    """The gated activation of GLU experts: ``act(a_NF) * b_NF``.
+
+    Args:
+        a_NF: (N, F) pre-activations ``x @ w1.T``.
+        b_NF: (N, F) gate values ``x @ w3.T``.
+        kind: ``"swiglu"`` (act = SiLU) or ``"geglu"`` (act = the erf GELU), as in
+            :mod:`lightning_moe.layers.activations`.
+
+    Returns:
+        (N, F) in the promoted dtype of the inputs.
+    """
+    gate = F.silu if kind == "swiglu" else F.gelu
+    return gate(a_NF) * b_NF

@@ -59,3 +59,14 @@ def test_fake_implementations_of_router_logits() -> None:
     assert logits.shape == (num_tokens, experts) and logits.dtype == torch.float32
     assert grad_x.shape == (num_tokens, dim) and grad_x.dtype == torch.bfloat16
     assert grad_weight.shape == (experts, dim) and grad_weight.dtype == torch.float32
+
+
+def test_fake_implementations_of_glu() -> None:
+    rows, hidden = 5, 12
+    with FakeTensorMode():
+        a = torch.empty(rows, hidden, dtype=torch.bfloat16)
+        b = torch.empty(rows, hidden, dtype=torch.bfloat16)
+        h = torch.ops.lightning_moe.glu(a, b, "swiglu")
+        grad_a, grad_b = torch.ops.lightning_moe.glu_backward(h, a, b, "geglu")
+    for out in (h, grad_a, grad_b):
+        assert out.shape == (rows, hidden) and out.dtype == torch.bfloat16

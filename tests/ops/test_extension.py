@@ -107,6 +107,7 @@ def test_every_kernel_source_is_compiled() -> None:
     assert names == [
         "bindings.cpp",
         "capacity_mask.cu",
+        "glu.cu",
         "permute.cu",
         "router_logits.cu",
         "sort_by_expert.cu",
