@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import cast, overload
 
 import torch
 from torch import Tensor, nn
@@ -147,7 +147,8 @@ class GroupedExperts(nn.Module):
     def _grouped_forward(self, x_ND: Tensor, tokens_per_expert: Tensor, dtype: torch.dtype) -> Tensor:
         # Cast up front as autocast would for a matmul: every op of grouped_mlp then runs in `dtype`,
         # autocast or not.
-        w1, w2, w3, b1, b2 = (_cast(p, dtype) for p in (self.w1, self.w2, self.w3, self.b1, self.b2))
+        w3, b1, b2 = (None if p is None else _cast(p, dtype) for p in (self.w3, self.b1, self.b2))
+        w1, w2 = _cast(self.w1, dtype), _cast(self.w2, dtype)
         return grouped_mlp(_cast(x_ND, dtype), tokens_per_expert, w1, w2, w3, b1, b2, self.act, self.glu_kind)
 
     def extra_repr(self) -> str:
@@ -191,6 +192,10 @@ class ModuleListExperts(nn.Module):
         return _run_grouped(lambda local, rows: self.experts[local](rows), x_ND, tokens_per_expert)
 
 
+@overload
+def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor: ...
+@overload
+def _cast(tensor: None, dtype: torch.dtype) -> None: ...
 def _cast(tensor: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """``tensor.to(dtype)``, skipping the dispatch when it is already in ``dtype`` (host time)."""
     return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
