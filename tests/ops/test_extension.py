@@ -110,6 +110,7 @@ def test_every_kernel_source_is_compiled() -> None:
         "glu.cu",
         "permute.cu",
         "router_logits.cu",
+        "router_logits_backward.cu",
         "sort_by_expert.cu",
         "topk_route.cu",
         "topk_route_backward.cu",
