@@ -1,5 +1,5 @@
 """The GLU op's reference against a float64 elementwise oracle, its gradients, and its wrapper on
-the CPU. The kernels themselves are checked on a GPU, in tests/ops/test_cuda_ops.py.
+the CPU. The kernels themselves are checked on a GPU, in tests/ops/test_glu_cuda.py.
 
 Shape legend: N rows, F expert hidden.
 """

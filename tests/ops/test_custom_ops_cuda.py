@@ -1,0 +1,45 @@
+"""torch.library.opcheck of every registered op on CUDA tensors: schema, autograd and fake kernels.
+
+Shape legend: T tokens, D model dim, E experts, N assignments, F hidden dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_moe import ops
+from tests.ops.gpu_checks import GPU_MARKS, on_cuda, routing_inputs
+from tests.ops.routing_cases import make_case
+
+pytestmark = GPU_MARKS
+
+
+def test_opcheck_of_every_op(generator: torch.Generator) -> None:
+    case = on_cuda(make_case("dropped_assignments", generator))
+    _, inverse, _ = ops.sort_by_expert(case.expert_ids, case.num_experts)
+    offsets = ops.token_offsets(case.token_ids, case.num_tokens)
+    x_TD = torch.randn(case.num_tokens, 16, generator=generator).cuda().requires_grad_()
+    y_ND = torch.randn(case.token_ids.numel(), 16, generator=generator).cuda().requires_grad_()
+    weights = case.weights.clone().requires_grad_()
+    torch.library.opcheck(torch.ops.lightning_moe.sort_by_expert.default, (case.expert_ids, case.num_experts))
+    torch.library.opcheck(torch.ops.lightning_moe.permute.default, (x_TD, inverse, offsets))
+    torch.library.opcheck(torch.ops.lightning_moe.unpermute.default, (y_ND, inverse, weights, offsets, torch.float32))
+    torch.library.opcheck(
+        torch.ops.lightning_moe.capacity_mask.default, (case.expert_ids, case.weights, case.num_experts, 3)
+    )
+    logits_TE, bias_E = routing_inputs(case.num_tokens, case.num_experts, True, generator)
+    # Not test_aot_dispatch_dynamic: it adds up the outputs in place starting from the first, an
+    # int64 tensor, and fails casting the float sums; test_compiled_topk_route_matches_eager covers it.
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    for args in ((logits_TE, 2, "sigmoid", True, bias_E), (logits_TE, 3, "softmax", False, None)):
+        torch.library.opcheck(torch.ops.lightning_moe.topk_route.default, args, test_utils=checks)
+    router_weight = torch.randn(5, 16, generator=generator).cuda().requires_grad_()
+    grad_TE = torch.randn(case.num_tokens, 5, generator=generator).cuda()
+    torch.library.opcheck(torch.ops.lightning_moe.router_logits.default, (x_TD, router_weight))
+    grad_x_args = (grad_TE, router_weight.detach(), torch.float32)
+    torch.library.opcheck(torch.ops.lightning_moe.router_logits_grad_x.default, grad_x_args)
+    torch.library.opcheck(torch.ops.lightning_moe.router_logits_grad_weight.default, (grad_TE, x_TD.detach()))
+    a_NF, b_NF = (torch.randn(7, 24, generator=generator).cuda().requires_grad_() for _ in range(2))
+    torch.library.opcheck(torch.ops.lightning_moe.glu.default, (a_NF, b_NF, "swiglu"))
+    glu_backward_args = (torch.randn(7, 24, generator=generator).cuda(), a_NF.detach(), b_NF.detach(), "geglu")
+    torch.library.opcheck(torch.ops.lightning_moe.glu_backward.default, glu_backward_args)

@@ -1,0 +1,144 @@
+"""The router-logits kernels against PyTorch's float32 matmul and a float64 oracle, on a GPU.
+
+Shape legend: T tokens, D model dim, E experts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from lightning_moe import ops
+from lightning_moe.routers.logits import router_logits
+from tests.ops.gpu_checks import DTYPE_IDS, DTYPES, GPU_MARKS, assert_close_to_gpu_oracle, poison_float_blocks
+
+pytestmark = GPU_MARKS
+
+
+ROUTER_TOKENS = [0, 1, 37, 16_384]
+ROUTER_DIMS = [8, 1000, 1024, 2048]
+ROUTER_EXPERTS = [1, 2, 8, 64, 160, 256]
+
+
+def router_inputs(
+    num_tokens: int, dim: int, num_experts: int, dtype: torch.dtype, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Tokens in ``dtype``, a float32 weight scaled like a router's, and a gradient of the logits."""
+    x_TD = torch.randn(num_tokens, dim, generator=generator).to("cuda", dtype)
+    weight_ED = ((torch.rand(num_experts, dim, generator=generator) * 2 - 1) / dim**0.5).cuda()
+    grad_TE = torch.randn(num_tokens, num_experts, generator=generator).cuda()
+    return x_TD, weight_ED, grad_TE
+
+
+def assert_router_logits_close(x_TD: Tensor, weight_ED: Tensor, grad_TE: Tensor) -> None:
+    """The kernels' logits and gradients against PyTorch's float32 computation and a float64 oracle."""
+    x_TD, weight_ED = x_TD.detach().requires_grad_(), weight_ED.detach().requires_grad_()
+    poison_float_blocks()
+    logits = ops.router_logits(x_TD, weight_ED)
+    poison_float_blocks()
+    grad_x, grad_weight = torch.autograd.grad(logits, (x_TD, weight_ED), grad_TE)
+    assert logits.dtype == torch.float32 and grad_weight.dtype == torch.float32 and grad_x.dtype == x_TD.dtype
+    x32, weight = x_TD.detach().float(), weight_ED.detach()
+    x64, weight64, grad64 = x32.double(), weight.double(), grad_TE.double()
+    assert_close_to_gpu_oracle(logits, x32 @ weight.t(), x64 @ weight64.t())
+    assert_close_to_gpu_oracle(grad_x, (grad_TE @ weight).to(x_TD.dtype), grad64 @ weight64)
+    assert_close_to_gpu_oracle(grad_weight, grad_TE.t() @ x32, grad64.t() @ x64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("num_experts", ROUTER_EXPERTS, ids=lambda e: f"E{e}")
+@pytest.mark.parametrize("dim", ROUTER_DIMS, ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("num_tokens", ROUTER_TOKENS, ids=lambda t: f"T{t}")
+def test_router_logits_forward_and_backward(
+    num_tokens: int, dim: int, num_experts: int, dtype: torch.dtype, generator: torch.Generator
+) -> None:
+    assert_router_logits_close(*router_inputs(num_tokens, dim, num_experts, dtype, generator))
+
+
+@pytest.mark.parametrize("layout", ["unaligned_dim", "misaligned_view", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_router_logits_of_unaligned_tokens(layout: str, dtype: torch.dtype, generator: torch.Generator) -> None:
+    num_tokens, dim, num_experts = 300, 64, 3
+    x_TD, weight_ED, grad_TE = router_inputs(num_tokens, 2 * dim + 1, num_experts, dtype, generator)
+    if layout == "unaligned_dim":  # rows of 129 elements: no row but the first starts on 16 bytes
+        weight = weight_ED
+    elif layout == "misaligned_view":  # contiguous, but one element past a 16-byte boundary
+        x_TD = x_TD.flatten()[1 : 1 + num_tokens * dim].view(num_tokens, dim)
+        weight = weight_ED[:, :dim]
+    else:  # every other column: the wrapper makes it contiguous
+        x_TD = x_TD[:, : 2 * dim : 2]
+        weight = weight_ED[:, :dim]
+    assert_router_logits_close(x_TD, weight, grad_TE)
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "dim", "num_experts"), [(16_384, 1024, 8), (16_384, 2048, 64), (37, 1000, 160), (4096, 13, 3)]
+)
+def test_router_logits_are_the_same_on_every_run(
+    num_tokens: int, dim: int, num_experts: int, generator: torch.Generator
+) -> None:
+    x_TD, weight_ED, grad_TE = router_inputs(num_tokens, dim, num_experts, torch.bfloat16, generator)
+    x_TD.requires_grad_()
+    weight_ED.requires_grad_()
+
+    def run() -> list[Tensor]:
+        logits = ops.router_logits(x_TD, weight_ED)
+        return [logits, *torch.autograd.grad(logits, (x_TD, weight_ED), grad_TE)]
+
+    for first, second in zip(run(), run(), strict=True):
+        assert torch.equal(first, second)
+
+
+def test_router_logits_do_not_synchronise_with_the_host(generator: torch.Generator) -> None:
+    inputs = [router_inputs(4096, 1024, num_experts, torch.bfloat16, generator) for num_experts in (1, 8, 64, 160)]
+    for x_TD, weight_ED, _ in inputs:
+        x_TD.requires_grad_()
+        weight_ED.requires_grad_()
+    router_logits(*inputs[0][:2])  # loads the extension
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x_TD, weight_ED, grad_TE in inputs:
+            router_logits(x_TD, weight_ED).backward(grad_TE)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_compiled_router_logits_match_eager(generator: torch.Generator) -> None:
+    x_TD, weight_ED, grad_TE = router_inputs(1000, 256, 8, torch.bfloat16, generator)
+    compiled = torch.compile(router_logits, fullgraph=True)
+    outputs = []
+    for function in (router_logits, compiled):
+        x_in, weight_in = x_TD.clone().requires_grad_(), weight_ED.clone().requires_grad_()
+        logits = function(x_in, weight_in)
+        outputs.append([logits, *torch.autograd.grad(logits, (x_in, weight_in), grad_TE)])
+    for eager, traced in zip(*outputs, strict=True):
+        assert torch.equal(traced, eager)
+
+
+def test_router_logits_ignore_autocast(generator: torch.Generator) -> None:
+    x_TD, weight_ED, _ = router_inputs(500, 256, 8, torch.float32, generator)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = router_logits(x_TD, weight_ED)
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, router_logits(x_TD, weight_ED))
+
+
+def test_router_logits_of_a_half_precision_weight_take_the_kernels(generator: torch.Generator) -> None:
+    """A model cast whole to bf16 still gets the kernels, its weight widened to float32."""
+    x_TD, weight_ED, grad_TE = router_inputs(4096, 1024, 8, torch.bfloat16, generator)
+    weight_bf16 = weight_ED.bfloat16().requires_grad_()
+    x_TD.requires_grad_()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        logits = router_logits(x_TD, weight_bf16)
+        grad_x, grad_weight = torch.autograd.grad(logits, (x_TD, weight_bf16), grad_TE)
+        torch.cuda.synchronize()
+    assert any("logits_forward_kernel" in event.key for event in prof.key_averages()), "the kernels did not run"
+    assert logits.dtype == torch.float32 and grad_weight.dtype == torch.bfloat16 and grad_x.dtype == torch.bfloat16
+    weight32 = weight_bf16.detach().float()
+    x64, weight64, grad64 = x_TD.detach().double(), weight32.double(), grad_TE.double()
+    assert_close_to_gpu_oracle(logits, x_TD.detach().float() @ weight32.t(), x64 @ weight64.t())
+    expected_grad_weight = (grad_TE.t() @ x_TD.detach().float()).bfloat16()
+    assert_close_to_gpu_oracle(grad_weight, expected_grad_weight, (grad64.t() @ x64).bfloat16().double())

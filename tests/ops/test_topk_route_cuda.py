@@ -1,0 +1,127 @@
+"""The topk_route kernels against their reference and a float64 oracle, and the routers on a GPU.
+
+Shape legend: T tokens, D model dim, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from lightning_moe import ops
+from lightning_moe.ops import reference
+from lightning_moe.routers import SigmoidRouter, TopKRouter
+from tests.ops.gpu_checks import GPU_MARKS, assert_close_to_oracle, poison_cached_memory, routing_inputs
+
+pytestmark = GPU_MARKS
+
+
+TOPK_ROUTE_MODES = [
+    pytest.param(scoring, normalize, bias, id=f"{scoring}-{'normalize' if normalize else 'raw'}-{bias_id}")
+    for scoring, bias_choices in (("softmax", (False,)), ("sigmoid", (False, True)))
+    for normalize in (True, False)
+    for bias, bias_id in ((choice, "bias" if choice else "no_bias") for choice in bias_choices)
+]
+
+
+def routed_given_picks(logits_TE: Tensor, expert_ids_TK: Tensor, scoring: str, normalize: bool) -> list[Tensor]:
+    """The differentiable outputs of topk_route for given picks: the float64 oracle."""
+    scores_TE = torch.softmax(logits_TE, -1) if scoring == "softmax" else torch.sigmoid(logits_TE)
+    picked_TK = scores_TE.gather(1, expert_ids_TK)
+    weights_TK = picked_TK
+    if normalize:
+        picked_sum_T1 = picked_TK.sum(-1, keepdim=True)
+        if scoring == "sigmoid":
+            picked_sum_T1 = picked_sum_T1.clamp_min(torch.finfo(torch.float32).tiny)
+        weights_TK = picked_TK / picked_sum_T1
+    masses_TE = scores_TE if scoring == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
+    return [weights_TK, masses_TE.sum(0), torch.logsumexp(logits_TE, -1).square().sum()]
+
+
+@pytest.mark.parametrize(("scoring", "normalize", "bias"), TOPK_ROUTE_MODES)
+@pytest.mark.parametrize("top_k", [1, 2, 6, None], ids=["K1", "K2", "K6", "KE"])
+@pytest.mark.parametrize("num_experts", [1, 8, 64, 160], ids=lambda e: f"E{e}")
+@pytest.mark.parametrize("num_tokens", [0, 1, 37, 4096], ids=lambda t: f"T{t}")
+def test_topk_route_forward_and_backward(
+    num_tokens: int,
+    num_experts: int,
+    top_k: int | None,
+    scoring: str,
+    normalize: bool,
+    bias: bool,
+    generator: torch.Generator,
+) -> None:
+    top_k = num_experts if top_k is None else top_k
+    if top_k > num_experts:
+        pytest.skip("top_k above the number of experts")
+    logits_TE, bias_E = routing_inputs(num_tokens, num_experts, bias, generator)
+    poison_cached_memory()
+    got = ops.topk_route(logits_TE, top_k, scoring, normalize, bias_E)  # type: ignore[arg-type]
+    want = reference.topk_route(logits_TE, top_k, scoring, normalize, bias_E)
+    # The picks and counts are exact: both sides rank the same float32 keys.
+    assert torch.equal(got.expert_ids_TK, want[0]) and torch.equal(got.tokens_per_expert_E, want[3])
+    logits64 = logits_TE.detach().double().cpu().requires_grad_()
+    oracle = routed_given_picks(logits64, got.expert_ids_TK.cpu(), scoring, normalize)
+    bias64 = 0.0 if bias_E is None else bias_E.double().cpu()
+    scores64 = torch.softmax(logits64, -1) if scoring == "softmax" else torch.sigmoid(logits64) + bias64
+    assert_close_to_oracle(got.priorities_TK, want[2], scores64.detach().gather(1, got.expert_ids_TK.cpu()))
+    differentiable = [got.weights_TK, got.prob_sum_E, got.lse_sq_sum]
+    for output, torch_output, oracle_output in zip(differentiable, (want[1], want[4], want[5]), oracle, strict=True):
+        assert output.dtype == torch.float32 and output.shape == oracle_output.shape
+        assert_close_to_oracle(output, torch_output, oracle_output.detach())
+
+    upstream = [torch.randn(output.shape, generator=generator).cuda() for output in differentiable]
+    poison_cached_memory()
+    (grad,) = torch.autograd.grad(differentiable, logits_TE, upstream)
+    (torch_grad,) = torch.autograd.grad([want[1], want[4], want[5]], logits_TE, upstream)
+    (oracle_grad,) = torch.autograd.grad(oracle, logits64, [u.double().cpu() for u in upstream])
+    assert_close_to_oracle(grad, torch_grad, oracle_grad)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_topk_route_is_the_same_on_every_run(scoring: str, generator: torch.Generator) -> None:
+    logits_TE, bias_E = routing_inputs(4096, 64, scoring == "sigmoid", generator)
+    upstream_weights = torch.randn(4096, 6, generator=generator).cuda()
+
+    def run() -> list[Tensor]:
+        route = ops.topk_route(logits_TE, 6, scoring, True, bias_E)  # type: ignore[arg-type]
+        loss = (route.weights_TK * upstream_weights).sum() + route.prob_sum_E.square().sum() + route.lse_sq_sum
+        return [*route, *torch.autograd.grad(loss, logits_TE)]
+
+    for first, second in zip(run(), run(), strict=True):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_compiled_topk_route_matches_eager(scoring: str, generator: torch.Generator) -> None:
+    logits_TE, bias_E = routing_inputs(256, 64, scoring == "sigmoid", generator)
+    upstream_weights = torch.randn(256, 6, generator=generator).cuda()
+
+    def losses(logits: Tensor) -> Tensor:
+        route = ops.topk_route(logits, 6, scoring, True, bias_E)  # type: ignore[arg-type]
+        return (route.weights_TK * upstream_weights).sum() + route.prob_sum_E.square().sum() + route.lse_sq_sum
+
+    compiled = torch.compile(losses, fullgraph=True)
+    eager_grad, compiled_grad = (
+        torch.autograd.grad(function(logits_TE), logits_TE)[0] for function in (losses, compiled)
+    )
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_topk_route_and_its_routers_do_not_synchronise_with_the_host(generator: torch.Generator) -> None:
+    x_TD = torch.randn(512, 64, generator=generator).cuda().requires_grad_()
+    routers = [TopKRouter(64, 64, 6).cuda(), SigmoidRouter(64, 64, 6).cuda().train()]
+
+    def route_and_backward() -> None:
+        for router in routers:
+            routing = router(x_TD)
+            (routing.weights.sum() + routing.aux_loss + routing.z_loss).backward()
+
+    route_and_backward()  # first calls initialise cuBLAS and the allocator, which may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        route_and_backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
