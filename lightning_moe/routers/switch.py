@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_moe.routers.base import Router, Routing, switch_balance_loss, token_choice_routing, z_loss_of
+from lightning_moe import ops
+from lightning_moe.routers.base import Router, Routing, routing_from_topk_route
 
 
 class SwitchRouter(Router):
@@ -55,25 +56,17 @@ class SwitchRouter(Router):
         Returns:
             Token-major :class:`Routing` with ``N = T`` assignments.
         """
-        logits_TE = self.logits(self._jittered(x_TD, jitter))
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        probs_T1, expert_ids_T1 = torch.topk(probs_TE, 1, dim=-1)
-        return token_choice_routing(
-            expert_ids_T1,
-            probs_T1,
-            priorities_TK=probs_T1.detach(),
-            aux_loss=switch_balance_loss(probs_TE, expert_ids_T1.reshape(-1), self.num_experts),
-            z_loss=z_loss_of(logits_TE),
-        )
+        # Top-1 of the softmax, weighted by its probability, with the Switch balance loss: the
+        # fused op of TopKRouter (unnormalised weights), on the jittered tokens' logits.
+        route = ops.topk_route(self.logits(self._jittered(x_TD, jitter)), 1, "softmax", normalize=False)
+        return routing_from_topk_route(route, self.num_experts)
 
     def _jittered(self, x_TD: Tensor, jitter: Tensor | None) -> Tensor:
-        """Float32 router input, times uniform jitter in training."""
+        """The router input: the tokens, times uniform jitter (in float32) in training."""
+        if not self.training or (jitter is None and self.jitter_eps == 0):
+            return x_TD  # the logits are float32 whatever the tokens' dtype
         x_TD = x_TD.float()
-        if not self.training:
-            return x_TD
         if jitter is None:
-            if self.jitter_eps == 0:
-                return x_TD
             jitter = torch.empty_like(x_TD).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
         elif jitter.shape != x_TD.shape:
             raise ValueError(
