@@ -147,10 +147,13 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             out_TD = out_TD + self._shared_forward(x_TD)
         out = out_TD.to(x.dtype).reshape(x.shape)
-        # Dropless, the sort has counted the router's assignments already.
+        # Dropless, the sort has counted the router's assignments already; with a capacity, the
+        # router's own counts (when it made them) are those before the drop.
         tokens_per_expert = tokens_per_kept_expert
         if kept_routing is not routing:
-            tokens_per_expert = ops.expert_histogram(routing.expert_ids, self.num_experts)
+            tokens_per_expert = routing.tokens_per_expert
+            if tokens_per_expert is None:
+                tokens_per_expert = ops.expert_histogram(routing.expert_ids, self.num_experts)
         self._record_stats(routing, kept_routing, tokens_per_expert)
         return self._attach_losses(out, routing)
 
