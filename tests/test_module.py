@@ -10,6 +10,7 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_moe import MoE, MoELightningModule
+from tests.parallel.launch import run_on_ranks
 
 
 class Regressor(MoELightningModule):
@@ -102,6 +103,88 @@ def test_routing_metrics_are_logged() -> None:
     assert float(metrics["moe/load_imbalance_step"]) == pytest.approx(float(counts.max() / counts.mean()), rel=1e-5)
     assert float(metrics["moe/drop_rate_step"]) == pytest.approx(float(stats["dropped"] / stats["assignments"]))
     assert float(metrics["moe/drop_rate_step"]) > 0
+
+
+class TwoLayerRegressor(Regressor):
+    """Regressor with a second MoE layer, with a capacity, that records the step's routing metrics.
+
+    The record is computed here from the layers' ``routing_stats``, one layer at a time, to check
+    what the module logs.
+    """
+
+    def __init__(self, second_num_experts: int) -> None:
+        super().__init__()
+        self.second = MoE(6, num_experts=second_num_experts, d_hidden=8, capacity_factor=0.5)
+        self.step_metrics: list[dict[str, float]] = []
+
+    def forward(self, x):
+        return self.second(self.moe(x))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        per_layer = []
+        for layer in (self.moe, self.second):
+            stats = layer.routing_stats
+            counts = stats["tokens_per_expert"].double()
+            per_layer.append(
+                {
+                    "aux_loss": float(stats["aux_loss"]),
+                    "z_loss": float(stats["z_loss"]),
+                    "drop_rate": int(stats["dropped"]) / int(stats["assignments"]),
+                    "load_imbalance": float(counts.max() / counts.mean()),
+                }
+            )
+        self.step_metrics.append({name: (per_layer[0][name] + per_layer[1][name]) / 2 for name in per_layer[0]})
+
+
+@pytest.mark.parametrize("second_num_experts", [4, 3], ids=["same_num_experts", "different_num_experts"])
+def test_routing_metrics_are_layer_means_and_epoch_values_are_step_means(second_num_experts: int) -> None:
+    torch.manual_seed(0)
+    model = TwoLayerRegressor(second_num_experts)
+    trainer = fit(model, max_steps=4)  # one whole epoch of 4 batches
+    assert len(model.step_metrics) == 4
+    metrics = trainer.callback_metrics
+    for name in ("aux_loss", "z_loss", "drop_rate", "load_imbalance"):
+        steps = [step[name] for step in model.step_metrics]
+        assert float(metrics[f"moe/{name}_step"]) == pytest.approx(steps[-1], rel=1e-5), name
+        assert float(metrics[f"moe/{name}_epoch"]) == pytest.approx(sum(steps) / len(steps), rel=1e-5), name
+        assert float(metrics[f"moe/{name}"]) == float(metrics[f"moe/{name}_epoch"]), name
+    assert float(metrics["moe/drop_rate_epoch"]) > 0
+    assert "moe/load_imbalance_epoch" in trainer.progress_bar_metrics
+
+
+def ddp_routing_metrics(rank: int, world_size: int) -> dict:
+    """Fit a TwoLayerRegressor under DDP on data that differs by rank; the step values and the epoch metrics."""
+    torch.manual_seed(0)
+    model = TwoLayerRegressor(second_num_experts=3)
+    generator = torch.Generator().manual_seed(rank)
+    x, y = torch.randn(24, 6, generator=generator), torch.randn(24, 6, generator=generator)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    trainer = Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=world_size,
+        strategy="ddp",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(model, loader)
+    epoch = {key: float(value) for key, value in trainer.callback_metrics.items() if key.endswith("_epoch")}
+    return {"steps": model.step_metrics, "epoch": epoch}
+
+
+def test_epoch_routing_metrics_are_means_over_all_ranks_steps() -> None:
+    results = run_on_ranks(2, ddp_routing_metrics)
+    for name in ("aux_loss", "z_loss", "drop_rate", "load_imbalance"):
+        steps = [step[name] for result in results for step in result["steps"]]
+        assert len(steps) == 6
+        for result in results:
+            assert result["epoch"][f"moe/{name}_epoch"] == pytest.approx(sum(steps) / len(steps), rel=1e-5), name
+    # The ranks saw different data, so a rank's own mean would not pass the check above.
+    assert results[0]["steps"] != results[1]["steps"]
 
 
 def test_moe_layers_found_in_order() -> None:
