@@ -129,6 +129,11 @@ class GroupedExperts(nn.Module):
             out_ND = out_ND + b2_D
         return out_ND
 
+    def compute_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype the experts' matmuls run in for inputs like ``x``: autocast's when it is on
+        for CUDA, else the weights'."""
+        return _compute_dtype(x, self.w1.dtype)
+
     def forward(self, x_ND: Tensor, tokens_per_expert: Tensor) -> Tensor:
         """Run every expert on its group of rows.
 
@@ -139,7 +144,7 @@ class GroupedExperts(nn.Module):
         Returns:
             (N, D) expert outputs in the same order, in the input's dtype.
         """
-        dtype = _compute_dtype(x_ND, self.w1.dtype)
+        dtype = self.compute_dtype(x_ND)
         if grouped_mm_usable(x_ND.device, dtype, self.num_experts, self.d_model, self.d_hidden):
             return _cast(self._grouped_forward(x_ND, tokens_per_expert, dtype), x_ND.dtype)
         return _cast(_run_grouped(self.expert_forward, _cast(x_ND, self.w1.dtype), tokens_per_expert), x_ND.dtype)

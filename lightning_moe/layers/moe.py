@@ -141,7 +141,9 @@ class MoE(nn.Module):
             tokens_per_kept_expert = kept_routing.token_ids.new_full((1,), x_TD.shape[0])
         else:
             token_offsets = ops.token_offsets(kept_routing.token_ids, x_TD.shape[0])
-            x_ND, inverse, tokens_per_kept_expert = self.permute(x_TD, kept_routing, token_offsets)
+            x_ND, inverse, tokens_per_kept_expert = self.permute(
+                self._rows_for_experts(x_TD), kept_routing, token_offsets
+            )
             y_ND = self.compute_experts(x_ND, tokens_per_kept_expert)
             out_TD = self.unpermute(y_ND, kept_routing, inverse, token_offsets, out_dtype)
         if self.shared_experts is not None:
@@ -198,6 +200,21 @@ class MoE(nn.Module):
         return ops.unpermute(
             y_ND, routing.token_ids, inverse, routing.weights, token_offsets.shape[0] - 1, out_dtype, token_offsets
         )
+
+    def _rows_for_experts(self, x_TD: Tensor) -> Tensor:
+        """The tokens in the dtype the built-in experts compute in, when that is narrower.
+
+        Under autocast the tokens usually arrive in float32 while the expert GEMMs run in bf16:
+        casting the T tokens before the permutation, rather than the T*K rows after it, halves the
+        bytes the permutation (and its backward) moves and skips a cast of the rows, as an
+        ``nn.Linear`` under autocast casts its input once. The values are the same either way.
+        """
+        if not isinstance(self.experts, GroupedExperts):
+            return x_TD
+        dtype = self.experts.compute_dtype(x_TD)
+        if torch.finfo(dtype).bits < torch.finfo(x_TD.dtype).bits:
+            return x_TD.to(dtype)
+        return x_TD
 
     def _all_tokens_to_one_expert(self, routing: Routing, num_tokens: int) -> bool:
         """Whether the assignments are exactly token t -> the only expert, for every t in order."""

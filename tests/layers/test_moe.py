@@ -363,3 +363,34 @@ def test_routers_that_skip_the_single_expert_weight_give_exactly_one(router: str
 def test_sigmoid_router_keeps_scaling_by_the_weight() -> None:
     # A sigmoid that underflows to 0 gives weight 0, not 1: the layer must use the weight.
     assert not MoE(8, num_experts=1, top_k=1, router="sigmoid").router.single_expert_weight_is_one
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_tokens_are_cast_to_the_expert_dtype_before_the_permutation(top_k: int, monkeypatch) -> None:
+    # float32 tokens, bf16 experts: the T tokens are cast once, not the T*K permuted rows, and the
+    # result is that of permuting float32 rows and casting them afterwards.
+    torch.manual_seed(0)
+    layer = MoE(16, 4, top_k=top_k, d_hidden=24)
+    layer.experts.to(torch.bfloat16)
+    x = torch.randn(2, 11, 16, requires_grad=True)
+
+    permuted_dtypes = []
+    permute = layer.permute
+
+    def spy(x_TD, *args):
+        permuted_dtypes.append(x_TD.dtype)
+        return permute(x_TD, *args)
+
+    monkeypatch.setattr(layer, "permute", spy)
+    out = layer(x)
+    (grad_x,) = torch.autograd.grad(out, x, out.detach().cos())
+    assert permuted_dtypes == [torch.bfloat16]
+    assert out.dtype == torch.float32
+
+    monkeypatch.setattr(layer, "_rows_for_experts", lambda x_TD: x_TD)  # permute float32 rows
+    expected = layer(x)
+    (expected_grad_x,) = torch.autograd.grad(expected, x, expected.detach().cos())
+    assert permuted_dtypes[-1] == torch.float32
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    # The backward sums each token's K row gradients; the early cast rounds that sum to bf16 once.
+    torch.testing.assert_close(grad_x, expected_grad_x, rtol=1e-2, atol=1e-3)
