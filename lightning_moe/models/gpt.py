@@ -305,9 +305,40 @@ class MoEGPTModule(MoELightningModule):
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.learning_rate,
             betas=(0.9, 0.95),
+            fused=self._fused_optimizer(),
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _fused_optimizer(self) -> bool:
+        """Whether AdamW runs fused: one kernel per step instead of several passes over every
+        parameter, which counts for MoE models, whose experts hold most of the parameters.
+
+        Not under fp16 loss scaling with gradient clipping, which a fused optimizer (it unscales
+        the gradients itself) cannot be combined with.
+        """
+        if any(param.device.type not in ("cuda", "cpu") for param in self.parameters()):
+            return False
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return scaler is None or not self.trainer.gradient_clip_val
+
+    @override
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # Lightning refuses to clip for optimizers that unscale gradients themselves (fused AdamW),
+        # which only matters under fp16 loss scaling. Without a scaler the gradients are already
+        # unscaled: clip them by norm as Lightning's precision plugin (or MoEStrategy's global
+        # norm over the experts of every rank) would.
+        fused = any(group.get("fused") for group in optimizer.param_groups)
+        by_norm = gradient_clip_algorithm in (None, "norm")
+        if fused and gradient_clip_val and by_norm and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            self.trainer.precision_plugin.clip_grad_by_norm(optimizer, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _lr_factor(self, step: int) -> float:
         """Multiplier of the peak learning rate at optimizer step ``step``."""

@@ -132,3 +132,45 @@ def test_learning_rate_schedule(total_steps, step, factor):
 def test_invalid_optimizer_settings_are_rejected():
     with pytest.raises(ValueError, match="learning_rate > 0"):
         MoEGPTModule(**TINY, learning_rate=0.0)
+
+
+@pytest.mark.parametrize(
+    ("clip", "precision"),
+    [(None, "32-true"), (1e-3, "32-true"), (1e-3, "bf16-mixed")],
+    ids=["no-clip", "clip", "clip-bf16-mixed"],
+)
+def test_fused_adamw_trains_and_gradient_clipping_still_applies(clip, precision):
+    # Under bf16-mixed, Lightning itself refuses to clip for a fused optimizer; the module clips.
+    import lightning as L
+
+    from lightning_moe.data import ByteCorpusDataModule
+
+    norms = []
+
+    class RecordClippedNorm(L.Callback):
+        # After the step the gradients are still those the optimizer used, clipped.
+        def on_train_batch_end(self, trainer, module, *args):
+            grads = [p.grad for p in module.parameters() if p.grad is not None]
+            norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    module = MoEGPTModule(**TINY)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision=precision,
+        max_steps=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        gradient_clip_val=clip,
+        callbacks=[RecordClippedNorm()],
+    )
+    trainer.fit(module, datamodule=ByteCorpusDataModule(block_size=16, batch_size=4))
+    (optimizer,) = trainer.optimizers
+    assert all(group["fused"] for group in optimizer.param_groups)
+    assert len(norms) == 3
+    if clip is None:
+        assert min(norms) > 1e-2  # unclipped gradients are far larger than the clip value below
+    else:
+        assert max(norms) <= clip * (1 + 1e-3)
