@@ -60,3 +60,42 @@ def test_grouped_mm_is_not_used_where_torch_cannot_fuse(
 ) -> None:
     # None of these reach the probe, so no GPU is needed to check them.
     assert not grouped_mm.grouped_mm_usable(torch.device(device), dtype, num_experts, d_model, d_hidden)
+
+
+def test_pad_groups_starts_every_group_on_a_multiple_of_pad_rows() -> None:
+    torch.manual_seed(0)
+    tokens_per_expert = torch.tensor([5, 0, 9, 2, 8, 1, 0, 16])
+    x_ND = torch.randn(int(tokens_per_expert.sum()), 3)
+    x_padded, padded_counts, rows_N = grouped_mm.pad_groups(x_ND, tokens_per_expert)
+    pad = grouped_mm.PAD_ROWS
+    assert x_padded.shape == (x_ND.shape[0] + (pad - 1) * 8, 3)
+    assert torch.equal(x_padded[rows_N], x_ND)
+    # Brute force: walk the experts, each group placed at the next multiple of PAD_ROWS.
+    start, expected_rows = 0, []
+    for count in tokens_per_expert.tolist():
+        assert start % pad == 0
+        expected_rows += range(start, start + count)
+        start += -(-count // pad) * pad
+    assert rows_N.tolist() == expected_rows
+    assert padded_counts.tolist() == [-(-c // pad) * pad for c in tokens_per_expert.tolist()]
+    padding = torch.ones(x_padded.shape[0], dtype=torch.bool)
+    padding[rows_N] = False
+    assert torch.count_nonzero(x_padded[padding]) == 0
+
+
+@pytest.mark.skipif(not cpu_grouped_mm_runs(), reason="this torch has no CPU grouped_mm")
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_padded_groups_give_the_unpadded_result(activation: str, monkeypatch) -> None:
+    torch.manual_seed(0)
+    experts = GroupedExperts(6, d_model=16, d_hidden=24, activation=activation, seed=3)
+    tokens_per_expert = torch.tensor([5, 0, 9, 2, 16, 1])
+    x_ND = torch.randn(33, 16, requires_grad=True)
+    params = (experts.w1, experts.w2, experts.w3, experts.b1, experts.b2)
+    results = []
+    for threshold in (0, 10**9):  # never pad, always pad
+        monkeypatch.setattr(grouped_mm, "PAD_BELOW_MEAN_ROWS", threshold)
+        out = grouped_mm.grouped_mlp(x_ND, tokens_per_expert, *params, experts.act)
+        grads = torch.autograd.grad(out.square().sum(), [x_ND, experts.w1, experts.w2])
+        results.append((out, *grads))
+    for padded, unpadded in zip(*results, strict=True):
+        torch.testing.assert_close(padded, unpadded, rtol=1e-5, atol=1e-6)
