@@ -27,6 +27,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "block_scan.cuh"
 #include "checks.h"
 #include "sort_by_expert.h"
 
@@ -46,38 +47,6 @@ __device__ __forceinline__ uint32_t priority_key(float priority) {
   uint32_t bits = __float_as_uint(priority);
   if (bits == 0x80000000u) bits = 0u;  // -0.0
   return (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
-}
-
-struct BlockScan {
-  int32_t inclusive;  // this thread's value plus those of all lower threads
-  int32_t total;      // the whole block's sum
-};
-
-// Inclusive scan of one value per thread across the block. Ends with a barrier, so `warp_totals`
-// (kWarps entries of shared memory) may be reused by the next call at once.
-__device__ BlockScan block_scan(int32_t value, int32_t* warp_totals) {
-  const int lane = threadIdx.x % kWarp;
-  const int warp = threadIdx.x / kWarp;
-#pragma unroll
-  for (int delta = 1; delta < kWarp; delta *= 2) {
-    const int32_t other = __shfl_up_sync(0xffffffffu, value, delta);
-    if (lane >= delta) value += other;
-  }
-  if (lane == kWarp - 1) warp_totals[warp] = value;
-  __syncthreads();
-  if (warp == 0) {
-    int32_t total = lane < kWarps ? warp_totals[lane] : 0;
-#pragma unroll
-    for (int delta = 1; delta < kWarp; delta *= 2) {
-      const int32_t other = __shfl_up_sync(0xffffffffu, total, delta);
-      if (lane >= delta) total += other;
-    }
-    if (lane < kWarps) warp_totals[lane] = total;
-  }
-  __syncthreads();
-  const BlockScan result{warp > 0 ? value + warp_totals[warp - 1] : value, warp_totals[kWarps - 1]};
-  __syncthreads();
-  return result;
 }
 
 struct Threshold {
@@ -113,7 +82,7 @@ __device__ Threshold radix_select(const int64_t* __restrict__ order, const float
     // Thread t holds digit kBins - 1 - t, so the scan counts the candidates at or above each digit.
     const uint32_t digit = kBins - 1 - threadIdx.x;
     const int32_t in_digit = histogram[digit];
-    const int32_t at_or_above = block_scan(in_digit, warp_totals).inclusive;
+    const int32_t at_or_above = block_scan<kThreads>(in_digit, warp_totals).inclusive;
     const int32_t above = at_or_above - in_digit;
     if (above < rank && rank <= at_or_above) {  // true for exactly one thread
       chosen_digit = digit;
@@ -148,7 +117,7 @@ __global__ void capacity_mask_kernel(const int64_t* __restrict__ order, const in
     const bool valid = i < end;
     const uint32_t key = valid ? keys[i] : 0u;
     const bool equal = valid && key == threshold.key;
-    const BlockScan equal_rank = block_scan(equal ? 1 : 0, warp_totals);
+    const BlockScan equal_rank = block_scan<kThreads>(equal ? 1 : 0, warp_totals);
     if (valid) {
       kept[order[i]] = key > threshold.key || (equal && equal_before + equal_rank.inclusive <= threshold.equal_kept);
     }

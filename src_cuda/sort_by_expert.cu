@@ -20,6 +20,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "block_scan.cuh"
 #include "checks.h"
 
 namespace lightning_moe {
@@ -51,30 +52,6 @@ __global__ void chunk_histogram_kernel(const int64_t* __restrict__ expert_ids, i
   }
 }
 
-// Inclusive scan of one value per thread across a block of kScanThreads threads.
-__device__ int32_t block_inclusive_scan(int32_t value, int32_t* warp_totals) {
-  const int lane = threadIdx.x % kWarp;
-  const int warp = threadIdx.x / kWarp;
-#pragma unroll
-  for (int delta = 1; delta < kWarp; delta *= 2) {
-    const int32_t other = __shfl_up_sync(0xffffffffu, value, delta);
-    if (lane >= delta) value += other;
-  }
-  if (lane == kWarp - 1) warp_totals[warp] = value;
-  __syncthreads();
-  if (warp == 0) {
-    int32_t total = warp_totals[lane];
-#pragma unroll
-    for (int delta = 1; delta < kWarp; delta *= 2) {
-      const int32_t other = __shfl_up_sync(0xffffffffu, total, delta);
-      if (lane >= delta) total += other;
-    }
-    warp_totals[lane] = total;
-  }
-  __syncthreads();
-  return warp > 0 ? value + warp_totals[warp - 1] : value;
-}
-
 // One block: in-place exclusive scan of `counts` (num_experts * num_chunks, expert-major), each
 // thread owning one contiguous segment; then tokens_per_expert from the scanned starts.
 __global__ void scan_chunk_counts_kernel(int32_t* __restrict__ counts, int num_experts, int num_chunks,
@@ -86,7 +63,7 @@ __global__ void scan_chunk_counts_kernel(int32_t* __restrict__ counts, int num_e
   const int64_t end = min(size, begin + segment);
   int32_t sum = 0;
   for (int64_t i = begin; i < end; ++i) sum += counts[i];
-  int32_t running = block_inclusive_scan(sum, warp_totals) - sum;
+  int32_t running = block_scan<kScanThreads>(sum, warp_totals).inclusive - sum;
   for (int64_t i = begin; i < end; ++i) {
     const int32_t count = counts[i];
     counts[i] = running;
