@@ -29,12 +29,6 @@ from lightning_moe.ops.glu import GluKind, glu
 
 # torch's fused grouped GEMM accepts fewer than this many groups.
 MAX_GROUPS = 1024
-# Groups that start on a multiple of this many rows run faster through torch's grouped GEMM (about
-# 12% for 64 experts of about 128 rows each on an H200)...
-PAD_ROWS = 8
-# ...where the groups are small, which is where it shows: below this many rows per expert on
-# average, groups are padded to PAD_ROWS. Above it the padding copies cost more than they gain.
-PAD_BELOW_MEAN_ROWS = 512
 # Row strides must be multiples of 16 bytes.
 _ALIGNMENT_BYTES = 16
 
@@ -136,10 +130,6 @@ def grouped_mlp(
     if num_rows == 0:
         return x_ND.new_zeros(0, w2_EDF.shape[1])
     x_ND = x_ND.contiguous()
-    num_experts = tokens_per_expert.shape[0]
-    unpad_N = None
-    if b1_EF is None and b2_ED is None and num_rows < PAD_BELOW_MEAN_ROWS * num_experts:
-        x_ND, tokens_per_expert, unpad_N = pad_groups(x_ND, tokens_per_expert)
     # Cumulative row ends per expert, computed on the device: no host sync.
     offsets_E = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
     expert_of_row_N = None
@@ -157,34 +147,4 @@ def grouped_mlp(
     out_ND = grouped_mm(hidden_NF, w2_EDF.transpose(-2, -1), offs=offsets_E)
     if b2_ED is not None:
         out_ND = out_ND + b2_ED[expert_of_row_N]
-    if unpad_N is not None:
-        out_ND = out_ND.index_select(0, unpad_N)
     return out_ND
-
-
-def pad_groups(x_ND: Tensor, tokens_per_expert: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Spread expert-sorted rows so that every expert's group starts on a multiple of ``PAD_ROWS``.
-
-    The padding rows are zeros, and so are the experts' outputs there (no biases), so they add
-    nothing to the weight gradients. The padded tensor has the fixed size N + (PAD_ROWS - 1) * E,
-    known without reading the counts (no host sync); rows past the last group are zeros the
-    grouped GEMM never reads.
-
-    Args:
-        x_ND: (N, D) rows sorted by expert.
-        tokens_per_expert: (E,) int64 rows of each expert.
-
-    Returns:
-        ``(x_padded, padded_tokens_per_expert, rows_N)``: the padded rows, each group's padded
-        size, and the padded row of each original row (``x_padded[rows_N] == x_ND``).
-    """
-    num_rows, num_experts = x_ND.shape[0], tokens_per_expert.shape[0]
-    padded_E = (tokens_per_expert + (PAD_ROWS - 1)) // PAD_ROWS * PAD_ROWS
-    padding_E = padded_E - tokens_per_expert
-    padding_before_E = torch.cumsum(padding_E, dim=0) - padding_E
-    experts_E = torch.arange(num_experts, device=x_ND.device)
-    expert_of_row_N = torch.repeat_interleave(experts_E, tokens_per_expert, output_size=num_rows)
-    rows_N = torch.arange(num_rows, device=x_ND.device) + padding_before_E[expert_of_row_N]
-    padded_rows = num_rows + (PAD_ROWS - 1) * num_experts
-    x_padded = x_ND.new_zeros(padded_rows, x_ND.shape[1]).index_copy(0, rows_N, x_ND)
-    return x_padded, padded_E, rows_N
