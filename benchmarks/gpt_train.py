@@ -1,11 +1,13 @@
 """Training throughput of the built-in GPT: MoE feed-forwards against dense ones of equal active size.
 
-    python benchmarks/gpt_train.py [--size default,large] [--steps 60] [--warmup 20] [--profile]
+    python benchmarks/gpt_train.py [--size default,large] [--steps 60] [--warmup 20] [--profile] [--compile]
 
 Both models are :class:`~lightning_moe.models.gpt.MoEGPTModule` trained by a Lightning ``Trainer``
 on one GPU under ``bf16-mixed`` on the built-in byte corpus; the dense one has each block's MoE
 replaced by one GELU MLP of hidden size ``top_k * d_hidden``, so a token passes through the same
 number of feed-forward weights in both. Tokens/s counts the optimizer steps after ``--warmup``.
+``--compile`` builds both with ``compile_model=True`` (``torch.compile``; the warm-up steps then
+include the compilation).
 """
 
 from __future__ import annotations
@@ -75,10 +77,12 @@ class Throughput(L.Callback):
                 )
 
 
-def tokens_per_second(size: dict[str, Any], dense: bool, steps: int, warmup: int, profile: bool = False) -> float:
+def tokens_per_second(
+    size: dict[str, Any], dense: bool, steps: int, warmup: int, profile: bool = False, compile_model: bool = False
+) -> float:
     L.seed_everything(0, verbose=False)
     model_args = {k: v for k, v in size.items() if k != "batch_size"}
-    module = MoEGPTModule(num_experts=8, top_k=2, warmup_steps=10, **model_args)
+    module = MoEGPTModule(num_experts=8, top_k=2, warmup_steps=10, compile_model=compile_model, **model_args)
     if dense:
         d_model = size["d_model"]
         for block in module.model.blocks:
@@ -108,12 +112,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--profile", action="store_true", help="list each model's largest GPU kernels")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA kernels: {ops.cuda_kernels_available()}")
     print(f"{'size':<10}{'dense tok/s':>14}{'MoE tok/s':>14}{'MoE/dense':>11}")
     for name in args.size.split(","):
-        dense = tokens_per_second(SIZES[name], True, args.steps, args.warmup, args.profile)
-        moe = tokens_per_second(SIZES[name], False, args.steps, args.warmup, args.profile)
+        dense = tokens_per_second(SIZES[name], True, args.steps, args.warmup, args.profile, args.compile)
+        moe = tokens_per_second(SIZES[name], False, args.steps, args.warmup, args.profile, args.compile)
         print(f"{name:<10}{dense:>14,.0f}{moe:>14,.0f}{moe / dense:>11.2f}", flush=True)
 
 

@@ -174,3 +174,21 @@ def test_fused_adamw_trains_and_gradient_clipping_still_applies(clip, precision)
         assert min(norms) > 1e-2  # unclipped gradients are far larger than the clip value below
     else:
         assert max(norms) <= clip * (1 + 1e-3)
+
+
+def test_compiled_model_gives_the_eager_loss_and_gradients_and_keeps_checkpoint_keys():
+    torch.manual_seed(0)
+    eager = MoEGPTModule(**TINY)
+    compiled = MoEGPTModule(**TINY, compile_model=True)
+    compiled.load_state_dict(eager.state_dict())  # the same keys: nothing wraps the model
+    idx = torch.randint(0, 256, (2, 16))
+    batch = (idx, torch.roll(idx, -1, dims=1))
+    results = []
+    for module in (eager, compiled):
+        loss = module.next_token_loss(batch)
+        results.append(
+            (loss, *torch.autograd.grad(loss, [module.model.lm_head.weight, module.model.blocks[0].moe.router.weight]))
+        )
+    assert compiled.model._compiled_call_impl is not None
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
