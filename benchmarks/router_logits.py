@@ -7,7 +7,7 @@ forward alone and forward + backward (both gradients, returned by ``torch.autogr
 no accumulation is timed) of
 
 - kernels: ``lightning_moe.ops.router_logits`` (``src_cuda/router_logits.cu``);
-- reference: the autograd Function of ``lightning_moe.routers.logits``, i.e. ``x.float() @ w.t()``
+- reference: ``lightning_moe.ops.reference.router_logits``, i.e. ``x.float() @ w.t()``
   forward and float32 copies of x again in the backward, what routers ran before the kernels;
 
 and prints both, the speed-up of forward + backward, and the largest difference between the two
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from lightning_moe import ops
-from lightning_moe.routers.logits import _RouterLogits
+from lightning_moe.ops.reference import router_logits as reference_router_logits
 
 CONFIGS = [(16384, 1024, 8), (16384, 2048, 64), (8192, 1024, 64), (16384, 1024, 1), (32768, 4096, 8)]
 WARMUP = 5
@@ -48,10 +48,6 @@ def time_ms(step: Callable[[], object], iters: int) -> float:
     return statistics.median(times)
 
 
-def reference(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
-    return _RouterLogits.apply(x_TD, weight_ED)
-
-
 def forward_backward(
     function: Callable[[Tensor, Tensor], Tensor], x_TD: Tensor, weight_ED: Tensor, grad_TE: Tensor
 ) -> tuple[Tensor, ...]:
@@ -65,12 +61,12 @@ def measure(num_tokens: int, dim: int, num_experts: int, iters: int, generator: 
     weight_ED = (torch.randn(num_experts, dim, device="cuda", generator=generator) / dim**0.5).requires_grad_()
     grad_TE = torch.randn(num_tokens, num_experts, device="cuda", generator=generator)
     times = []
-    for function in (ops.router_logits, reference):
+    for function in (ops.router_logits, reference_router_logits):
         times.append(time_ms(functools.partial(function, x_TD, weight_ED), iters))
         times.append(time_ms(functools.partial(forward_backward, function, x_TD, weight_ED, grad_TE), iters))
     kernel_forward, kernel_both, torch_forward, torch_both = times
     with torch.no_grad():
-        expected = reference(x_TD, weight_ED)
+        expected = reference_router_logits(x_TD, weight_ED)
         difference = (ops.router_logits(x_TD, weight_ED) - expected).abs().max() / expected.abs().max()
     config = f"{num_tokens}, {dim}, {num_experts}"
     return (

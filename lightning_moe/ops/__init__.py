@@ -1,13 +1,13 @@
 """Kernels of the MoE layer's glue: sorting assignments by expert, permuting rows, combining them.
 
-One op per module (``sort_by_expert``, ``capacity_mask``, ``permute``, ``unpermute``, ``glu``), each a
+One op per module (``sort_by_expert``, ``capacity_mask``, ``permute``, ``unpermute``, ``glu``,
+``topk_route``, ``router_logits``), each a
 ``torch.library`` custom op on CUDA (kernels in ``src_cuda/``, built on first use by
 :mod:`lightning_moe.ops.extension`) with a pure-PyTorch reference in :mod:`lightning_moe.ops.reference`
 for CPU, for when the extension is unavailable, and for tests. :mod:`lightning_moe.ops.grouped_mm`
 runs the experts as grouped GEMMs; :mod:`lightning_moe.ops.topk_route` fuses a token-choice router's
 scoring, top-k and loss sums; :mod:`lightning_moe.ops.router_logits` computes a router's float32
-logits and their gradients without float32 copies of the tokens (its reference, for CPU and beyond
-the kernels' limits, is in :mod:`lightning_moe.routers.logits`); :mod:`lightning_moe.ops.glu` fuses the
+logits and their gradients without float32 copies of the tokens; :mod:`lightning_moe.ops.glu` fuses the
 gated activation of SwiGLU and GeGLU experts.
 """
 

@@ -10,6 +10,9 @@ sorted non-decreasing, so token t's assignments are contiguous. Sums are accumul
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -187,3 +190,60 @@ def glu(a_NF: Tensor, b_NF: Tensor, kind: str) -> Tensor:
     """
     gate = F.silu if kind == "swiglu" else F.gelu
     return gate(a_NF) * b_NF
+
+
+# Device types torch.autocast accepts; on any other, autocast cannot be on in the first place.
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    if device_type in _AUTOCAST_DEVICES:
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _logits_dtype(x_TD: Tensor, weight_ED: Tensor) -> torch.dtype:
+    """float32, or float64 when an input is float64 (so that gradcheck can run)."""
+    return torch.promote_types(torch.promote_types(x_TD.dtype, weight_ED.dtype), torch.float32)
+
+
+class _RouterLogits(torch.autograd.Function):
+    """``x @ w.T`` in float32 whose backward makes the float32 copy of x again instead of keeping it."""
+
+    @staticmethod
+    def forward(ctx: Any, x_TD: Tensor, weight_ED: Tensor) -> Tensor:
+        ctx.save_for_backward(x_TD, weight_ED)
+        with _autocast_off(x_TD.device.type):
+            dtype = _logits_dtype(x_TD, weight_ED)
+            return x_TD.to(dtype) @ weight_ED.to(dtype).t()
+
+    @staticmethod
+    def backward(ctx: Any, grad_TE: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x_TD, weight_ED = ctx.saved_tensors
+        grad_x = grad_weight = None
+        with _autocast_off(grad_TE.device.type):
+            dtype = _logits_dtype(x_TD, weight_ED)
+            grad_TE = grad_TE.to(dtype)
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad_TE @ weight_ED.to(dtype)).to(x_TD.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = (grad_TE.t() @ x_TD.to(dtype)).to(weight_ED.dtype)
+        return grad_x, grad_weight
+
+
+def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
+    """Float32 (float64 for float64 inputs) router logits ``x_TD @ weight_ED.T``.
+
+    Written plainly, ``x.float() @ weight.t()`` keeps the float32 copy of x (T, D) alive until the
+    backward pass, and under ``torch.autocast`` runs the matmul in the autocast dtype, so the logits
+    would not be float32 at all. Here the copy is made again in the backward instead of kept, and
+    autocast is off for both matmuls.
+
+    Args:
+        x_TD: (T, D) tokens of any floating dtype.
+        weight_ED: (E, D) router weight of any floating dtype.
+
+    Returns:
+        (T, E) logits; gradients flow to both inputs, each in its own dtype.
+    """
+    return _RouterLogits.apply(x_TD, weight_ED)

@@ -1,4 +1,4 @@
-"""A router's float32 logits and their gradients as CUDA kernels: the ``lightning_moe::router_logits`` op.
+"""A router's float32 logits and their gradients: the ``lightning_moe::router_logits`` op.
 
 Shape legend: T tokens, D model dim, E experts.
 
@@ -10,9 +10,10 @@ nothing synchronises with the host. The kernels take 1 to :data:`MAX_KERNEL_EXPE
 any D; they are fastest when rows of x are 16 bytes aligned (D a multiple of 8 in bfloat16 or
 float16, of 4 in float32).
 
-:func:`lightning_moe.routers.logits.router_logits` is the entry point: it calls :func:`router_logits`
-here when :func:`kernels_accept` the inputs, and its pure-PyTorch autograd Function otherwise (CPU,
-float64, a weight that is not float32, more experts, no extension).
+:func:`router_logits` takes the kernels when :func:`kernels_accept` the inputs (a bfloat16 or
+float16 weight is widened to float32 first), and :func:`lightning_moe.ops.reference.router_logits`
+otherwise (CPU, float64, more experts, no extension), which computes the same float32 product
+without keeping a float32 copy of x either.
 
 The kernels are registered as ``torch.library`` custom ops, which ``torch.compile`` traces through;
 eager calls take the same kernels through a plain ``autograd.Function`` (see
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_moe.ops import reference
 from lightning_moe.ops.extension import require_extension, use_cuda_kernels
 
 # Above this many experts cuBLAS on a float32 copy of x wins (kRouterLogitsMaxExperts in router_logits.h).
@@ -131,18 +133,26 @@ def kernels_accept(x_TD: Tensor, weight_ED: Tensor) -> bool:
 
 
 def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
-    """Float32 ``x_TD @ weight_ED.T`` by the CUDA kernels, for inputs that :func:`kernels_accept`.
-
-    Other inputs fail (in the kernels' input checks); call
-    :func:`lightning_moe.routers.logits.router_logits`, which falls back to PyTorch for them.
+    """Float32 (float64 for float64 inputs) router logits ``x_TD @ weight_ED.T``, whatever the
+    tokens' dtype and autocast.
 
     Args:
-        x_TD: (T, D) tokens, float32, bfloat16 or float16, on CUDA.
-        weight_ED: (E, D) float32 router weight on the same device.
+        x_TD: (T, D) tokens of any floating dtype.
+        weight_ED: (E, D) router weight.
 
     Returns:
-        (T, E) float32 logits; gradients flow to both inputs, ``x_TD``'s in its own dtype.
+        (T, E) logits; gradients flow to both inputs, each in its own dtype.
     """
+    # A half-precision weight (a model cast whole to bf16) is widened first: an (E, D) copy, small
+    # next to the tokens, and its gradient is narrowed back by autograd.
+    weight_f32 = weight_ED.float() if weight_ED.dtype in (torch.bfloat16, torch.float16) else weight_ED
+    if kernels_accept(x_TD, weight_f32):
+        return _kernel_router_logits(x_TD, weight_f32)
+    return reference.router_logits(x_TD, weight_ED)
+
+
+def _kernel_router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
+    """The kernels, for inputs that :func:`kernels_accept` (float32 weight, CUDA)."""
     x_TD, weight_ED = x_TD.contiguous(), weight_ED.contiguous()
     if torch.compiler.is_compiling():
         return torch.ops.lightning_moe.router_logits(x_TD, weight_ED)

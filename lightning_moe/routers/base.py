@@ -19,9 +19,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from lightning_moe import ops
 from lightning_moe.ops.reference import expert_histogram
 from lightning_moe.ops.topk_route import TopKRoute
-from lightning_moe.routers.logits import router_logits
 
 
 @dataclass
@@ -112,7 +112,7 @@ class Router(nn.Module):
         Returns:
             (T, E) float32 logits ``x @ weight.T``.
         """
-        return router_logits(x_TD, self.weight)
+        return ops.router_logits(x_TD, self.weight)
 
     def route(self, x_TD: Tensor) -> Routing:
         """Choose experts for the tokens ``x_TD`` (T, D). Implemented by each scheme."""

@@ -1,5 +1,6 @@
 """Which inputs the router-logits kernels take. The kernels themselves are checked on a GPU, in
-tests/ops/test_router_logits_cuda.py; the fallback, in tests/routers/test_logits.py.
+tests/ops/test_router_logits_cuda.py; the dispatch and the reference, in
+tests/ops/test_router_logits_reference.py.
 
 Shape legend: T tokens, D model dim, E experts.
 """

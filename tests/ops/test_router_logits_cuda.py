@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from lightning_moe import ops
-from lightning_moe.routers.logits import router_logits
+from lightning_moe.ops.router_logits import router_logits
 from tests.ops.gpu_checks import DTYPE_IDS, DTYPES, GPU_MARKS, assert_close_to_gpu_oracle, poison_float_blocks
 
 pytestmark = GPU_MARKS

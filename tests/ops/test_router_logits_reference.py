@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
+from lightning_moe.ops.router_logits import router_logits
 from lightning_moe.routers import build_router
-from lightning_moe.routers import logits as logits_module
-from lightning_moe.routers.logits import router_logits
+
+# The module, not the function that lightning_moe.ops exports under the same name.
+logits_module = importlib.import_module("lightning_moe.ops.router_logits")
 
 
 def test_gradients_match_float64_autograd() -> None:
@@ -72,6 +76,6 @@ def test_inputs_the_kernels_accept_take_the_kernels(monkeypatch: pytest.MonkeyPa
         return x_TD.float() @ weight_ED.t()
 
     monkeypatch.setattr(logits_module, "kernels_accept", lambda x_TD, weight_ED: True)
-    monkeypatch.setattr(logits_module, "kernel_router_logits", kernels)
+    monkeypatch.setattr(logits_module, "_kernel_router_logits", kernels)
     logits = router_logits(torch.randn(9, 6).bfloat16(), torch.randn(4, 6))
     assert calls == [((9, 6), (4, 6))] and logits.shape == (9, 4)
