@@ -29,7 +29,7 @@ from typing_extensions import override
 
 from lightning_moe.layers.moe import MoE
 from lightning_moe.plotting import COUNTS_FILENAME, LOAD_DIRNAME, record_title, render_load_heatmap, save_png
-from lightning_moe.routers import SigmoidRouter
+from lightning_moe.routers import Router, SigmoidRouter
 
 
 class _LayerTally:
@@ -73,7 +73,7 @@ class _LayerTally:
         return torch.cat([counts.cpu().double(), scalars]).to(device=device, dtype=dtype)
 
 
-def routing_entropy(router: nn.Module, x_TD: Tensor) -> Tensor:
+def routing_entropy(router: Router, x_TD: Tensor) -> Tensor:
     """(T,) entropy in nats of the router's distribution over experts for each token.
 
     Softmax routers: the softmax of the logits. The sigmoid router: its scores normalised to sum to 1.

@@ -91,8 +91,10 @@ def split_state(
     shards = expert_shards(module)
     state_dict = checkpoint["state_dict"]
     expert_state = {}
-    for key in [k for k in state_dict if _owner(k, shards)]:
+    for key in list(state_dict):
         shard = _owner(key, shards)
+        if shard is None:
+            continue
         global_key = key if shard.stacked else _rebase(key, shard, shard.first)
         expert_state[global_key] = state_dict.pop(key)
     expert_optimizer_states = []
@@ -282,8 +284,10 @@ def localize(checkpoint: dict[str, Any], module: nn.Module, optimizer_param_name
             "save it with MoEStrategy, or load only its weights."
         )
     state_dict = checkpoint["state_dict"]
-    for key in [k for k in state_dict if _owner(k, shards)]:
-        state_dict.update(_localize_entry(key, state_dict.pop(key), _owner(key, shards)))
+    for key in list(state_dict):
+        shard = _owner(key, shards)
+        if shard is not None:
+            state_dict.update(_localize_entry(key, state_dict.pop(key), shard))
     for opt_state, names in zip(checkpoint.get("optimizer_states", []), optimizer_param_names, strict=False):
         for position, name in enumerate(names):
             shard = _owner(name, shards)
@@ -299,7 +303,9 @@ def _localize_entry(key: str, value: Tensor, shard: ExpertShard) -> dict[str, Te
     if shard.stacked:
         return {key: value[shard.first : shard.last]}
     local_key = _rebase(key, shard, -shard.first)
-    index = int(re.match(re.escape(shard.prefix) + r"experts\.(-?\d+)\.", local_key).group(1))
+    match = re.match(re.escape(shard.prefix) + r"experts\.(-?\d+)\.", local_key)
+    assert match is not None  # _rebase wrote the key in this form
+    index = int(match.group(1))
     return {local_key: value} if 0 <= index < shard.last - shard.first else {}
 
 

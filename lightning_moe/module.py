@@ -9,7 +9,7 @@ metrics logged every training step.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning.pytorch import LightningModule
@@ -83,7 +83,8 @@ class MoELightningModule(LightningModule):
             update_bias = getattr(layer.router, "update_bias", None)
             if update_bias is None:
                 continue
-            counts = layer.router.pending_tokens_per_expert
+            # A router with update_bias keeps its counts here (SigmoidRouter's contract).
+            counts = cast(Tensor, layer.router.pending_tokens_per_expert)
             if self.trainer.world_size > 1:
                 counts = self.trainer.strategy.reduce(counts.clone(), reduce_op="sum")
             update_bias(counts)
@@ -95,7 +96,7 @@ class MoELightningModule(LightningModule):
         # One self.log per key is the bulk of the host time; log_dict would only loop over self.log
         # and can't put just one key in the progress bar.
         for name, value in zip(_ROUTING_METRICS, _mean_over_layers(stats).to(self.device).unbind(), strict=True):
-            metric = self.moe_metrics[name]
+            metric = cast(_StepMean, self.moe_metrics[name])
             metric(value)
             self.log(f"moe/{name}", metric, on_step=True, on_epoch=True, prog_bar=name == "load_imbalance")
 
@@ -138,6 +139,8 @@ class _StepMean(Metric):
     """
 
     full_state_update = False
+    total: Tensor
+    steps: Tensor
 
     def __init__(self) -> None:
         super().__init__()
@@ -157,5 +160,5 @@ class _StepMean(Metric):
     def forward(self, value: Tensor) -> Tensor:
         self.update(value)
         # Lightning reads the step value logged with a metric from here.
-        self._forward_cache = value
+        self._forward_cache = value  # type: ignore[assignment]  # torchmetrics leaves it unannotated, inferred as None
         return value

@@ -144,7 +144,7 @@ def _render_matplotlib(shares: list[list[float]], title: str) -> Tensor:
     figure = Figure(
         figsize=(min(14.0, max(5.0, 2.2 + 0.42 * num_experts)), min(10.0, max(2.6, 1.5 + 0.42 * num_layers))), dpi=110
     )
-    FigureCanvasAgg(figure)
+    canvas = FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     norm = TwoSlopeNorm(vmin=0.0, vcenter=balanced, vmax=top)
     heatmap = axes.imshow(grid, cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest")
@@ -164,8 +164,8 @@ def _render_matplotlib(shares: list[list[float]], title: str) -> Tensor:
     colorbar.set_ticks([0.0, balanced, top])
     colorbar.set_ticklabels(["0%", f"{100 * balanced:.3g}% = 1/E", f"{100 * top:.3g}%"])
     figure.tight_layout()
-    figure.canvas.draw()
-    return torch.from_numpy(numpy.asarray(figure.canvas.buffer_rgba())[..., :3].copy())
+    canvas.draw()
+    return torch.from_numpy(numpy.asarray(canvas.buffer_rgba())[..., :3].copy())
 
 
 def _percent(value: float) -> str:

@@ -21,7 +21,7 @@ from lightning.fabric.utilities.init import _materialize_distributed_module
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import Tensor, nn
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
@@ -90,7 +90,7 @@ class MoEStrategy(DDPStrategy):
     def _configure_launcher(self) -> None:
         super()._configure_launcher()
         if isinstance(self._launcher, _MultiProcessingLauncher):  # spawn / fork
-            self._launcher = _MoEMultiProcessingLauncher(self, start_method=self._start_method)
+            self._launcher = _MoEMultiProcessingLauncher(self, start_method=self._launcher._start_method)
 
     def gather_experts(self) -> None:
         """Give every rank all experts of every MoE layer again (a collective), e.g. to hand the
@@ -173,12 +173,12 @@ class MoEStrategy(DDPStrategy):
         if self._expert_params:
             sync_expert_gradients(self._expert_params, self.expert_data_group, self.world_size)
 
-    def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: float) -> Tensor:
+    def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: float) -> None:
         expert_ids = {id(p) for p in self._expert_params}
         params = [p for group in optimizer.param_groups for p in group["params"]]
         replicated = [p for p in params if id(p) not in expert_ids]
         experts = [p for p in params if id(p) in expert_ids]
-        return clip_grad_norm_(replicated, experts, float(clip_val), self.expert_group)
+        clip_grad_norm_(replicated, experts, float(clip_val), self.expert_group)
 
     @property
     @override

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -181,7 +181,7 @@ def _llama(module: nn.Module) -> DenseFFN | None:
     """Llama, Mistral, Qwen2 and Gemma MLPs: ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``."""
     gate, up, down = (getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
     act = getattr(module, "act_fn", None)
-    if not all(isinstance(linear, nn.Linear) for linear in (gate, up, down)) or act is None:
+    if not (isinstance(gate, nn.Linear) and isinstance(up, nn.Linear) and isinstance(down, nn.Linear)) or act is None:
         return None
     if gate.weight.shape != up.weight.shape or down.weight.shape != gate.weight.t().shape:
         return None
@@ -213,7 +213,7 @@ def _bert(module: nn.Module) -> DenseFFN | None:
     intermediate, output = getattr(module, "intermediate", None), getattr(module, "output", None)
     first, second = getattr(intermediate, "dense", None), getattr(output, "dense", None)
     act = getattr(intermediate, "intermediate_act_fn", None)
-    if not (isinstance(first, nn.Linear) and isinstance(second, nn.Linear)) or act is None:
+    if not (isinstance(first, nn.Linear) and isinstance(second, nn.Linear)) or output is None or act is None:
         return None
 
     def install(moe: nn.Module) -> nn.Module:
@@ -224,7 +224,12 @@ def _bert(module: nn.Module) -> DenseFFN | None:
     return _linear_pair("bert", first, act, second, install)
 
 
-def _is_conv1d(module: object) -> bool:
+class _Conv1D(Protocol):
+    weight: Tensor  # (in_features, out_features)
+    bias: Tensor | None
+
+
+def _is_conv1d(module: object) -> TypeGuard[_Conv1D]:
     # transformers' Conv1D: a Linear whose weight is stored (in_features, out_features).
     weight = getattr(module, "weight", None)
     return type(module).__name__ == "Conv1D" and isinstance(weight, Tensor) and weight.dim() == 2

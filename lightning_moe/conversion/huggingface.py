@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -81,7 +81,7 @@ def from_hf_sparse_block(
         expert (unless ``routed_only``), a :class:`GatedSharedExpertMoE`.
     """
     has_shared = _check_parts(block, routed_only)
-    weights = _read_experts(block.experts)
+    weights = _read_experts(cast(nn.Module, block.experts))
     router_weight = _router_weight(block)
     num_experts, d_hidden, d_model = weights.w1.shape
     normalize = _normalization(block, normalize)
@@ -114,7 +114,7 @@ def to_hf_sparse_block(layer: MoE | GatedSharedExpertMoE, block: nn.Module, *, r
         ``block``.
     """
     gated = isinstance(layer, GatedSharedExpertMoE)
-    moe = layer.moe if gated else layer
+    moe = layer.moe if isinstance(layer, GatedSharedExpertMoE) else layer
     has_shared = _check_parts(block, routed_only)
     if has_shared != gated and not routed_only:
         which = ("block", "layer") if has_shared else ("layer", "block")
@@ -122,15 +122,16 @@ def to_hf_sparse_block(layer: MoE | GatedSharedExpertMoE, block: nn.Module, *, r
             f"The {which[0]} has a gated shared expert and the {which[1]} has none; pass routed_only=True to write "
             "the router and routed experts only."
         )
-    _check_exportable(moe, block)
-    experts = moe.experts
+    experts = _check_exportable(moe, block)
     with torch.no_grad():
         _router_weight(block).copy_(moe.router.weight)
-        _write_experts(block.experts, experts.w1, experts.w3, experts.w2)
-        if gated and not routed_only:
+        _write_experts(cast(nn.Module, block.experts), experts.w1, experts.w3, experts.w2)
+        if isinstance(layer, GatedSharedExpertMoE) and not routed_only:
             shared = layer.shared_expert
-            _write_linear_mlp(block.shared_expert, shared.w1[0], shared.w3[0], shared.w2[0])
-            block.shared_expert_gate.weight.copy_(layer.shared_expert_gate.weight)
+            if shared.w3 is None:
+                raise ValueError("Only a gated shared expert (activation 'swiglu' or 'geglu') can be exported.")
+            _write_linear_mlp(cast(nn.Module, block.shared_expert), shared.w1[0], shared.w3[0], shared.w2[0])
+            cast(nn.Linear, block.shared_expert_gate).weight.copy_(layer.shared_expert_gate.weight)
     return block
 
 
@@ -151,8 +152,9 @@ def _check_parts(block: nn.Module, routed_only: bool) -> bool:
             f"{type(block).__name__} has parameters in {unknown}, which MoE cannot reproduce; its outputs would "
             "differ. Pass routed_only=True to move only the router and routed experts."
         )
-    extra = sorted({name for name, _ in block.gate.named_parameters()} - {"weight"})
-    if extra or any(True for _ in block.gate.buffers()):
+    gate = cast(nn.Module, block.gate)
+    extra = sorted({name for name, _ in gate.named_parameters()} - {"weight"})
+    if extra or any(True for _ in gate.buffers()):
         raise ValueError(
             f"The router {type(block.gate).__name__} holds more than a weight (parameters {extra}, or buffers): "
             "it routes differently from softmax top-k, so MoE cannot reproduce it."
@@ -164,8 +166,7 @@ def _read_experts(experts: nn.Module) -> _ExpertWeights:
     if isinstance(experts, nn.ModuleList):
         w1, w3, w2 = zip(*(_linear_mlp_weights(expert) for expert in experts), strict=True)
         return _ExpertWeights(torch.stack(w1), torch.stack(w3), torch.stack(w2), _glu_activation(experts[0]))
-    _check_fused_layout(experts)
-    gate_up, down = experts.gate_up_proj, experts.down_proj
+    gate_up, down = _fused_weights(experts)
     if getattr(experts, "is_transposed", False):  # stored (E, D, 2F) and (E, F, D)
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
     if getattr(experts, "is_concatenated", True):
@@ -182,7 +183,7 @@ def _write_experts(experts: nn.Module, w1_EFD: Tensor, w3_EFD: Tensor, w2_EDF: T
         for e, expert in enumerate(experts):
             _write_linear_mlp(expert, w1_EFD[e], w3_EFD[e], w2_EDF[e])
         return
-    _check_fused_layout(experts)
+    stored_gate_up, stored_down = _fused_weights(experts)
     if getattr(experts, "is_concatenated", True):
         gate_up = torch.cat([w1_EFD, w3_EFD], dim=1)
     else:
@@ -190,12 +191,14 @@ def _write_experts(experts: nn.Module, w1_EFD: Tensor, w3_EFD: Tensor, w2_EDF: T
     down = w2_EDF
     if getattr(experts, "is_transposed", False):
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-    _copy_checked(experts.gate_up_proj, gate_up, "experts.gate_up_proj")
-    _copy_checked(experts.down_proj, down, "experts.down_proj")
+    _copy_checked(stored_gate_up, gate_up, "experts.gate_up_proj")
+    _copy_checked(stored_down, down, "experts.down_proj")
 
 
-def _check_fused_layout(experts: nn.Module) -> None:
-    if not isinstance(getattr(experts, "gate_up_proj", None), Tensor) or getattr(experts, "down_proj", None) is None:
+def _fused_weights(experts: nn.Module) -> tuple[Tensor, Tensor]:
+    """``(gate_up_proj, down_proj)`` of fused experts as stored, once their layout is one MoE can reproduce."""
+    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not isinstance(gate_up, Tensor) or not isinstance(down, Tensor):
         raise ValueError(
             f"{type(experts).__name__} is neither a ModuleList of experts nor fused gate_up_proj / down_proj."
         )
@@ -206,16 +209,17 @@ def _check_fused_layout(experts: nn.Module) -> None:
             f"{type(experts).__name__} uses expert biases or a custom gating function; MoE's experts compute "
             "w2 @ (act(w1 @ x) * (w3 @ x)) without bias and cannot reproduce it."
         )
+    return gate_up, down
 
 
 def _linear_mlp_weights(expert: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
     """(gate, up, down) weights of one transformers-4 expert module."""
     for names in (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj")):
-        linears = [getattr(expert, name, None) for name in names]
-        if all(isinstance(linear, nn.Linear) for linear in linears):
-            if any(linear.bias is not None for linear in linears):
+        gate, up, down = (getattr(expert, name, None) for name in names)
+        if isinstance(gate, nn.Linear) and isinstance(up, nn.Linear) and isinstance(down, nn.Linear):
+            if any(linear.bias is not None for linear in (gate, up, down)):
                 raise ValueError(f"{type(expert).__name__} has biases; MoE's gated experts have none.")
-            return linears[0].weight, linears[1].weight, linears[2].weight
+            return gate.weight, up.weight, down.weight
     raise ValueError(f"{type(expert).__name__} has neither w1/w3/w2 nor gate_proj/up_proj/down_proj linears.")
 
 
@@ -271,24 +275,27 @@ def _top_k(block: nn.Module) -> int:
 
 
 def _with_shared_expert(moe: MoE, block: nn.Module) -> GatedSharedExpertMoE:
-    w1, w3, w2 = _linear_mlp_weights(block.shared_expert)
+    shared_expert = cast(nn.Module, block.shared_expert)
+    w1, w3, w2 = _linear_mlp_weights(shared_expert)
     with torch.device("cpu"):
-        layer = GatedSharedExpertMoE(moe, w1.shape[0], _glu_activation(block.shared_expert))
+        layer = GatedSharedExpertMoE(moe, w1.shape[0], _glu_activation(shared_expert))
     layer.to(device=w1.device, dtype=w1.dtype)
     with torch.no_grad():
         for name, weight in (("w1", w1), ("w3", w3), ("w2", w2)):
             getattr(layer.shared_expert, name)[0].copy_(weight)
-        _copy_checked(layer.shared_expert_gate.weight, block.shared_expert_gate.weight, "shared_expert_gate")
+        shared_gate = cast(nn.Linear, block.shared_expert_gate)
+        _copy_checked(layer.shared_expert_gate.weight, shared_gate.weight, "shared_expert_gate")
     return layer
 
 
-def _check_exportable(moe: MoE, block: nn.Module) -> None:
+def _check_exportable(moe: MoE, block: nn.Module) -> _ExpertWeights:
+    """The layer's expert weights, once the block is known to compute what the layer does."""
     experts, router = moe.experts, moe.router
     if not isinstance(experts, GroupedExperts) or experts.w3 is None or experts.b1 is not None:
         raise ValueError("Only built-in gated experts without bias (activation 'swiglu' or 'geglu') can be exported.")
     if not isinstance(router, TopKRouter):
         raise ValueError(f"The block routes by softmax top-k; the layer's {type(router).__name__} routes differently.")
-    target = _read_experts(block.experts)
+    target = _read_experts(cast(nn.Module, block.experts))
     if target.activation != experts.activation:
         raise ValueError(f"The block's experts use {target.activation}, the layer's {experts.activation}.")
     if _top_k(block) != moe.top_k:
@@ -296,6 +303,7 @@ def _check_exportable(moe: MoE, block: nn.Module) -> None:
     declared = _declared_normalization(block)
     if declared is not None and declared != router.normalize:
         raise ValueError(f"The block renormalises its top-k weights: {declared}; the layer: {router.normalize}.")
+    return _ExpertWeights(experts.w1, experts.w3, experts.w2, experts.activation)
 
 
 def _copy_checked(destination: Tensor, source: Tensor, name: str) -> None:

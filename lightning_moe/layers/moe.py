@@ -153,9 +153,11 @@ class MoE(nn.Module):
         # router's own counts (when it made them) are those before the drop.
         tokens_per_expert = tokens_per_kept_expert
         if kept_routing is not routing:
-            tokens_per_expert = routing.tokens_per_expert
-            if tokens_per_expert is None:
-                tokens_per_expert = ops.expert_histogram(routing.expert_ids, self.num_experts)
+            tokens_per_expert = (
+                routing.tokens_per_expert
+                if routing.tokens_per_expert is not None
+                else ops.expert_histogram(routing.expert_ids, self.num_experts)
+            )
         self._record_stats(routing, kept_routing, tokens_per_expert)
         return self._attach_losses(out, routing)
 
@@ -306,7 +308,7 @@ def _make_experts(
     activation: str,
     bias: bool,
     seed: int,
-) -> nn.Module:
+) -> GroupedExperts | ModuleListExperts:
     if experts is None:
         return GroupedExperts(num_experts, d_model, d_hidden, activation, bias, seed)
     if isinstance(experts, nn.Module) and not isinstance(experts, (nn.ModuleList, nn.Sequential)):

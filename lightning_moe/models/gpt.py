@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -151,8 +151,9 @@ class MoEGPT(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.position_embedding.weight, std=0.02)
         for block in self.blocks:
-            nn.init.normal_(block.attn.qkv.weight, std=0.02)
-            nn.init.normal_(block.attn.proj.weight, std=0.02 / math.sqrt(2 * n_layer))
+            attn = cast(Block, block).attn
+            nn.init.normal_(attn.qkv.weight, std=0.02)
+            nn.init.normal_(attn.proj.weight, std=0.02 / math.sqrt(2 * n_layer))
 
     def forward(self, idx: Tensor) -> Tensor:
         """Next-token logits at every position.
@@ -303,13 +304,17 @@ class MoEGPTModule(MoELightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for param in self.parameters():
             # Matrices (and the experts' stacked matrices) are decayed; gains and biases are not.
             (decay if param.dim() >= 2 else no_decay).append(param)
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.learning_rate,
+            [
+                {"params": decay, "weight_decay": self.hparams["weight_decay"]},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.hparams["learning_rate"],
             betas=(0.9, 0.95),
             fused=self._fused_optimizer(),
         )
@@ -348,14 +353,14 @@ class MoEGPTModule(MoELightningModule):
 
     def _lr_factor(self, step: int) -> float:
         """Multiplier of the peak learning rate at optimizer step ``step``."""
-        warmup_steps = self.hparams.warmup_steps
+        warmup_steps = self.hparams["warmup_steps"]
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         total_steps = self.trainer.estimated_stepping_batches
         if not math.isfinite(total_steps) or total_steps <= warmup_steps:
             return 1.0
         progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
-        min_ratio = self.hparams.min_lr_ratio
+        min_ratio = self.hparams["min_lr_ratio"]
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 

@@ -31,11 +31,12 @@ def sync_expert_gradients(
     params = list(expert_params)
     if not params:
         return
+    grads: list[Tensor] = []
     for param in params:
         # A rank whose experts got no token has no gradient; its replicas may have one.
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-    grads = [p.grad for p in params]
+        grads.append(param.grad)
     flat = torch.cat([g.reshape(-1) for g in grads])
     if expert_data_group is not None and dist.get_world_size(expert_data_group) > 1:
         dist.all_reduce(flat, group=expert_data_group)

@@ -28,7 +28,7 @@ def expert_parameter_names(module: nn.Module) -> list[str]:
 
     Shared experts and routers are replicated like any other parameter and are not included.
     """
-    names = []
+    names: list[str] = []
     for layer_name, layer in moe_layers(module):
         prefix = f"{layer_name}.experts." if layer_name else "experts."
         names.extend(prefix + name for name, _ in layer.experts.named_parameters())
