@@ -43,19 +43,24 @@ class TokenDispatcher(Protocol):
         ...
 
 
-class _AttachLoss(torch.autograd.Function):
-    """Identity on ``output`` whose backward also feeds ``scale`` as the gradient of ``loss``."""
+class _AttachLosses(torch.autograd.Function):
+    """Identity on ``output`` whose backward also feeds the gradient of ``sum_i weight_i * loss_i``
+    times ``scale`` to each ``loss_i``: the constant ``scale * weight_i``.
+
+    The weighted sum itself is never formed: nothing reads its value, and each term would cost a
+    kernel launch forward and backward.
+    """
 
     @staticmethod
-    def forward(ctx: Any, output: Tensor, loss: Tensor, scale: float) -> Tensor:
-        ctx.scale = scale
-        ctx.loss_shape = loss.shape
+    def forward(ctx: Any, output: Tensor, scale: float, weights: tuple[float, ...], *losses: Tensor) -> Tensor:
+        ctx.grads = [(scale * weight, loss.shape) for weight, loss in zip(weights, losses, strict=True)]
         return output
 
     @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, Tensor, None]:
-        grad_loss = torch.full(ctx.loss_shape, ctx.scale, dtype=torch.float32, device=grad_output.device)
-        return grad_output, grad_loss, None
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        device = grad_output.device
+        grad_losses = (torch.full(shape, grad, dtype=torch.float32, device=device) for grad, shape in ctx.grads)
+        return grad_output, None, None, *grad_losses
 
 
 class MoE(nn.Module):
@@ -248,11 +253,11 @@ class MoE(nn.Module):
         if not torch.is_grad_enabled():
             return out
         terms = [(self.aux_loss_weight, routing.aux_loss), (self.z_loss_weight, routing.z_loss)]
-        weighted = [weight * loss for weight, loss in terms if weight != 0 and loss.requires_grad]
-        if not weighted:
+        terms = [(weight, loss) for weight, loss in terms if weight != 0 and loss.requires_grad]
+        if not terms:
             return out
-        loss = weighted[0] if len(weighted) == 1 else weighted[0] + weighted[1]
-        return _AttachLoss.apply(out, loss, self.aux_loss_scale)
+        weights, losses = zip(*terms, strict=True)
+        return _AttachLosses.apply(out, self.aux_loss_scale, weights, *losses)
 
     def _record_stats(self, routing: Routing, kept: Routing, tokens_per_expert: Tensor) -> None:
         assignments = routing.expert_ids.numel()

@@ -199,6 +199,21 @@ def test_aux_loss_scale_multiplies_loss_gradient() -> None:
     torch.testing.assert_close(moe.router.weight.grad, 0.25 * full)
 
 
+@pytest.mark.parametrize(("aux_weight", "z_weight"), [(0.3, 0.02), (0.3, 0.0), (0.0, 0.02)])
+def test_attached_losses_give_the_gradient_of_their_weighted_sum(aux_weight: float, z_weight: float) -> None:
+    torch.manual_seed(0)
+    moe = MoE(8, num_experts=4, aux_loss_weight=aux_weight, z_loss_weight=z_weight)
+    moe.aux_loss_scale = 0.5
+    x = torch.randn(16, 8)
+    (moe(x) * 0).sum().backward()
+    attached = moe.router.weight.grad.clone()
+    moe.zero_grad()
+    routing = moe.router(x)
+    (0.5 * (aux_weight * routing.aux_loss + z_weight * routing.z_loss)).backward()
+    torch.testing.assert_close(attached, moe.router.weight.grad, rtol=1e-6, atol=1e-9)
+    assert attached.abs().sum() > 0
+
+
 class TinyExpert(nn.Module):
     def __init__(self, d_model: int = 6, hidden: int = 5) -> None:
         super().__init__()
