@@ -143,9 +143,11 @@ def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
     Returns:
         (T, E) logits; gradients flow to both inputs, each in its own dtype.
     """
-    # A half-precision weight (a model cast whole to bf16) is widened first: an (E, D) copy, small
-    # next to the tokens, and its gradient is narrowed back by autograd.
-    weight_f32 = weight_ED.float() if weight_ED.dtype in (torch.bfloat16, torch.float16) else weight_ED
+    # A half-precision weight (a model cast whole to bf16) is widened for the kernels: an (E, D)
+    # copy, small next to the tokens, and its gradient is narrowed back by autograd. Off CUDA the
+    # reference takes the weight as it is, so no copy is made there.
+    widen = weight_ED.is_cuda and weight_ED.dtype in (torch.bfloat16, torch.float16)
+    weight_f32 = weight_ED.float() if widen else weight_ED
     if kernels_accept(x_TD, weight_f32):
         return _kernel_router_logits(x_TD, weight_f32)
     return reference.router_logits(x_TD, weight_ED)
