@@ -18,10 +18,27 @@ without keeping a float32 copy of x either.
 The kernels are registered as ``torch.library`` custom ops, which ``torch.compile`` traces through;
 eager calls take the same kernels through a plain ``autograd.Function`` (see
 :mod:`lightning_moe.ops.permute`).
+
+With bfloat16 tokens and at least :data:`SPLIT_MIN_WORK` multiply-adds, the float32 product runs
+on bf16 tensor cores instead (:class:`_SplitRouterLogits`): the float32 weight is split into three
+bf16 parts ``w = w0 + w1 + w2`` (each the leading 8 significand bits of what the previous ones
+leave, together exact to float32's 24 bits), x (exactly bf16) is multiplied by all three in one
+cuBLAS GEMM with float32 accumulation and output, and the three products are added. Each product
+of a bf16 x and a bf16 part is exact in float32; what differs from ``x.float() @ w.T`` is the
+tensor cores' float32 accumulation, whose errors on an H200 were about ten times those of cuBLAS's
+float32 GEMM, and within 2^-18 of the sum of the terms' magnitudes (what the GPU tests allow): far
+below bf16 (2^-9) and TF32 (2^-11) rounding, which a router computed in the autocast dtype, or
+with TF32 matmuls allowed, would carry. The weight gradient splits the float32 logit gradient the
+same way; the token gradient, rounded to bf16 in the end, keeps the three leading terms
+``g0 w0 + g0 w1 + g1 w0`` (relative error about 2^-16). The SIMT kernels do 2 E D float32 FLOPs
+per token per pass, compute-bound with many experts; this path is bound by reading x. GPU time of
+forward + backward on an H200: 135 us against 509 us at (T, D, E) = (16384, 2048, 64); 73 against
+90 us at (16384, 1024, 8), where the split's extra host time outweighs the gain.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -33,6 +50,13 @@ from lightning_moe.ops.extension import require_extension, use_cuda_kernels
 # Above this many experts cuBLAS on a float32 copy of x wins (kRouterLogitsMaxExperts in router_logits.h).
 MAX_KERNEL_EXPERTS = 256
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# From this much work (T * D * E multiply-adds), bf16 tokens take the split-weight tensor-core
+# GEMMs (_SplitRouterLogits). Below it the GPU time they save is smaller than the host time of
+# their dozen extra small launches, which a layer of that size does not hide (measured on an H200:
+# a gain at (T, D, E) = (16384, 2048, 64), a loss at (8192, 1024, 64) and (16384, 1024, 8)).
+SPLIT_MIN_WORK = 1 << 30
+# bf16 parts of a float32 value: 3 x 8 significand bits cover float32's 24.
+FLOAT32_PARTS = 3
 
 
 def _forward(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
@@ -146,6 +170,8 @@ def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
     # A half-precision weight (a model cast whole to bf16) is widened for the kernels: an (E, D)
     # copy, small next to the tokens, and its gradient is narrowed back by autograd. Off CUDA the
     # reference takes the weight as it is, so no copy is made there.
+    if split_accepts(x_TD, weight_ED):
+        return _SplitRouterLogits.apply(x_TD.contiguous(), weight_ED.contiguous())
     widen = weight_ED.is_cuda and weight_ED.dtype in (torch.bfloat16, torch.float16)
     weight_f32 = weight_ED.float() if widen else weight_ED
     if kernels_accept(x_TD, weight_f32):
@@ -159,3 +185,109 @@ def _kernel_router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
     if torch.compiler.is_compiling():
         return torch.ops.lightning_moe.router_logits(x_TD, weight_ED)
     return _RouterLogitsFunction.apply(x_TD, weight_ED)
+
+
+def bf16_parts(t: Tensor, parts: int) -> list[Tensor]:
+    """``parts`` bf16 tensors that add up to float32 ``t``: each the leading 8 significand bits of
+    what the previous ones leave (a bf16 ``t`` is its own single part). Three parts hold float32
+    exactly, but for values whose last part falls below bf16's normal range.
+
+    The parts are cut by masking the low 16 bits of the float32 words, not by rounding casts:
+    each part is then exactly a bf16 value however a compiler fuses the casts (inductor keeps
+    float32 precision across casts inside its kernels, which would make a rounded remainder 0).
+    """
+    if t.dtype == torch.bfloat16:
+        return [t]
+    out = []
+    rest = t.float()
+    for index in range(parts):
+        part = rest if index + 1 == parts else _leading_bf16_bits(rest)
+        out.append(part.bfloat16())
+        if index + 1 < parts:
+            rest = rest - part
+    return out
+
+
+def _leading_bf16_bits(t: Tensor) -> Tensor:
+    """Float32 ``t`` with the low 16 bits of each word cleared: a bf16 value, truncated."""
+    return (t.view(torch.int32) & -65536).view(torch.float32)
+
+
+def _mm_float32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` of bf16 matrices with float32 accumulation and a float32 result."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()  # the same exact products, for CPU tests of the split maths
+
+
+def _sum_blocks(product: Tensor, blocks: int, dim: int) -> Tensor:
+    """Add the ``blocks`` equal slices of ``product`` along ``dim`` (smallest parts first)."""
+    if blocks == 1:
+        return product
+    pieces = product.chunk(blocks, dim=dim)
+    total = pieces[-1]
+    for piece in reversed(pieces[:-1]):
+        total = total + piece
+    return total
+
+
+class _SplitRouterLogits(torch.autograd.Function):
+    """Float32 logits ``x @ w.T`` of bf16 tokens on bf16 tensor cores, the weight split in parts."""
+
+    @staticmethod
+    def forward(ctx: Any, x_TD: Tensor, weight_ED: Tensor) -> Tensor:
+        weight_parts = bf16_parts(weight_ED, FLOAT32_PARTS)
+        ctx.save_for_backward(x_TD, weight_ED)
+        ctx.weight_parts = weight_parts[:2]
+        product_TPE = _mm_float32(x_TD, torch.cat(weight_parts).t())
+        return _sum_blocks(product_TPE, len(weight_parts), dim=1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_TE: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x_TD, weight_ED = ctx.saved_tensors
+        grad_parts = bf16_parts(grad_TE.float().contiguous(), FLOAT32_PARTS)
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            # g0 w0 + g0 w1 + g1 w0: the terms above bf16's rounding of the result.
+            w_parts = ctx.weight_parts
+            lhs = [grad_parts[0]] * len(w_parts) + [grad_parts[1]]
+            rhs = [*w_parts, w_parts[0]]
+            grad_x = torch.mm(torch.cat(lhs, dim=1), torch.cat(rhs))
+        if ctx.needs_input_grad[1]:
+            product_PED = _mm_float32(torch.cat(grad_parts, dim=1).t(), x_TD)
+            grad_weight = _sum_blocks(product_PED, len(grad_parts), dim=0).to(weight_ED.dtype)
+        ctx.weight_parts = None
+        return grad_x, grad_weight
+
+
+def split_accepts(x_TD: Tensor, weight_ED: Tensor) -> bool:
+    """Whether :func:`router_logits` takes the split-weight tensor-core GEMMs for these inputs:
+    2-D bf16 tokens and a float32 or bf16 (E, D) weight with T * D * E at least
+    :data:`SPLIT_MIN_WORK`, on a CUDA device where cuBLAS gives float32 results of bf16 GEMMs."""
+    return (
+        x_TD.dim() == 2
+        and weight_ED.dim() == 2
+        and x_TD.dtype == torch.bfloat16
+        and weight_ED.dtype in (torch.float32, torch.bfloat16)
+        and x_TD.shape[1] == weight_ED.shape[1]
+        and x_TD.numel() * weight_ED.shape[0] >= SPLIT_MIN_WORK
+        and x_TD.is_cuda
+        and weight_ED.is_cuda
+        and float32_output_mm_works(x_TD.device.index if x_TD.device.index is not None else torch.cuda.current_device())
+    )
+
+
+@torch.compiler.assume_constant_result
+def float32_output_mm_works(device_index: int) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for bf16 ``a``, ``b`` on this CUDA device."""
+    return _probe_float32_output_mm(device_index)
+
+
+@functools.cache
+def _probe_float32_output_mm(device_index: int) -> bool:
+    try:
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=torch.device("cuda", device_index))
+        return bool(torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32)
+    except (RuntimeError, TypeError):
+        return False

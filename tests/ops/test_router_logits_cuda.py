@@ -5,12 +5,14 @@ Shape legend: T tokens, D model dim, E experts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import Tensor
 
 from lightning_moe import ops
-from lightning_moe.ops.router_logits import router_logits
+from lightning_moe.ops.router_logits import router_logits, split_accepts
 from tests.ops.gpu_checks import DTYPE_IDS, DTYPES, GPU_MARKS, assert_close_to_gpu_oracle, poison_float_blocks
 
 pytestmark = GPU_MARKS
@@ -31,19 +33,41 @@ def router_inputs(
     return x_TD, weight_ED, grad_TE
 
 
-def assert_router_logits_close(x_TD: Tensor, weight_ED: Tensor, grad_TE: Tensor) -> None:
-    """The kernels' logits and gradients against PyTorch's float32 computation and a float64 oracle."""
+def assert_router_logits_close(
+    x_TD: Tensor, weight_ED: Tensor, grad_TE: Tensor, function: Callable[[Tensor, Tensor], Tensor] = router_logits
+) -> None:
+    """The op's logits and gradients against PyTorch's float32 computation and a float64 oracle."""
     x_TD, weight_ED = x_TD.detach().requires_grad_(), weight_ED.detach().requires_grad_()
     poison_float_blocks()
-    logits = ops.router_logits(x_TD, weight_ED)
+    logits = function(x_TD, weight_ED)
     poison_float_blocks()
     grad_x, grad_weight = torch.autograd.grad(logits, (x_TD, weight_ED), grad_TE)
     assert logits.dtype == torch.float32 and grad_weight.dtype == torch.float32 and grad_x.dtype == x_TD.dtype
     x32, weight = x_TD.detach().float(), weight_ED.detach()
     x64, weight64, grad64 = x32.double(), weight.double(), grad_TE.double()
+    if split_accepts(x_TD, weight_ED):
+        # Tensor-core float32 accumulation: allowed 2^-18 of the sum of the terms' magnitudes.
+        check = assert_close_at_tensor_core_accumulation
+        logits_terms, grad_x_terms = x64.abs() @ weight64.abs().t(), grad64.abs() @ weight64.abs()
+        grad_weight_terms = grad64.abs().t() @ x64.abs()
+        check(logits, x32 @ weight.t(), x64 @ weight64.t(), logits_terms)
+        check(grad_x, (grad_TE @ weight).to(x_TD.dtype), grad64 @ weight64, grad_x_terms)
+        check(grad_weight, grad_TE.t() @ x32, grad64.t() @ x64, grad_weight_terms)
+        return
     assert_close_to_gpu_oracle(logits, x32 @ weight.t(), x64 @ weight64.t())
     assert_close_to_gpu_oracle(grad_x, (grad_TE @ weight).to(x_TD.dtype), grad64 @ weight64)
     assert_close_to_gpu_oracle(grad_weight, grad_TE.t() @ x32, grad64.t() @ x64)
+
+
+def assert_close_at_tensor_core_accumulation(got: Tensor, torch_result: Tensor, oracle: Tensor, terms: Tensor) -> None:
+    """``got`` within twice PyTorch's float32 (or bf16-rounded) error of the float64 ``oracle``, plus
+    2^-18 of ``terms``, the sum of the absolute values of the products each element adds up."""
+    assert not got.isnan().any(), "an output element was never written"
+    if got.numel() == 0:
+        return
+    torch_error = (torch_result.double() - oracle).abs()
+    excess = (got.double() - oracle).abs() - 2 * torch_error.max() - 2.0**-18 * terms
+    assert excess.max().item() <= 0, (excess.max().item(), torch_error.max().item())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -127,7 +151,7 @@ def test_router_logits_ignore_autocast(generator: torch.Generator) -> None:
 
 def test_router_logits_of_a_half_precision_weight_take_the_kernels(generator: torch.Generator) -> None:
     """A model cast whole to bf16 still gets the kernels, its weight widened to float32."""
-    x_TD, weight_ED, grad_TE = router_inputs(4096, 1024, 8, torch.bfloat16, generator)
+    x_TD, weight_ED, grad_TE = router_inputs(4096, 1024, 8, torch.bfloat16, generator)  # below SPLIT_MIN_WORK
     weight_bf16 = weight_ED.bfloat16().requires_grad_()
     x_TD.requires_grad_()
     torch.cuda.synchronize()
@@ -142,3 +166,26 @@ def test_router_logits_of_a_half_precision_weight_take_the_kernels(generator: to
     assert_close_to_gpu_oracle(logits, x_TD.detach().float() @ weight32.t(), x64 @ weight64.t())
     expected_grad_weight = (grad_TE.t() @ x_TD.detach().float()).bfloat16()
     assert_close_to_gpu_oracle(grad_weight, expected_grad_weight, (grad64.t() @ x64).bfloat16().double())
+
+
+@pytest.mark.parametrize(("num_tokens", "dim", "num_experts"), [(32_768, 512, 64), (4096, 1024, 256)])
+def test_large_bf16_routers_take_the_tensor_core_path(
+    num_tokens: int, dim: int, num_experts: int, generator: torch.Generator
+) -> None:
+    """From SPLIT_MIN_WORK multiply-adds bf16 tokens skip the SIMT kernels, eager and compiled."""
+    from lightning_moe.ops.router_logits import SPLIT_MIN_WORK
+
+    assert num_tokens * dim * num_experts >= SPLIT_MIN_WORK
+    x_TD, weight_ED, grad_TE = router_inputs(num_tokens, dim, num_experts, torch.bfloat16, generator)
+    x_TD.requires_grad_()
+    weight_ED.requires_grad_()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        logits = router_logits(x_TD, weight_ED)
+        torch.autograd.grad(logits, (x_TD, weight_ED), grad_TE)
+        torch.cuda.synchronize()
+    names = [event.key for event in prof.key_averages()]
+    assert not any("logits_forward_kernel" in name or "logits_grad" in name for name in names), names
+    # Eager and compiled both within the tensor-core accuracy bound (inductor may fuse the part sums).
+    assert_router_logits_close(x_TD, weight_ED, grad_TE)
+    assert_router_logits_close(x_TD, weight_ED, grad_TE, torch.compile(router_logits, fullgraph=True))
