@@ -10,6 +10,7 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_moe import MoE, MoELightningModule
+from tests.parallel import strategy_scenarios as scenarios
 from tests.parallel.launch import run_on_ranks
 
 
@@ -160,17 +161,7 @@ def ddp_routing_metrics(rank: int, world_size: int) -> dict:
     generator = torch.Generator().manual_seed(rank)
     x, y = torch.randn(24, 6, generator=generator), torch.randn(24, 6, generator=generator)
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
-    trainer = Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=world_size,
-        strategy="ddp",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-    )
+    trainer = scenarios.trainer(world_size, strategy="ddp", max_epochs=1)
     trainer.fit(model, loader)
     epoch = {key: float(value) for key, value in trainer.callback_metrics.items() if key.endswith("_epoch")}
     return {"steps": model.step_metrics, "epoch": epoch}
