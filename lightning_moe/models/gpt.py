@@ -330,8 +330,11 @@ class MoEGPTModule(MoELightningModule):
         """
         if any(param.device.type not in ("cuda", "cpu") for param in self.parameters()):
             return False
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        return scaler is None or not self.trainer.gradient_clip_val
+        return not self._loss_scaling() or not self.trainer.gradient_clip_val
+
+    def _loss_scaling(self) -> bool:
+        """Whether the precision plugin scales the loss (fp16 mixed precision)."""
+        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
 
     @override
     def configure_gradient_clipping(
@@ -346,7 +349,7 @@ class MoEGPTModule(MoELightningModule):
         # norm over the experts of every rank) would.
         fused = any(group.get("fused") for group in optimizer.param_groups)
         by_norm = gradient_clip_algorithm in (None, "norm")
-        if fused and gradient_clip_val and by_norm and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+        if fused and gradient_clip_val and by_norm and not self._loss_scaling():
             self.trainer.precision_plugin.clip_grad_by_norm(optimizer, gradient_clip_val)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)

@@ -174,6 +174,11 @@ def cuda_kernels_available() -> bool:
     return load_extension() is not None
 
 
+def cuda_device_index(device: torch.device) -> int:
+    """The index of CUDA ``device``, the current device for a bare ``"cuda"``."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def use_cuda_kernels(*tensors: Tensor) -> bool:
     """Whether an op on ``tensors`` takes the CUDA kernels: all on CUDA and the extension loaded.
 

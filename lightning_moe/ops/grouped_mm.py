@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lightning_moe.ops.extension import cuda_device_index
 from lightning_moe.ops.glu import GluKind, glu
 
 # torch's fused grouped GEMM accepts fewer than this many groups.
@@ -53,8 +54,7 @@ def grouped_mm_usable(device: torch.device, dtype: torch.dtype, num_experts: int
     elements = _ALIGNMENT_BYTES * 8 // torch.finfo(dtype).bits
     if d_model % elements or d_hidden % elements:
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return grouped_mm_works(index)
+    return grouped_mm_works(cuda_device_index(device))
 
 
 @torch.compiler.assume_constant_result

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from lightning_moe.ops import reference
-from lightning_moe.ops.extension import require_extension, use_cuda_kernels
+from lightning_moe.ops.extension import cuda_device_index, require_extension, use_cuda_kernels
 
 # Above this many experts cuBLAS on a float32 copy of x wins (kRouterLogitsMaxExperts in router_logits.h).
 MAX_KERNEL_EXPERTS = 256
@@ -167,11 +167,11 @@ def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
     Returns:
         (T, E) logits; gradients flow to both inputs, each in its own dtype.
     """
+    if split_accepts(x_TD, weight_ED):
+        return _SplitRouterLogits.apply(x_TD.contiguous(), weight_ED.contiguous())
     # A half-precision weight (a model cast whole to bf16) is widened for the kernels: an (E, D)
     # copy, small next to the tokens, and its gradient is narrowed back by autograd. Off CUDA the
     # reference takes the weight as it is, so no copy is made there.
-    if split_accepts(x_TD, weight_ED):
-        return _SplitRouterLogits.apply(x_TD.contiguous(), weight_ED.contiguous())
     widen = weight_ED.is_cuda and weight_ED.dtype in (torch.bfloat16, torch.float16)
     weight_f32 = weight_ED.float() if widen else weight_ED
     if kernels_accept(x_TD, weight_f32):
@@ -274,7 +274,7 @@ def split_accepts(x_TD: Tensor, weight_ED: Tensor) -> bool:
         and x_TD.numel() * weight_ED.shape[0] >= SPLIT_MIN_WORK
         and x_TD.is_cuda
         and weight_ED.is_cuda
-        and float32_output_mm_works(x_TD.device.index if x_TD.device.index is not None else torch.cuda.current_device())
+        and float32_output_mm_works(cuda_device_index(x_TD.device))
     )
 
 
