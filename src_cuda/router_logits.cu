@@ -23,6 +23,7 @@
 // Rows whose start is not 16-byte aligned (D not a multiple of 16 bytes of x, or an offset view)
 // take the same kernels with element-by-element loads.
 
+#include "router_logits_few.h"
 #include "router_logits_tiles.cuh"
 
 namespace lightning_moe {
@@ -191,6 +192,10 @@ at::Tensor router_logits_forward(const at::Tensor& x, const at::Tensor& weight) 
   const int64_t num_tokens = x.size(0), dim = x.size(1), num_experts = weight.size(0);
   if (num_tokens == 0 || dim == 0) return at::zeros({num_tokens, num_experts}, weight.options());
   at::Tensor logits = at::empty({num_tokens, num_experts}, weight.options());
+  if (few_experts_kernels_take(num_experts, dim, x.data_ptr(), weight.data_ptr())) {
+    few_experts_logits_forward(x, weight, logits);
+    return logits;
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const float* w = weight.data_ptr<float>();
   dispatch_row_dtype(x.scalar_type(), [&](auto tag) {

@@ -1,6 +1,7 @@
 // The router logits' gradients, grad_x = g . w and grad_weight = g^T . x; router_logits.cu describes
 // the design the three kernels share.
 
+#include "router_logits_few.h"
 #include "router_logits_tiles.cuh"
 
 namespace lightning_moe {
@@ -246,6 +247,10 @@ at::Tensor router_logits_grad_x(const at::Tensor& grad_logits, const at::Tensor&
   const int64_t num_tokens = grad_logits.size(0), num_experts = weight.size(0), dim = weight.size(1);
   at::Tensor grad_x = at::empty({num_tokens, dim}, weight.options().dtype(x_dtype));
   if (num_tokens == 0 || dim == 0) return grad_x;
+  if (few_experts_kernels_take(num_experts, dim, grad_x.data_ptr(), weight.data_ptr())) {
+    few_experts_logits_grad_x(grad_logits, weight, grad_x);
+    return grad_x;
+  }
   const float* g = grad_logits.data_ptr<float>();
   const float* w = weight.data_ptr<float>();
   const dim3 grid(static_cast<unsigned>(ceil_div(num_tokens, kGradXBM)),

@@ -62,14 +62,22 @@ def assert_close_to_oracle(got: Tensor, same_dtype_torch: Tensor, oracle: Tensor
 
 
 def assert_close_to_gpu_oracle(got: Tensor, same_dtype_torch: Tensor, oracle: Tensor) -> None:
-    """:func:`assert_close_to_oracle` with the float64 oracle left on the GPU (large shapes)."""
+    """:func:`assert_close_to_oracle` with the float64 oracle left on the GPU (large shapes).
+
+    A bfloat16 or float16 result may also be one unit in its last place from the oracle, element by
+    element: rounded from a float32 sum whose last bits differ from PyTorch's, it can round the
+    other way, and PyTorch's largest error may sit at an element of smaller magnitude.
+    """
     assert not got.isnan().any(), "an output element was never written"
     if got.numel() == 0:
         return
-    got_error = (got.double() - oracle).abs().max().item()
+    error = (got.double() - oracle).abs()
     torch_error = (same_dtype_torch.double() - oracle).abs().max().item()
     scale = oracle.abs().max().item()
-    assert got_error <= 2 * torch_error + 1e-6 * max(scale, 1.0), (got_error, torch_error)
+    allowed = 2 * torch_error + 1e-6 * max(scale, 1.0)
+    if got.dtype in (torch.bfloat16, torch.float16):
+        error = error - torch.finfo(got.dtype).eps * oracle.abs()  # eps * |v| is at least one ulp of v
+    assert error.max().item() <= allowed, (error.max().item(), torch_error)
 
 
 def routing_inputs(

@@ -20,7 +20,7 @@ pytestmark = GPU_MARKS
 
 ROUTER_TOKENS = [0, 1, 37, 16_384]
 ROUTER_DIMS = [8, 1000, 1024, 2048]
-ROUTER_EXPERTS = [1, 2, 8, 64, 160, 256]
+ROUTER_EXPERTS = [1, 2, 5, 8, 64, 160, 256]
 
 
 def router_inputs(
@@ -94,6 +94,33 @@ def test_router_logits_of_unaligned_tokens(layout: str, dtype: torch.dtype, gene
         x_TD = x_TD[:, : 2 * dim : 2]
         weight = weight_ED[:, :dim]
     assert_router_logits_close(x_TD, weight, grad_TE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    ("dim", "num_experts", "few_kernels"),
+    [(4096, 8, True), (4104, 8, False), (8192, 4, True), (16, 3, True), (1020, 7, False)],
+    ids=["largest_weight", "weight_too_large", "four_experts", "short_rows", "dim_not_multiple_of_8"],
+)
+def test_routers_of_few_experts_take_the_streaming_kernels(
+    dim: int, num_experts: int, few_kernels: bool, dtype: torch.dtype, generator: torch.Generator
+) -> None:
+    """Up to 8 experts whose padded weight fits in 128 KiB of shared memory, with D a multiple of 8,
+    take the few-experts kernels; the rest the tiled ones; both within float32 accuracy."""
+    x_TD, weight_ED, grad_TE = router_inputs(3000, dim, num_experts, dtype, generator)
+    x_TD.requires_grad_()
+    weight_ED.requires_grad_()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        logits = router_logits(x_TD, weight_ED)
+        torch.autograd.grad(logits, (x_TD, weight_ED), grad_TE)
+        torch.cuda.synchronize()
+    names = [event.key for event in prof.key_averages()]
+    ran = {
+        kernel: any(f"few_experts_logits_{kernel}_kernel" in name for name in names) for kernel in ("forward", "grad_x")
+    }
+    assert ran == {"forward": few_kernels, "grad_x": few_kernels}, names
+    assert_router_logits_close(x_TD, weight_ED, grad_TE)
 
 
 @pytest.mark.parametrize(
