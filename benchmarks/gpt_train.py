@@ -1,13 +1,13 @@
 """Training throughput of the built-in GPT: MoE feed-forwards against dense ones of equal active size.
 
-    python benchmarks/gpt_train.py [--size default,large] [--steps 60] [--warmup 20] [--profile] [--compile]
+    python benchmarks/gpt_train.py [--size default,large] [--steps 60] [--warmup 20] [--profile] [--compile [MODE]]
 
 Both models are :class:`~lightning_moe.models.gpt.MoEGPTModule` trained by a Lightning ``Trainer``
 on one GPU under ``bf16-mixed`` on the built-in byte corpus; the dense one has each block's MoE
 replaced by one GELU MLP of hidden size ``top_k * d_hidden``, so a token passes through the same
 number of feed-forward weights in both. Tokens/s counts the optimizer steps after ``--warmup``.
 ``--compile`` builds both with ``compile_model=True`` (``torch.compile``; the warm-up steps then
-include the compilation).
+include the compilation), ``--compile reduce-overhead`` with that mode (CUDA graphs).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lightning_moe import ops
 from lightning_moe.data import ByteCorpusDataModule
-from lightning_moe.models.gpt import MoEGPTModule
+from lightning_moe.models.gpt import CompileMode, MoEGPTModule
 
 SIZES: dict[str, dict[str, Any]] = {
     # The model `lightning-moe fit` trains by default.
@@ -78,7 +78,12 @@ class Throughput(L.Callback):
 
 
 def tokens_per_second(
-    size: dict[str, Any], dense: bool, steps: int, warmup: int, profile: bool = False, compile_model: bool = False
+    size: dict[str, Any],
+    dense: bool,
+    steps: int,
+    warmup: int,
+    profile: bool = False,
+    compile_model: bool | CompileMode = False,
 ) -> float:
     L.seed_everything(0, verbose=False)
     model_args = {k: v for k, v in size.items() if k != "batch_size"}
@@ -112,7 +117,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--profile", action="store_true", help="list each model's largest GPU kernels")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="MODE",
+        help="torch.compile both models, in MODE if given (e.g. reduce-overhead: CUDA graphs)",
+    )
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA kernels: {ops.cuda_kernels_available()}")
     print(f"{'size':<10}{'dense tok/s':>14}{'MoE tok/s':>14}{'MoE/dense':>11}")

@@ -71,6 +71,12 @@ def test_options_override_the_defaults(capsys):
     assert config["data"]["block_size"] == 64
 
 
+@pytest.mark.parametrize(("value", "expected"), [("true", True), ("reduce-overhead", "reduce-overhead")])
+def test_compile_model_takes_a_flag_or_a_mode(capsys, value, expected):
+    config = printed_config(capsys, ["fit", f"--model.compile_model={value}", "--print_config"])
+    assert config["model"]["compile_model"] == expected
+
+
 def test_example_config_is_the_default_run(capsys):
     from_file = printed_config(capsys, ["fit", "--config", str(EXAMPLE_CONFIG), "--print_config"])
     defaults = printed_config(capsys, ["fit", "--print_config"])

@@ -192,3 +192,18 @@ def test_compiled_model_gives_the_eager_loss_and_gradients_and_keeps_checkpoint_
     assert compiled.model._compiled_call_impl is not None
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("compile_model", "kwargs"), [(True, {}), ("reduce-overhead", {"mode": "reduce-overhead"})])
+def test_compile_model_takes_a_torch_compile_mode(
+    compile_model: bool | str, kwargs: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    monkeypatch.setattr(MoEGPT, "compile", lambda self, **options: calls.append(options))
+    MoEGPTModule(**TINY, compile_model=compile_model)
+    assert calls == [kwargs]
+
+
+def test_an_unknown_compile_mode_is_refused_with_the_choices() -> None:
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        MoEGPTModule(**TINY, compile_model="fast")  # type: ignore[arg-type]
