@@ -14,7 +14,9 @@ constexpr int64_t kRouterLogitsMaxExperts = 256;
 
 // logits[t, e] = sum over d of float(x[t, d]) * weight[e, d], accumulated in float32.
 //
-// x is read in its own dtype, each element once per 64 experts. When the tokens alone do not give
+// x is read in its own dtype, each element once per 64 experts; with few experts (1 to
+// kFewExpertsMax, D a multiple of 8 whose weight fits in shared memory) once, by the kernel of
+// router_logits_few.cu, whose order of summation is also fixed. When the tokens alone do not give
 // enough blocks to fill the GPU, D is cut into pieces whose partial sums are added in a fixed order
 // by a second kernel, so the result is the same on every run.
 //
@@ -27,7 +29,7 @@ constexpr int64_t kRouterLogitsMaxExperts = 256;
 at::Tensor router_logits_forward(const at::Tensor& x, const at::Tensor& weight);
 
 // grad_x[t, d] = sum over e of grad_logits[t, e] * weight[e, d], accumulated in float32 and rounded
-// once to `x_dtype`.
+// once to `x_dtype`; with few experts by the kernel of router_logits_few.cu.
 //
 // Args:
 //   grad_logits: (T, E) float32 CUDA tensor, contiguous.

@@ -13,7 +13,8 @@ constexpr int64_t kFewExpertsMax = 8;
 
 // Whether the few-experts kernels take E experts of D columns with these row and weight pointers:
 // 1 <= E <= kFewExpertsMax, D a positive multiple of 8 whose padded weight fits in shared memory
-// (D <= 4096 for 5 to 8 experts), rows and weight 16-byte aligned.
+// (D <= 4096 for 5 to 8 experts, 8192 for 3 or 4, 16384 for 2, 32768 for 1), rows and weight 16-byte
+// aligned.
 bool few_experts_kernels_take(int64_t num_experts, int64_t dim, const void* rows, const void* weight);
 
 // logits (T, E) float32 = x (T, D) . weight (E, D)^T, into `logits`.

@@ -8,7 +8,9 @@ float32 weight, computed by the kernels of ``src_cuda/router_logits.cu``: x is r
 is summed over chunks of tokens in a fixed order (no atomics, the same result on every run), and
 nothing synchronises with the host. The kernels take 1 to :data:`MAX_KERNEL_EXPERTS` experts and
 any D; they are fastest when rows of x are 16 bytes aligned (D a multiple of 8 in bfloat16 or
-float16, of 4 in float32).
+float16, of 4 in float32). With at most 8 experts and D a multiple of 8 (up to 4096 for 5 to 8
+experts), the forward and ``grad_x`` hold the weight in shared memory and stream x, or ``grad_x``,
+through once (``src_cuda/router_logits_few.cu``), at memory speed.
 
 :func:`router_logits` takes the kernels when :func:`kernels_accept` the inputs (a bfloat16 or
 float16 weight is widened to float32 first), and :func:`lightning_moe.ops.reference.router_logits`
