@@ -3,11 +3,12 @@
 // With E <= 8 each pass is bound by moving x (or grad_x) through memory; the tiled kernels of
 // router_logits.cu spend more time staging float32 tiles in shared memory than reading x. Here the
 // whole float32 weight sits in shared memory (kE * D floats, kE the expert count rounded up to a
-// power of two, zero rows past E) and x is read straight from global memory: eight lanes share a
-// token, lane j taking the 8-element chunks j, j + 8, ... of its row, so a group reads 128
-// contiguous bytes (bf16) per step. Per chunk a lane multiplies its 8 elements by the kE weight
-// rows held at that chunk, read as float4 pairs laid out [expert][half][chunk] so that a group's
-// reads are 128 contiguous bytes too (the warp's four groups read the same addresses).
+// power of two, zero rows past E) and x is read straight from global memory: a group of eight
+// lanes takes two tokens, lane j the 8-element chunks j, j + 8, ... of both rows, so a group reads
+// 128 contiguous bytes (bf16) of each row per step. Per chunk a lane reads the kE weight rows at
+// that chunk as float4 pairs, laid out [expert][half][chunk] so that a group's reads are 128
+// contiguous bytes too, and uses them for both tokens: at E = 8 the weight moves 32 bytes from
+// shared memory per element of x, which one token per read would make the bound.
 //
 // forward: each lane sums its chunks in order, then the group adds its lanes' sums by a fixed
 // butterfly (xor 4, 2, 1); grad_x: each chunk of grad_x is sum over e of g[t, e] * w[e, chunk], e in
