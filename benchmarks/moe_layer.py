@@ -19,7 +19,12 @@ swiglu) x 2*T*K*D*F. Memory: the peak allocated during one step above
 what was allocated before it (weights, input, upstream gradient). The last config, one expert with
 top-1, compares the layer with the plain dense FFN it would replace.
 
-    python benchmarks/moe_layer.py [--configs 1,4,6] [--iters 10] [--impls dense,ops,MoE] [--activation swiglu]
+``--rounds R`` measures all the implementations of a config R times in turn and prints the median
+time, the median of the R ratios to dense and their range: drifts of the GPU's speed then touch
+dense and the layer alike, and the range shows how far one run's ratio can be trusted.
+
+    python benchmarks/moe_layer.py [--configs 1,4,6] [--iters 10] [--rounds 1] [--impls dense,ops,MoE]
+        [--activation swiglu]
 """
 
 from __future__ import annotations
@@ -243,15 +248,29 @@ def run_config(config: Config, names: list[str], warmup: int, iters: int, activa
     return results
 
 
-def print_table(config: Config, results: dict[str, Result], activation: str) -> None:
-    dense = results.get("dense")
+def print_table(config: Config, rounds: list[dict[str, Result]], activation: str) -> None:
+    """One row per implementation: median time over the rounds, TFLOP/s, the median of the rounds'
+    ratios to dense (and their range, with several rounds) and the largest peak memory."""
     gemms = 3 if activation == "swiglu" else 2
+    spread = len(rounds) > 1
     print(f"\nconfig (T, D, F, E, K) = ({config})" + ("" if activation == "gelu" else f", {activation}"))
-    print(f"{'impl':<12}{'ms':>10}{'TFLOP/s':>10}{'vs dense':>10}{'peak GiB':>10}")
-    for name, result in results.items():
-        tflops = config.flops(gemms) / result.milliseconds / 1e9
-        ratio = f"{dense.milliseconds / result.milliseconds:.2f}" if dense else "-"
-        print(f"{name:<12}{result.milliseconds:>10.2f}{tflops:>10.0f}{ratio:>10}{result.peak_gib:>10.2f}")
+    print(
+        f"{'impl':<12}{'ms':>10}{'TFLOP/s':>10}{'vs dense':>10}"
+        + (f"{'range':>12}" if spread else "")
+        + f"{'peak GiB':>10}"
+    )
+    for name in rounds[0]:
+        milliseconds = statistics.median(result[name].milliseconds for result in rounds)
+        peak_gib = max(result[name].peak_gib for result in rounds)
+        tflops = config.flops(gemms) / milliseconds / 1e9
+        ratios = [result["dense"].milliseconds / result[name].milliseconds for result in rounds if "dense" in result]
+        ratio = f"{statistics.median(ratios):.2f}" if ratios else "-"
+        span = f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "-"
+        print(
+            f"{name:<12}{milliseconds:>10.2f}{tflops:>10.0f}{ratio:>10}"
+            + (f"{span:>12}" if spread else "")
+            + f"{peak_gib:>10.2f}"
+        )
 
 
 def main() -> None:
@@ -261,7 +280,12 @@ def main() -> None:
     parser.add_argument("--activation", default="gelu", choices=ACTIVATIONS, help="expert activation (default gelu)")
     parser.add_argument("--iters", type=int, default=10, help="timed steps per implementation (median)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure every implementation this many times, in turn (median)"
+    )
     args = parser.parse_args()
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1, got {args.rounds}.")
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/moe_layer.py needs a CUDA GPU.")
     chosen = CONFIGS if args.configs == "all" else [CONFIGS[int(i) - 1] for i in args.configs.split(",")]
@@ -273,7 +297,8 @@ def main() -> None:
         raise SystemExit(f"--impls {sorted(unknown)} not with --activation {args.activation}; choose from {choices}")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA kernels: {ops.cuda_kernels_available()}")
     for config in chosen:
-        print_table(config, run_config(config, names, args.warmup, args.iters, args.activation), args.activation)
+        rounds = [run_config(config, names, args.warmup, args.iters, args.activation) for _ in range(args.rounds)]
+        print_table(config, rounds, args.activation)
 
 
 if __name__ == "__main__":
