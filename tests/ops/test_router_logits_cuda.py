@@ -59,6 +59,18 @@ def assert_router_logits_close(
     assert_close_to_gpu_oracle(grad_weight, grad_TE.t() @ x32, grad64.t() @ x64)
 
 
+def profiled_step(x_TD: Tensor, weight_ED: Tensor, grad_TE: Tensor) -> tuple[list[str], list[Tensor]]:
+    """The names of the CUDA kernels that :func:`router_logits` forward + backward launch, and its
+    logits, ``grad_x`` and ``grad_weight``."""
+    x_TD, weight_ED = x_TD.detach().requires_grad_(), weight_ED.detach().requires_grad_()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        logits = router_logits(x_TD, weight_ED)
+        grads = torch.autograd.grad(logits, (x_TD, weight_ED), grad_TE)
+        torch.cuda.synchronize()
+    return [event.key for event in prof.key_averages()], [logits, *grads]
+
+
 def assert_close_at_tensor_core_accumulation(got: Tensor, torch_result: Tensor, oracle: Tensor, terms: Tensor) -> None:
     """``got`` within twice PyTorch's float32 (or bf16-rounded) error of the float64 ``oracle``, plus
     2^-18 of ``terms``, the sum of the absolute values of the products each element adds up."""
@@ -108,14 +120,7 @@ def test_routers_of_few_experts_take_the_streaming_kernels(
     """Up to 8 experts whose padded weight fits in 128 KiB of shared memory, with D a multiple of 8,
     take the few-experts kernels; the rest the tiled ones; both within float32 accuracy."""
     x_TD, weight_ED, grad_TE = router_inputs(3000, dim, num_experts, dtype, generator)
-    x_TD.requires_grad_()
-    weight_ED.requires_grad_()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        logits = router_logits(x_TD, weight_ED)
-        torch.autograd.grad(logits, (x_TD, weight_ED), grad_TE)
-        torch.cuda.synchronize()
-    names = [event.key for event in prof.key_averages()]
+    names, _ = profiled_step(x_TD, weight_ED, grad_TE)
     ran = {
         kernel: any(f"few_experts_logits_{kernel}_kernel" in name for name in names) for kernel in ("forward", "grad_x")
     }
@@ -179,19 +184,14 @@ def test_router_logits_ignore_autocast(generator: torch.Generator) -> None:
 def test_router_logits_of_a_half_precision_weight_take_the_kernels(generator: torch.Generator) -> None:
     """A model cast whole to bf16 still gets the kernels, its weight widened to float32."""
     x_TD, weight_ED, grad_TE = router_inputs(4096, 1024, 8, torch.bfloat16, generator)  # below SPLIT_MIN_WORK
-    weight_bf16 = weight_ED.bfloat16().requires_grad_()
-    x_TD.requires_grad_()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        logits = router_logits(x_TD, weight_bf16)
-        grad_x, grad_weight = torch.autograd.grad(logits, (x_TD, weight_bf16), grad_TE)
-        torch.cuda.synchronize()
-    assert any("logits_forward_kernel" in event.key for event in prof.key_averages()), "the kernels did not run"
+    weight_bf16 = weight_ED.bfloat16()
+    names, (logits, grad_x, grad_weight) = profiled_step(x_TD, weight_bf16, grad_TE)
+    assert any("logits_forward_kernel" in name for name in names), "the kernels did not run"
     assert logits.dtype == torch.float32 and grad_weight.dtype == torch.bfloat16 and grad_x.dtype == torch.bfloat16
-    weight32 = weight_bf16.detach().float()
-    x64, weight64, grad64 = x_TD.detach().double(), weight32.double(), grad_TE.double()
-    assert_close_to_gpu_oracle(logits, x_TD.detach().float() @ weight32.t(), x64 @ weight64.t())
-    expected_grad_weight = (grad_TE.t() @ x_TD.detach().float()).bfloat16()
+    weight32 = weight_bf16.float()
+    x64, weight64, grad64 = x_TD.double(), weight32.double(), grad_TE.double()
+    assert_close_to_gpu_oracle(logits, x_TD.float() @ weight32.t(), x64 @ weight64.t())
+    expected_grad_weight = (grad_TE.t() @ x_TD.float()).bfloat16()
     assert_close_to_gpu_oracle(grad_weight, expected_grad_weight, (grad64.t() @ x64).bfloat16().double())
 
 
@@ -204,14 +204,7 @@ def test_large_bf16_routers_take_the_tensor_core_path(
 
     assert num_tokens * dim * num_experts >= SPLIT_MIN_WORK
     x_TD, weight_ED, grad_TE = router_inputs(num_tokens, dim, num_experts, torch.bfloat16, generator)
-    x_TD.requires_grad_()
-    weight_ED.requires_grad_()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        logits = router_logits(x_TD, weight_ED)
-        torch.autograd.grad(logits, (x_TD, weight_ED), grad_TE)
-        torch.cuda.synchronize()
-    names = [event.key for event in prof.key_averages()]
+    names, _ = profiled_step(x_TD, weight_ED, grad_TE)
     assert not any("logits_forward_kernel" in name or "logits_grad" in name for name in names), names
     # Eager and compiled both within the tensor-core accuracy bound (inductor may fuse the part sums).
     assert_router_logits_close(x_TD, weight_ED, grad_TE)
