@@ -285,6 +285,10 @@ at::Tensor router_logits_grad_weight(const at::Tensor& grad_logits, const at::Te
   const c10::cuda::CUDAGuard guard(x.device());
   if (num_tokens == 0 || dim == 0) return at::zeros({num_experts, dim}, grad_logits.options());
   at::Tensor grad_weight = at::empty({num_experts, dim}, grad_logits.options());
+  if (few_experts_kernels_take(num_experts, dim, x.data_ptr(), grad_weight.data_ptr())) {
+    few_experts_logits_grad_weight(grad_logits, x, grad_weight);
+    return grad_weight;
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const float* g = grad_logits.data_ptr<float>();
   dispatch_row_dtype(x.scalar_type(), [&](auto tag) {

@@ -1,4 +1,5 @@
-// router_logits for routers of at most 8 experts: the forward and grad_x passes as streams over x.
+// router_logits for routers of at most 8 experts: the forward, grad_x and grad_weight passes as
+// streams over x (grad_weight is described at its kernel).
 //
 // With E <= 8 each pass is bound by moving x (or grad_x) through memory; the tiled kernels of
 // router_logits.cu spend more time staging float32 tiles in shared memory than reading x. Here the
@@ -224,6 +225,93 @@ __global__ void __launch_bounds__(kFewThreads, kFewMinBlocks) few_experts_logits
   }
 }
 
+// grad_weight (E, D) = g^T (E, T) . x (T, D): a block takes 32 chunks of columns (a lane each) over
+// one piece of the tokens, in tiles of kGradTile tokens whose gradient rows it first copies to
+// shared memory; its 8 warps take tokens w, w + 8, ... of a tile, kInFlight tokens' chunks loaded
+// before any is used, so that each warp has that many reads in flight. Each lane keeps the kE x 8
+// sums of its chunk in registers, adding tokens in order. The warps' sums are added in warp order
+// through shared memory, the pieces by sum_pieces_kernel in piece order.
+constexpr int kGradWeightWarps = kFewThreads / 32;
+constexpr int kGradTile = 256;
+
+template <typename T, int kE>
+__global__ void __launch_bounds__(kFewThreads, 2) few_experts_logits_grad_weight_kernel(
+    const float* __restrict__ grad, const T* __restrict__ x, float* __restrict__ out, int64_t num_tokens,
+    int num_experts, int64_t dim, int64_t tokens_per_piece) {
+  // Four 16-byte reads in flight per lane for bf16 / fp16 rows, two 32-byte ones for float32.
+  constexpr int kInFlight = sizeof(T) == 4 ? 2 : 4;
+  constexpr int kStride = kGradWeightWarps;
+  __shared__ __align__(16) float g_s[kGradTile][kE];
+  __shared__ __align__(16) float warp_sums[kGradWeightWarps][32][kChunk];
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int chunks = static_cast<int>(dim / kChunk);
+  const int c = blockIdx.x * 32 + lane;
+  const bool active = c < chunks;
+  const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * tokens_per_piece;
+  const int64_t t_end = std::min(num_tokens, t_begin + tokens_per_piece);
+  const T* x_c = x + c * kChunk;
+
+  float acc[kE][kChunk] = {};
+  auto accumulate = [&](int r, const RawChunk<T>& raw) {
+    float xs[kChunk];
+    to_floats(raw, xs);
+#pragma unroll
+    for (int e = 0; e < kE; ++e) {
+      const float g = g_s[r][e];
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) acc[e][i] = fmaf(g, xs[i], acc[e][i]);
+    }
+  };
+#pragma unroll 1
+  for (int64_t tile = t_begin; tile < t_end; tile += kGradTile) {
+    const int rows = static_cast<int>(std::min<int64_t>(kGradTile, t_end - tile));
+    __syncthreads();  // the previous tile's rows are used up
+    for (int i = threadIdx.x; i < kGradTile * kE; i += kFewThreads) {
+      const int r = i / kE;
+      const int e = i % kE;
+      g_s[r][e] = r < rows && e < num_experts ? grad[(tile + r) * num_experts + e] : 0.f;
+    }
+    __syncthreads();
+    int r = warp;
+#pragma unroll 1
+    for (; r + (kInFlight - 1) * kStride < rows; r += kInFlight * kStride) {
+      RawChunk<T> raw[kInFlight];
+#pragma unroll
+      for (int j = 0; j < kInFlight; ++j) {
+        if (active) raw[j] = load_chunk(x_c + (tile + r + j * kStride) * dim);
+      }
+#pragma unroll
+      for (int j = 0; j < kInFlight; ++j) accumulate(r + j * kStride, raw[j]);
+    }
+#pragma unroll 1
+    for (; r < rows; r += kStride) {
+      RawChunk<T> raw{};
+      if (active) raw = load_chunk(x_c + (tile + r) * dim);
+      accumulate(r, raw);
+    }
+  }
+
+  float* piece_out = out + static_cast<int64_t>(blockIdx.y) * num_experts * dim;
+#pragma unroll
+  for (int e = 0; e < kE; ++e) {
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) warp_sums[warp][lane][i] = acc[e][i];
+    __syncthreads();
+    if (warp == 0 && active && e < num_experts) {
+      float total[kChunk];
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) total[i] = warp_sums[0][lane][i];
+      for (int w = 1; w < kGradWeightWarps; ++w) {
+#pragma unroll
+        for (int i = 0; i < kChunk; ++i) total[i] += warp_sums[w][lane][i];
+      }
+      store_chunk<float>(piece_out + e * dim + c * kChunk, total);
+    }
+    __syncthreads();
+  }
+}
+
 // Raises a kernel's dynamic shared memory limit to kFewMaxWeightBytes, once per device.
 template <auto kKernel>
 void allow_weight_in_shared_memory() {
@@ -269,18 +357,30 @@ unsigned few_grid(int64_t num_tokens, int64_t smem) {
   return static_cast<unsigned>(std::min(ceil_div(num_tokens, kTokensPerBlock), per_sm * sm.sms));
 }
 
-// Calls fn(std::integral_constant<int, kE>{}) with E rounded up to 1, 2, 4 or 8.
+// Calls fn(T{}, std::integral_constant<int, kE>{}) for the C++ type T of `dtype` and E rounded up
+// to kE = 1, 2, 4 or 8.
 template <typename Fn>
-void dispatch_few_experts(int64_t num_experts, Fn&& fn) {
-  if (num_experts <= 1) {
-    fn(std::integral_constant<int, 1>{});
-  } else if (num_experts <= 2) {
-    fn(std::integral_constant<int, 2>{});
-  } else if (num_experts <= 4) {
-    fn(std::integral_constant<int, 4>{});
-  } else {
-    fn(std::integral_constant<int, 8>{});
-  }
+void dispatch_rows_and_experts(at::ScalarType dtype, int64_t num_experts, Fn&& fn) {
+  dispatch_row_dtype(dtype, [&](auto tag) {
+    if (num_experts <= 1) {
+      fn(tag, std::integral_constant<int, 1>{});
+    } else if (num_experts <= 2) {
+      fn(tag, std::integral_constant<int, 2>{});
+    } else if (num_experts <= 4) {
+      fn(tag, std::integral_constant<int, 4>{});
+    } else {
+      fn(tag, std::integral_constant<int, 8>{});
+    }
+  });
+}
+
+// Launches kKernel, which holds a kE x D weight in dynamic shared memory, over `num_tokens` tokens.
+template <auto kKernel, int kE, typename... Args>
+void launch_with_weight(int64_t num_tokens, int64_t dim, Args... args) {
+  const int64_t smem = weight_bytes<kE>(dim);
+  allow_weight_in_shared_memory<kKernel>();
+  kKernel<<<few_grid(num_tokens, smem), kFewThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 int64_t padded_experts(int64_t num_experts) {
@@ -299,38 +399,53 @@ bool few_experts_kernels_take(int64_t num_experts, int64_t dim, const void* rows
 
 void few_experts_logits_forward(const at::Tensor& x, const at::Tensor& weight, at::Tensor& logits) {
   const int64_t num_tokens = x.size(0), dim = x.size(1), num_experts = weight.size(0);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_row_dtype(x.scalar_type(), [&](auto tag) {
+  dispatch_rows_and_experts(x.scalar_type(), num_experts, [&](auto tag, auto experts) {
     using T = decltype(tag);
-    dispatch_few_experts(num_experts, [&](auto experts) {
-      constexpr int kE = decltype(experts)::value;
-      constexpr auto kernel = few_experts_logits_forward_kernel<T, kE>;
-      const int64_t smem = weight_bytes<kE>(dim);
-      allow_weight_in_shared_memory<kernel>();
-      kernel<<<few_grid(num_tokens, smem), kFewThreads, smem, stream>>>(
-          x.data_ptr<T>(), weight.data_ptr<float>(), logits.data_ptr<float>(), num_tokens,
-          static_cast<int>(num_experts), dim);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    constexpr int kE = decltype(experts)::value;
+    launch_with_weight<few_experts_logits_forward_kernel<T, kE>, kE>(
+        num_tokens, dim, x.data_ptr<T>(), weight.data_ptr<float>(), logits.data_ptr<float>(), num_tokens,
+        static_cast<int>(num_experts), dim);
   });
 }
 
 void few_experts_logits_grad_x(const at::Tensor& grad_logits, const at::Tensor& weight, at::Tensor& grad_x) {
   const int64_t num_tokens = grad_logits.size(0), num_experts = weight.size(0), dim = weight.size(1);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_row_dtype(grad_x.scalar_type(), [&](auto tag) {
+  dispatch_rows_and_experts(grad_x.scalar_type(), num_experts, [&](auto tag, auto experts) {
     using T = decltype(tag);
-    dispatch_few_experts(num_experts, [&](auto experts) {
-      constexpr int kE = decltype(experts)::value;
-      constexpr auto kernel = few_experts_logits_grad_x_kernel<T, kE>;
-      const int64_t smem = weight_bytes<kE>(dim);
-      allow_weight_in_shared_memory<kernel>();
-      kernel<<<few_grid(num_tokens, smem), kFewThreads, smem, stream>>>(
-          grad_logits.data_ptr<float>(), weight.data_ptr<float>(), grad_x.data_ptr<T>(), num_tokens,
-          static_cast<int>(num_experts), dim);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    constexpr int kE = decltype(experts)::value;
+    launch_with_weight<few_experts_logits_grad_x_kernel<T, kE>, kE>(
+        num_tokens, dim, grad_logits.data_ptr<float>(), weight.data_ptr<float>(), grad_x.data_ptr<T>(), num_tokens,
+        static_cast<int>(num_experts), dim);
   });
+}
+
+void few_experts_logits_grad_weight(const at::Tensor& grad_logits, const at::Tensor& x, at::Tensor& grad_weight) {
+  const int64_t num_tokens = x.size(0), dim = x.size(1), num_experts = grad_logits.size(1);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t column_blocks = ceil_div(dim / kChunk, 32);
+  // Pieces enough for two blocks on each of kNominalSms SMs, of at least 16 tokens a warp: a
+  // function of the shapes only, so the sums are the same on every GPU and run.
+  const int64_t min_tokens = int64_t{16} * kGradWeightWarps;
+  const int64_t wanted = std::clamp<int64_t>(ceil_div(2 * kNominalSms, column_blocks), 1,
+                                             std::max<int64_t>(1, num_tokens / min_tokens));
+  const int64_t tokens_per_piece = ceil_div(ceil_div(num_tokens, wanted), kGradWeightWarps) * kGradWeightWarps;
+  const int64_t pieces = ceil_div(num_tokens, tokens_per_piece);
+  at::Tensor buffer;
+  float* out = grad_weight.data_ptr<float>();
+  if (pieces > 1) {
+    buffer = at::empty({pieces, num_experts, dim}, grad_weight.options());
+    out = buffer.data_ptr<float>();
+  }
+  const dim3 grid(static_cast<unsigned>(column_blocks), static_cast<unsigned>(pieces));
+  dispatch_rows_and_experts(x.scalar_type(), num_experts, [&](auto tag, auto experts) {
+    using T = decltype(tag);
+    constexpr int kE = decltype(experts)::value;
+    few_experts_logits_grad_weight_kernel<T, kE><<<grid, kFewThreads, 0, stream>>>(
+        grad_logits.data_ptr<float>(), x.data_ptr<T>(), out, num_tokens, static_cast<int>(num_experts), dim,
+        tokens_per_piece);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (pieces > 1) launch_sum_pieces(out, grad_weight.data_ptr<float>(), num_experts * dim, pieces, stream);
 }
 
 }  // namespace lightning_moe

@@ -1,6 +1,6 @@
-// router_logits for routers of at most kFewExpertsMax experts: forward and grad_x as single passes
-// over the tokens, the weight held in shared memory (router_logits_few.cu). Called by
-// router_logits_forward and router_logits_grad_x, which check their arguments first.
+// router_logits for routers of at most kFewExpertsMax experts: forward, grad_x and grad_weight as
+// single passes over the tokens (router_logits_few.cu). Called by router_logits_forward,
+// router_logits_grad_x and router_logits_grad_weight, which check their arguments first.
 #pragma once
 
 #include <cstdint>
@@ -22,5 +22,9 @@ void few_experts_logits_forward(const at::Tensor& x, const at::Tensor& weight, a
 
 // grad_x (T, D) in its dtype = grad_logits (T, E) . weight (E, D), into `grad_x`.
 void few_experts_logits_grad_x(const at::Tensor& grad_logits, const at::Tensor& weight, at::Tensor& grad_x);
+
+// grad_weight (E, D) float32 = grad_logits (T, E)^T . x (T, D), into `grad_weight`: the tokens cut
+// into pieces by shape alone, each piece's sums in registers, the pieces added in order.
+void few_experts_logits_grad_weight(const at::Tensor& grad_logits, const at::Tensor& x, at::Tensor& grad_weight);
 
 }  // namespace lightning_moe
