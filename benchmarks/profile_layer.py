@@ -27,8 +27,10 @@ def profile_one(config: Config, name: str, args: argparse.Namespace) -> None:
     grad = torch.randn_like(x)
 
     def step() -> None:
+        # As in moe_layer.py: no gradient is accumulated into an earlier step's.
         for param in module.parameters():
             param.grad = None
+        x.grad = None
         module(x).backward(grad)
 
     for _ in range(3):
