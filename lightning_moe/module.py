@@ -3,7 +3,7 @@
 It takes care of what every MoE model needs in a Lightning loop and that users of other systems
 had to wire by hand: the balance and z losses scaled to match gradient accumulation and fp16 loss
 scaling, the sigmoid router's balance bias updated once per optimizer step, and the routing
-metrics logged every training step.
+metrics logged during training.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing_extensions import override
 
 from lightning_moe.layers.moe import MoE
 
-# Logged as moe/{name} each training step, averaged over the MoE layers.
+# Logged as moe/{name}, averaged over the MoE layers.
 _ROUTING_METRICS = ("aux_loss", "z_loss", "drop_rate", "load_imbalance")
 
 
@@ -27,14 +27,24 @@ class MoELightningModule(LightningModule):
     """Subclass this instead of ``LightningModule`` when the model holds :class:`~lightning_moe.MoE` layers.
 
     Write ``training_step`` as usual and return the task loss only: each MoE layer's balance and
-    z losses already reach the gradients. Each training step logs ``moe/aux_loss``,
-    ``moe/z_loss``, ``moe/drop_rate`` and ``moe/load_imbalance`` (max over mean tokens per expert),
-    averaged over the MoE layers; the last is shown in the progress bar.
+    z losses already reach the gradients. The module logs ``moe/aux_loss``, ``moe/z_loss``,
+    ``moe/drop_rate`` and ``moe/load_imbalance`` (max over mean tokens per expert), averaged over
+    the MoE layers; the last is shown in the progress bar. Their epoch values (``*_epoch``) are means
+    over every training step of the epoch, and over all processes. Their step values (``*_step``)
+    are logged every ``routing_log_every_n_steps`` optimizer steps (by default the Trainer's
+    ``log_every_n_steps``, the steps at which Lightning writes step metrics to the logger) and at
+    the last batch of an epoch or run: each ``self.log`` call costs a fraction of a millisecond of
+    host time, a large share of a step for a small model. Set ``routing_log_every_n_steps = 1``
+    to log them at every step.
 
     Subclasses that override :meth:`on_train_start`, :meth:`on_train_batch_start` or
     :meth:`on_train_batch_end` call
     ``super()`` so that this bookkeeping still happens.
     """
+
+    #: Optimizer steps between two logs of the step values of the routing metrics; None follows
+    #: the Trainer's ``log_every_n_steps``.
+    routing_log_every_n_steps: int | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -93,12 +103,30 @@ class MoELightningModule(LightningModule):
         stats = [layer.routing_stats for layer in self.moe_layers() if layer.routing_stats]
         if not stats:
             return
-        # One self.log per key is the bulk of the host time; log_dict would only loop over self.log
-        # and can't put just one key in the progress bar.
+        log_step = self._logs_routing_step()
         for name, value in zip(_ROUTING_METRICS, _mean_over_layers(stats).to(self.device).unbind(), strict=True):
             metric = cast(_StepMean, self.moe_metrics[name])
+            # Every step counts towards the epoch mean, logged or not: Lightning computes the
+            # metric object at the end of the epoch.
             metric(value)
-            self.log(f"moe/{name}", metric, on_step=True, on_epoch=True, prog_bar=name == "load_imbalance")
+            if log_step:
+                # One self.log per key is the bulk of the host time; log_dict would only loop over
+                # self.log and can't put just one key in the progress bar.
+                self.log(f"moe/{name}", metric, on_step=True, on_epoch=True, prog_bar=name == "load_imbalance")
+
+    def _logs_routing_step(self) -> bool:
+        """Whether this batch logs the routing metrics: every ``routing_log_every_n_steps``
+        optimizer steps, and at the last batch of an epoch or of the run, so that every epoch logs
+        its mean."""
+        trainer = self.trainer
+        every = self.routing_log_every_n_steps
+        if every is None:
+            # Set on the Trainer by Lightning's logger connector, hence unknown to type checkers.
+            every = max(1, trainer.log_every_n_steps)  # type: ignore[attr-defined]
+        elif every < 1:
+            raise ValueError(f"routing_log_every_n_steps must be at least 1 (or None), got {every}")
+        last_step = trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps
+        return trainer.global_step % every == 0 or trainer.is_last_batch or trainer.should_stop or last_step
 
 
 def _mean_over_layers(stats: list[dict[str, Tensor]]) -> Tensor:

@@ -154,6 +154,47 @@ def test_routing_metrics_are_layer_means_and_epoch_values_are_step_means(second_
     assert "moe/load_imbalance_epoch" in trainer.progress_bar_metrics
 
 
+class LogRecordingRegressor(TwoLayerRegressor):
+    """TwoLayerRegressor that records the global step of each call logging moe/load_imbalance."""
+
+    def __init__(self) -> None:
+        super().__init__(second_num_experts=3)
+        self.routing_logged_at: list[int] = []
+
+    def log(self, name, value, *args, **kwargs):
+        if name == "moe/load_imbalance":
+            self.routing_logged_at.append(self.trainer.global_step)
+        super().log(name, value, *args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("every", "trainer_every", "expected"),
+    [(3, 50, [3, 6, 8]), (None, 2, [2, 4, 6, 8]), (1, 50, [1, 2, 3, 4, 5, 6, 7, 8])],
+    ids=["module_every_3", "trainer_every_2", "every_step"],
+)
+def test_routing_step_values_are_logged_every_n_steps_and_epoch_means_count_every_step(
+    every: int | None, trainer_every: int, expected: list[int]
+) -> None:
+    torch.manual_seed(0)
+    model = LogRecordingRegressor()
+    model.routing_log_every_n_steps = every
+    trainer = fit(model, max_steps=8, log_every_n_steps=trainer_every)  # one epoch of 8 batches
+    assert model.routing_logged_at == expected
+    metrics = trainer.callback_metrics
+    for name in ("aux_loss", "z_loss", "drop_rate", "load_imbalance"):
+        steps = [step[name] for step in model.step_metrics]
+        assert len(steps) == 8
+        assert float(metrics[f"moe/{name}_step"]) == pytest.approx(steps[-1], rel=1e-5), name
+        assert float(metrics[f"moe/{name}_epoch"]) == pytest.approx(sum(steps) / len(steps), rel=1e-5), name
+
+
+def test_routing_log_interval_below_one_is_refused() -> None:
+    model = Regressor()
+    model.routing_log_every_n_steps = 0
+    with pytest.raises(ValueError, match="routing_log_every_n_steps must be at least 1"):
+        fit(model, max_steps=1)
+
+
 def ddp_routing_metrics(rank: int, world_size: int) -> dict:
     """Fit a TwoLayerRegressor under DDP on data that differs by rank; the step values and the epoch metrics."""
     torch.manual_seed(0)
