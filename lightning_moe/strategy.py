@@ -244,6 +244,16 @@ class _MoEMultiProcessingLauncher(_MultiProcessingLauncher):
         self._strategy.gather_experts()
         return super()._collect_rank_zero_results(trainer, results)
 
+    @override
+    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+        super()._wrapping_function(*args, **kwargs)
+        # The worker process ends here. Its process groups are destroyed now, once every rank is
+        # done with them, as PyTorch asks of a finished run, rather than left to the interpreter's
+        # exit, where they are torn down in no defined order while the other ranks exit too.
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 def _check_ranks_agree(layers: list, world_size: int) -> None:
     """Raise on every rank, before any exchange could hang, if the ranks' MoE layers differ."""
