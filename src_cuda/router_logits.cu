@@ -162,11 +162,7 @@ void launch_forward(const T* x, const float* weight, at::Tensor& logits, int64_t
   const int64_t dim_per_piece = ceil_div(k_tiles, chosen) * Tiles::kBK;
   const int64_t pieces = ceil_div(dim, dim_per_piece);
   at::Tensor buffer;
-  float* out = logits.data_ptr<float>();
-  if (pieces > 1) {
-    buffer = at::empty({pieces, num_tokens, num_experts}, logits.options());
-    out = buffer.data_ptr<float>();
-  }
+  float* out = pieces_output(logits, pieces, buffer);
   const dim3 grid(static_cast<unsigned>(token_tiles), static_cast<unsigned>(expert_tiles),
                   static_cast<unsigned>(pieces));
   if (dim % Tiles::kXVec == 0 && aligned16(x) && aligned16(weight)) {

@@ -215,11 +215,7 @@ void launch_grad_weight(const float* grad, const T* x, at::Tensor& grad_weight, 
   const int64_t tokens_per_chunk = ceil_div(ceil_div(num_tokens, chunks), BK) * BK;
   const int64_t num_chunks = ceil_div(num_tokens, tokens_per_chunk);
   at::Tensor buffer;
-  float* out = grad_weight.data_ptr<float>();
-  if (num_chunks > 1) {
-    buffer = at::empty({num_chunks, num_experts, dim}, grad_weight.options());
-    out = buffer.data_ptr<float>();
-  }
+  float* out = pieces_output(grad_weight, num_chunks, buffer);
   const dim3 grid(static_cast<unsigned>(column_tiles), static_cast<unsigned>(expert_tiles),
                   static_cast<unsigned>(num_chunks));
   if (dim % Tiles::kXVec == 0 && aligned16(x)) {

@@ -431,11 +431,7 @@ void few_experts_logits_grad_weight(const at::Tensor& grad_logits, const at::Ten
   const int64_t tokens_per_piece = ceil_div(ceil_div(num_tokens, wanted), kGradWeightWarps) * kGradWeightWarps;
   const int64_t pieces = ceil_div(num_tokens, tokens_per_piece);
   at::Tensor buffer;
-  float* out = grad_weight.data_ptr<float>();
-  if (pieces > 1) {
-    buffer = at::empty({pieces, num_experts, dim}, grad_weight.options());
-    out = buffer.data_ptr<float>();
-  }
+  float* out = pieces_output(grad_weight, pieces, buffer);
   const dim3 grid(static_cast<unsigned>(column_blocks), static_cast<unsigned>(pieces));
   dispatch_rows_and_experts(x.scalar_type(), num_experts, [&](auto tag, auto experts) {
     using T = decltype(tag);

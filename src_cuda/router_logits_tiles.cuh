@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -114,6 +115,16 @@ void launch_sum_pieces(const float* pieces, float* out, int64_t n, int64_t num_p
   const dim3 block(32, static_cast<unsigned>(std::min<int64_t>(num_pieces, 32)));
   sum_pieces_kernel<<<static_cast<unsigned>(ceil_div(n, 32)), block, 0, stream>>>(pieces, out, n, num_pieces);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Where a pass cut into `pieces` writes its float32 sums: `result` itself for one piece, else a new
+// (pieces, *result.sizes()) buffer, held in `buffer`, that launch_sum_pieces then adds into `result`.
+float* pieces_output(const at::Tensor& result, int64_t pieces, at::Tensor& buffer) {
+  if (pieces == 1) return result.data_ptr<float>();
+  std::vector<int64_t> sizes{pieces};
+  sizes.insert(sizes.end(), result.sizes().begin(), result.sizes().end());
+  buffer = at::empty(sizes, result.options());
+  return buffer.data_ptr<float>();
 }
 
 void check_weight(const at::Tensor& weight, const at::Tensor& ref, const char* name) {
