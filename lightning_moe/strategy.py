@@ -9,6 +9,7 @@ gradient of the global batch, and clipping by norm uses the norm of the whole mo
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Generator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -99,6 +100,27 @@ class MoEStrategy(DDPStrategy):
         if self.expert_parallel_size > 1:
             for _, layer in moe_layers(self.lightning_module):
                 unshard_experts(layer, self.expert_group)
+
+    def destroy_process_groups(self) -> None:
+        """Destroy every process group once all ranks reach this point (a barrier), and wait for
+        their worker threads to finish.
+
+        Call it when a process is done with distributed training, as PyTorch asks of a finished
+        run; the spawn and fork launchers call it as each worker ends. A gloo group's worker threads
+        release the tensors of its last collectives; left running into the interpreter's exit, one
+        could free a tensor after the interpreter is gone, and the process would abort. The device
+        mesh holds the groups too, so it is dropped (with the reference cycles through it), and a
+        group that nothing else holds is freed here, its threads joined. MoE layers whose experts
+        are sharded hold their expert-parallel group until :meth:`gather_experts` (which the
+        launchers call first) or until they are freed.
+        """
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        self._device_mesh = None
+        if self.lightning_module is not None:
+            self.lightning_module._device_mesh = None
+        gc.collect()
 
     @override
     def setup_environment(self) -> None:
@@ -247,12 +269,9 @@ class _MoEMultiProcessingLauncher(_MultiProcessingLauncher):
     @override
     def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
         super()._wrapping_function(*args, **kwargs)
-        # The worker process ends here. Its process groups are destroyed now, once every rank is
-        # done with them, as PyTorch asks of a finished run, rather than left to the interpreter's
-        # exit, where they are torn down in no defined order while the other ranks exit too.
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        # The worker process ends here: its process groups go now, not at the interpreter's exit.
+        assert isinstance(self._strategy, MoEStrategy)
+        self._strategy.destroy_process_groups()
 
 
 def _check_ranks_agree(layers: list, world_size: int) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from datetime import timedelta
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader
 
@@ -178,6 +181,31 @@ def skewed_exchange(rank: int, world_size: int) -> dict:
         "x": x.detach(),
         "whole": whole.state_dict(),
     }
+
+
+def _thread_names() -> list[str]:
+    """The names of this process's threads, native ones included (Linux)."""
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            names.append((task / "comm").read_text().strip())
+    return names
+
+
+def destroy_after_fit(rank: int, world_size: int) -> dict:
+    """Two steps, then what the spawn launcher's workers do at their end (gather the experts, which
+    drops the layers' expert-parallel dispatchers, then destroy_process_groups): which threads run
+    before and after."""
+    torch.manual_seed(0)
+    model = Tagger(module_experts=False)
+    fitted = trainer(world_size, max_steps=2)
+    fitted.fit(model, loader(2, 0))
+    before = _thread_names()
+    strategy = fitted.strategy
+    assert isinstance(strategy, MoEStrategy)
+    strategy.gather_experts()
+    strategy.destroy_process_groups()
+    return {"before": before, "after": _thread_names(), "initialized": dist.is_initialized()}
 
 
 def fit_two_steps(rank: int, world_size: int, module_experts: bool) -> dict:

@@ -3,6 +3,8 @@ building on the meta device, and plain DDP over MoE layers."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from lightning.pytorch import Trainer
@@ -96,6 +98,14 @@ def test_spawn_launcher_returns_the_whole_trained_model(module_experts: bool) ->
         else:
             expected = launched[0]["state"][key]
         torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7, msg=key)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc (Linux)")
+def test_destroy_process_groups_joins_the_gloo_threads() -> None:
+    for result in run_on_ranks(2, scenarios.destroy_after_fit):
+        assert "pt_gloo_runloop" in result["before"]
+        assert "pt_gloo_runloop" not in result["after"], result["after"]
+        assert not result["initialized"]
 
 
 def test_strategy_is_registered_and_validates_its_argument() -> None:
