@@ -3,8 +3,8 @@
 
 #include <torch/csrc/utils/pybind.h>
 
+#include "activation.h"
 #include "capacity_mask.h"
-#include "glu.h"
 #include "permute.h"
 #include "router_logits.h"
 #include "sort_by_expert.h"
@@ -12,7 +12,7 @@
 #include "unpermute.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "lightning_moe CUDA kernels: sort_by_expert, permute, unpermute, routing, router logits, glu";
+  m.doc() = "lightning_moe CUDA kernels: sort_by_expert, permute, unpermute, routing, router logits, activations";
   m.def("sort_by_expert", &lightning_moe::sort_by_expert, py::arg("expert_ids"), py::arg("num_experts"));
   m.def("capacity_mask", &lightning_moe::capacity_mask, py::arg("expert_ids"), py::arg("priorities"),
         py::arg("num_experts"), py::arg("capacity"));
@@ -34,7 +34,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x_dtype"));
   m.def("router_logits_grad_weight", &lightning_moe::router_logits_grad_weight, py::arg("grad_logits"),
         py::arg("x"));
-  m.def("glu_forward", &lightning_moe::glu_forward, py::arg("a"), py::arg("b"), py::arg("kind"));
-  m.def("glu_backward", &lightning_moe::glu_backward, py::arg("grad_h"), py::arg("a"), py::arg("b"),
-        py::arg("kind"));
+  m.def("activation_forward", &lightning_moe::activation_forward, py::arg("a"), py::arg("gate"),
+        py::arg("activation"));
+  m.def("activation_backward", &lightning_moe::activation_backward, py::arg("grad_h"), py::arg("a"),
+        py::arg("gate"), py::arg("activation"));
 }

@@ -22,8 +22,9 @@ from typing import cast, overload
 import torch
 from torch import Tensor, nn
 
-from lightning_moe.layers.activations import activation_function, check_activation, is_glu
-from lightning_moe.ops.glu import GluKind, glu
+from lightning_moe.layers.activations import check_activation, is_glu
+from lightning_moe.ops.activation import GluKind, KernelActivation, glu
+from lightning_moe.ops.activation import activation as apply_activation
 from lightning_moe.ops.grouped_mm import grouped_mlp, grouped_mm_usable
 
 
@@ -66,7 +67,6 @@ class GroupedExperts(nn.Module):
         self.activation = activation
         self.seed = seed
         self.expert_offset = expert_offset
-        self.act = activation_function(activation)
         # The name of the fused act(w1 x) * (w3 x) op, for GLU activations.
         self.glu_kind: GluKind | None = cast(GluKind, activation) if is_glu(activation) else None
         self.w1 = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))  # (E, F, D)
@@ -119,8 +119,8 @@ class GroupedExperts(nn.Module):
         hidden_NF = x_ND @ w1_FD.t()
         if b1_F is not None:
             hidden_NF = hidden_NF + b1_F
-        if w3_FD is None:
-            hidden_NF = self.act(hidden_NF)
+        if w3_FD is None:  # one fused op on CUDA
+            hidden_NF = apply_activation(hidden_NF, cast(KernelActivation, self.activation))
         else:  # act and gate as one fused op on CUDA
             assert self.glu_kind is not None
             hidden_NF = glu(hidden_NF, x_ND @ w3_FD.t(), self.glu_kind)
@@ -154,7 +154,7 @@ class GroupedExperts(nn.Module):
         # autocast or not.
         w3, b1, b2 = (None if p is None else _cast(p, dtype) for p in (self.w3, self.b1, self.b2))
         w1, w2 = _cast(self.w1, dtype), _cast(self.w2, dtype)
-        return grouped_mlp(_cast(x_ND, dtype), tokens_per_expert, w1, w2, w3, b1, b2, self.act, self.glu_kind)
+        return grouped_mlp(_cast(x_ND, dtype), tokens_per_expert, w1, w2, w3, b1, b2, self.activation)
 
     def extra_repr(self) -> str:
         return (

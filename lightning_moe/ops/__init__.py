@@ -1,19 +1,19 @@
 """Kernels of the MoE layer's glue: sorting assignments by expert, permuting rows, combining them.
 
-One op per module (``sort_by_expert``, ``capacity_mask``, ``permute``, ``unpermute``, ``glu``,
+One op per module (``sort_by_expert``, ``capacity_mask``, ``permute``, ``unpermute``, ``activation``,
 ``topk_route``, ``router_logits``), each a
 ``torch.library`` custom op on CUDA (kernels in ``src_cuda/``, built on first use by
 :mod:`lightning_moe.ops.extension`) with a pure-PyTorch reference in :mod:`lightning_moe.ops.reference`
 for CPU, for when the extension is unavailable, and for tests. :mod:`lightning_moe.ops.grouped_mm`
 runs the experts as grouped GEMMs; :mod:`lightning_moe.ops.topk_route` fuses a token-choice router's
 scoring, top-k and loss sums; :mod:`lightning_moe.ops.router_logits` computes a router's float32
-logits and their gradients without float32 copies of the tokens; :mod:`lightning_moe.ops.glu` fuses the
-gated activation of SwiGLU and GeGLU experts.
+logits and their gradients without float32 copies of the tokens; :mod:`lightning_moe.ops.activation` fuses
+the experts' activation, plain or gated (SwiGLU, GeGLU).
 """
 
+from lightning_moe.ops.activation import activation, glu
 from lightning_moe.ops.capacity_mask import capacity_mask
 from lightning_moe.ops.extension import cuda_kernels_available, load_extension
-from lightning_moe.ops.glu import glu
 from lightning_moe.ops.permute import permute
 from lightning_moe.ops.reference import expert_histogram, token_offsets
 from lightning_moe.ops.router_logits import router_logits
@@ -22,6 +22,7 @@ from lightning_moe.ops.topk_route import TopKRoute, topk_route
 from lightning_moe.ops.unpermute import unpermute
 
 __all__ = [
+    "activation",
     "capacity_mask",
     "cuda_kernels_available",
     "expert_histogram",

@@ -25,8 +25,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lightning_moe.ops.activation import activation as apply_activation
+from lightning_moe.ops.activation import glu
 from lightning_moe.ops.extension import cuda_device_index
-from lightning_moe.ops.glu import GluKind, glu
 
 # torch's fused grouped GEMM accepts fewer than this many groups.
 MAX_GROUPS = 1024
@@ -100,8 +101,7 @@ def grouped_mlp(
     w3_EFD: Tensor | None,
     b1_EF: Tensor | None,
     b2_ED: Tensor | None,
-    activation: Callable[[Tensor], Tensor],
-    glu_kind: GluKind | None = None,
+    activation: str,
 ) -> Tensor:
     """Every expert's MLP on its block of rows, as two (three for GLUs) grouped GEMMs.
 
@@ -116,10 +116,10 @@ def grouped_mlp(
         w3_EFD: (E, F, D) gate projection of GLU experts, else None.
         b1_EF: (E, F) bias of the first projection, or None.
         b2_ED: (E, D) bias of the second projection, or None.
-        activation: Elementwise activation.
-        glu_kind: ``"swiglu"`` or ``"geglu"`` when ``activation`` is that GLU's gate (SiLU or the erf
-            GELU): act and gate then run as the fused :func:`lightning_moe.ops.glu.glu`. None
-            applies ``activation`` and the gate as separate ops.
+        activation: The experts' activation, by name (see :mod:`lightning_moe.layers.activations`);
+            ``w3_EFD`` is given exactly for the GLUs ``"swiglu"`` and ``"geglu"``. It runs as the
+            fused :func:`lightning_moe.ops.activation.activation` or, gated,
+            :func:`lightning_moe.ops.activation.glu`.
 
     Returns:
         (N, D) in ``x_ND``'s dtype.
@@ -140,10 +140,10 @@ def grouped_mlp(
     if b1_EF is not None:
         hidden_NF = hidden_NF + b1_EF[expert_of_row_N]
     if w3_EFD is None:
-        hidden_NF = activation(hidden_NF)
+        hidden_NF = apply_activation(hidden_NF, activation)  # type: ignore[arg-type]
     else:
         gate_NF = grouped_mm(x_ND, w3_EFD.transpose(-2, -1), offs=offsets_E)
-        hidden_NF = activation(hidden_NF) * gate_NF if glu_kind is None else glu(hidden_NF, gate_NF, glu_kind)
+        hidden_NF = glu(hidden_NF, gate_NF, activation)  # type: ignore[arg-type]
     out_ND = grouped_mm(hidden_NF, w2_EDF.transpose(-2, -1), offs=offsets_E)
     if b2_ED is not None:
         out_ND = out_ND + b2_ED[expert_of_row_N]

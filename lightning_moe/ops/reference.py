@@ -176,6 +176,18 @@ def topk_route(
     return expert_ids_TK, weights_TK, priorities_TK, tokens_per_expert_E, masses_TE.sum(dim=0), lse_sq_sum
 
 
+def activation(a_NF: Tensor, name: str) -> Tensor:
+    """A plain expert activation ``act(a_NF)``: ``"gelu"`` (the erf GELU), ``"gelu_tanh"``,
+    ``"relu"`` or ``"silu"``, as in :mod:`lightning_moe.layers.activations`."""
+    if name == "gelu":
+        return F.gelu(a_NF)
+    if name == "gelu_tanh":
+        return F.gelu(a_NF, approximate="tanh")
+    if name == "relu":
+        return F.relu(a_NF)
+    return F.silu(a_NF)
+
+
 def glu(a_NF: Tensor, b_NF: Tensor, kind: str) -> Tensor:
     """The gated activation of GLU experts: ``act(a_NF) * b_NF``.
 

@@ -61,12 +61,15 @@ def test_fake_implementations_of_router_logits() -> None:
     assert grad_weight.shape == (experts, dim) and grad_weight.dtype == torch.float32
 
 
-def test_fake_implementations_of_glu() -> None:
+def test_fake_implementations_of_the_activation() -> None:
     rows, hidden = 5, 12
     with FakeTensorMode():
         a = torch.empty(rows, hidden, dtype=torch.bfloat16)
         b = torch.empty(rows, hidden, dtype=torch.bfloat16)
-        h = torch.ops.lightning_moe.glu(a, b, "swiglu")
-        grad_a, grad_b = torch.ops.lightning_moe.glu_backward(h, a, b, "geglu")
-    for out in (h, grad_a, grad_b):
+        h = torch.ops.lightning_moe.activation(a, b, "silu")
+        grad_a, grad_b = torch.ops.lightning_moe.activation_backward(h, a, b, "gelu")
+        plain = torch.ops.lightning_moe.activation(a, None, "relu")
+        grad_plain, no_gate = torch.ops.lightning_moe.activation_backward(h, a, None, "relu")
+    for out in (h, grad_a, grad_b, plain, grad_plain):
         assert out.shape == (rows, hidden) and out.dtype == torch.bfloat16
+    assert no_gate.shape == (0,)

@@ -40,6 +40,9 @@ def test_opcheck_of_every_op(generator: torch.Generator) -> None:
     torch.library.opcheck(torch.ops.lightning_moe.router_logits_grad_x.default, grad_x_args)
     torch.library.opcheck(torch.ops.lightning_moe.router_logits_grad_weight.default, (grad_TE, x_TD.detach()))
     a_NF, b_NF = (torch.randn(7, 24, generator=generator).cuda().requires_grad_() for _ in range(2))
-    torch.library.opcheck(torch.ops.lightning_moe.glu.default, (a_NF, b_NF, "swiglu"))
-    glu_backward_args = (torch.randn(7, 24, generator=generator).cuda(), a_NF.detach(), b_NF.detach(), "geglu")
-    torch.library.opcheck(torch.ops.lightning_moe.glu_backward.default, glu_backward_args)
+    for gate_NF, name in ((b_NF, "silu"), (None, "gelu")):
+        torch.library.opcheck(torch.ops.lightning_moe.activation.default, (a_NF, gate_NF, name))
+        grad_NF = torch.randn(7, 24, generator=generator).cuda()
+        gate_in = None if gate_NF is None else gate_NF.detach()
+        backward_args = (grad_NF, a_NF.detach(), gate_in, name)
+        torch.library.opcheck(torch.ops.lightning_moe.activation_backward.default, backward_args)

@@ -28,7 +28,7 @@ def test_grouped_mlp_matches_the_loop(activation: str, bias: bool) -> None:
     tokens_per_expert = torch.tensor([5, 0, 9, 2])  # expert 1 gets no rows
     x_ND = torch.randn(16, 16, requires_grad=True)
     params = (experts.w1, experts.w2, experts.w3, experts.b1, experts.b2)
-    out = grouped_mm.grouped_mlp(x_ND, tokens_per_expert, *params, experts.act)
+    out = grouped_mm.grouped_mlp(x_ND, tokens_per_expert, *params, experts.activation)
     expected = _run_grouped(experts.expert_forward, x_ND, tokens_per_expert)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     grads = torch.autograd.grad(out.square().sum(), [x_ND, experts.w1])
@@ -40,7 +40,7 @@ def test_grouped_mlp_matches_the_loop(activation: str, bias: bool) -> None:
 def test_grouped_mlp_of_no_rows() -> None:
     experts = GroupedExperts(2, d_model=8, d_hidden=8)
     params = (experts.w1, experts.w2, experts.w3, experts.b1, experts.b2)
-    out = grouped_mm.grouped_mlp(torch.zeros(0, 8), torch.zeros(2, dtype=torch.int64), *params, experts.act)
+    out = grouped_mm.grouped_mlp(torch.zeros(0, 8), torch.zeros(2, dtype=torch.int64), *params, experts.activation)
     assert out.shape == (0, 8)
 
 
