@@ -33,8 +33,6 @@ GluKind = Literal["swiglu", "geglu"]
 GLU_KINDS: tuple[str, ...] = get_args(GluKind)
 KernelActivation = Literal["gelu", "gelu_tanh", "relu", "silu"]
 KERNEL_ACTIVATIONS: tuple[str, ...] = get_args(KernelActivation)
-# The activation a GLU gates with.
-_GLU_ACTIVATION = {"swiglu": "silu", "geglu": "gelu"}
 
 
 def _forward(a_NF: Tensor, gate_NF: Tensor | None, name: str) -> Tensor:
@@ -146,5 +144,5 @@ def glu(a_NF: Tensor, b_NF: Tensor, kind: GluKind) -> Tensor:
     if a_NF.shape != b_NF.shape:
         raise ValueError(f"glu needs a and b of one shape, got {tuple(a_NF.shape)} and {tuple(b_NF.shape)}.")
     if _kernels_apply(a_NF, b_NF):
-        return _run_kernels(a_NF, b_NF, _GLU_ACTIVATION[kind])
+        return _run_kernels(a_NF, b_NF, reference.GLU_GATES[kind])
     return reference.glu(a_NF, b_NF, kind)

@@ -11,6 +11,8 @@ sorted non-decreasing, so token t's assignments are contiguous. Sums are accumul
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -176,16 +178,21 @@ def topk_route(
     return expert_ids_TK, weights_TK, priorities_TK, tokens_per_expert_E, masses_TE.sum(dim=0), lse_sq_sum
 
 
+# The plain expert activations by name (as in :mod:`lightning_moe.layers.activations`), and the one
+# each GLU gates with.
+PLAIN_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+GLU_GATES: dict[str, str] = {"swiglu": "silu", "geglu": "gelu"}
+
+
 def activation(a_NF: Tensor, name: str) -> Tensor:
     """A plain expert activation ``act(a_NF)``: ``"gelu"`` (the erf GELU), ``"gelu_tanh"``,
     ``"relu"`` or ``"silu"``, as in :mod:`lightning_moe.layers.activations`."""
-    if name == "gelu":
-        return F.gelu(a_NF)
-    if name == "gelu_tanh":
-        return F.gelu(a_NF, approximate="tanh")
-    if name == "relu":
-        return F.relu(a_NF)
-    return F.silu(a_NF)
+    return PLAIN_ACTIVATIONS[name](a_NF)
 
 
 def glu(a_NF: Tensor, b_NF: Tensor, kind: str) -> Tensor:
@@ -200,8 +207,7 @@ def glu(a_NF: Tensor, b_NF: Tensor, kind: str) -> Tensor:
     Returns:
         (N, F) in the promoted dtype of the inputs.
     """
-    gate = F.silu if kind == "swiglu" else F.gelu
-    return gate(a_NF) * b_NF
+    return activation(a_NF, GLU_GATES[kind]) * b_NF
 
 
 # Device types torch.autocast accepts; on any other, autocast cannot be on in the first place.
