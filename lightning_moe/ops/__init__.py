@@ -8,7 +8,8 @@ for CPU, for when the extension is unavailable, and for tests. :mod:`lightning_m
 runs the experts as grouped GEMMs; :mod:`lightning_moe.ops.topk_route` fuses a token-choice router's
 scoring, top-k and loss sums; :mod:`lightning_moe.ops.router_logits` computes a router's float32
 logits and their gradients without float32 copies of the tokens; :mod:`lightning_moe.ops.activation` fuses
-the experts' activation, plain or gated (SwiGLU, GeGLU).
+the experts' activation, plain or gated (SwiGLU, GeGLU); :mod:`lightning_moe.ops.grouped_linear` runs the
+experts' GEMMs on Hopper tensor-core kernels of its own where experts get few rows each.
 """
 
 from lightning_moe.ops.activation import activation, glu

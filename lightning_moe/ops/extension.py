@@ -85,10 +85,14 @@ def cache_key(directory: Path, arch: str) -> str:
 def arch_flags(arch: str) -> list[str]:
     """nvcc flags that build machine code for compute capability ``arch`` (e.g. "9.0") only.
 
-    Naming an arch also stops torch from adding flags for every architecture it knows.
+    Naming an arch also stops torch from adding flags for every architecture it knows. Compute
+    capability 9.0 builds for ``sm_90a``, whose architecture-specific instructions (``wgmma``) the
+    grouped GEMM kernels use; its machine code runs on 9.0 devices only, which is all a build for
+    the current GPU needs.
     """
     major, minor = arch.split(".")
-    return [f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"]
+    suffix = "a" if (major, minor) == ("9", "0") else ""
+    return [f"-gencode=arch=compute_{major}{minor}{suffix},code=sm_{major}{minor}{suffix}"]
 
 
 def build_extension(arch: str, cache_dir: Path | None = None, verbose: bool = False) -> tuple[ModuleType, Path]:

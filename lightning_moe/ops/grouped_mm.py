@@ -28,6 +28,7 @@ from torch import Tensor
 from lightning_moe.ops.activation import activation as apply_activation
 from lightning_moe.ops.activation import glu
 from lightning_moe.ops.extension import cuda_device_index
+from lightning_moe.ops.grouped_linear import grouped_linear, grouped_linear_usable
 
 # torch's fused grouped GEMM accepts fewer than this many groups.
 MAX_GROUPS = 1024
@@ -105,6 +106,10 @@ def grouped_mlp(
 ) -> Tensor:
     """Every expert's MLP on its block of rows, as two (three for GLUs) grouped GEMMs.
 
+    The GEMMs run on :func:`lightning_moe.ops.grouped_linear.grouped_linear`'s kernels where
+    :func:`~lightning_moe.ops.grouped_linear.grouped_linear_usable` holds for both projections (an
+    H200-class GPU, few rows per expert), else on torch's grouped GEMM.
+
     Computes ``w2[e] @ act(w1[e] @ x + b1[e]) + b2[e]``, or ``w2[e] @ (act(w1[e] @ x) * (w3[e] @ x))``
     for GLU experts, for the rows of each expert e, like ``GroupedExperts.expert_forward``.
 
@@ -136,15 +141,28 @@ def grouped_mlp(
     if b1_EF is not None or b2_ED is not None:
         experts_E = torch.arange(tokens_per_expert.shape[0], device=x_ND.device)
         expert_of_row_N = torch.repeat_interleave(experts_E, tokens_per_expert, output_size=num_rows)
-    hidden_NF = grouped_mm(x_ND, w1_EFD.transpose(-2, -1), offs=offsets_E)
+    num_experts, d_hidden, d_model = w1_EFD.shape
+    if grouped_linear_usable(num_rows, num_experts, d_model, d_hidden, x_ND.device):
+        linear: Callable[[Tensor, Tensor], Tensor] = functools.partial(_kernel_linear, ends_E=offsets_E)
+    else:
+        linear = functools.partial(_torch_linear, grouped_mm=grouped_mm, ends_E=offsets_E)
+    hidden_NF = linear(x_ND, w1_EFD)
     if b1_EF is not None:
         hidden_NF = hidden_NF + b1_EF[expert_of_row_N]
     if w3_EFD is None:
         hidden_NF = apply_activation(hidden_NF, activation)  # type: ignore[arg-type]
     else:
-        gate_NF = grouped_mm(x_ND, w3_EFD.transpose(-2, -1), offs=offsets_E)
+        gate_NF = linear(x_ND, w3_EFD)
         hidden_NF = glu(hidden_NF, gate_NF, activation)  # type: ignore[arg-type]
-    out_ND = grouped_mm(hidden_NF, w2_EDF.transpose(-2, -1), offs=offsets_E)
+    out_ND = linear(hidden_NF, w2_EDF)
     if b2_ED is not None:
         out_ND = out_ND + b2_ED[expert_of_row_N]
     return out_ND
+
+
+def _kernel_linear(x_NK: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
+    return grouped_linear(x_NK, w_EMK, ends_E)
+
+
+def _torch_linear(x_NK: Tensor, w_EMK: Tensor, grouped_mm: Callable[..., Tensor], ends_E: Tensor) -> Tensor:
+    return grouped_mm(x_NK, w_EMK.transpose(-2, -1), offs=ends_E)

@@ -180,6 +180,26 @@ def topk_route(
 
 # The plain expert activations by name (as in :mod:`lightning_moe.layers.activations`), and the one
 # each GLU gates with.
+def grouped_linear(x_NK: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
+    """``x[r] @ w[e].T`` for the rows r of each expert e: every expert's matmul over all rows, each
+    row then taking its own expert's (E times the work of the kernel; for tests).
+
+    Args:
+        x_NK: (N, K) rows sorted by expert.
+        w_EMK: (E, M, K) expert weights.
+        ends_E: (E,) cumulative rows per expert, ``ends_E[-1] == N``.
+
+    Returns:
+        (N, M) in the inputs' dtype.
+    """
+    rows = torch.arange(x_NK.shape[0], device=x_NK.device)
+    expert_N = torch.searchsorted(ends_E.to(torch.int64), rows, right=True)
+    out_NM = x_NK.new_zeros(x_NK.shape[0], w_EMK.shape[1])
+    for e in range(w_EMK.shape[0]):
+        out_NM = torch.where((expert_N == e)[:, None], x_NK @ w_EMK[e].t(), out_NM)
+    return out_NM
+
+
 PLAIN_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),

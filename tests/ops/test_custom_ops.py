@@ -73,3 +73,15 @@ def test_fake_implementations_of_the_activation() -> None:
     for out in (h, grad_a, grad_b, plain, grad_plain):
         assert out.shape == (rows, hidden) and out.dtype == torch.bfloat16
     assert no_gate.shape == (0,)
+
+
+def test_fake_implementations_of_the_grouped_linear() -> None:
+    rows, experts, d_in, d_out = 9, 3, 64, 128
+    with FakeTensorMode():
+        x = torch.empty(rows, d_in, dtype=torch.bfloat16)
+        w = torch.empty(experts, d_out, d_in, dtype=torch.bfloat16)
+        ends = torch.empty(experts, dtype=torch.int32)
+        y = torch.ops.lightning_moe.grouped_linear(x, w, ends)
+        grad_x = torch.ops.lightning_moe.grouped_linear_input_grad(y, w, ends)
+    assert y.shape == (rows, d_out) and y.dtype == torch.bfloat16
+    assert grad_x.shape == (rows, d_in) and grad_x.dtype == torch.bfloat16

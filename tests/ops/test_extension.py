@@ -108,6 +108,7 @@ def test_every_kernel_source_is_compiled() -> None:
         "activation.cu",
         "bindings.cpp",
         "capacity_mask.cu",
+        "grouped_gemm.cu",
         "permute.cu",
         "router_logits.cu",
         "router_logits_backward.cu",
@@ -133,7 +134,8 @@ def test_wheels_carry_every_kernel_source() -> None:
 
 
 def test_arch_flags_name_only_the_given_arch() -> None:
-    assert extension.arch_flags("9.0") == ["-gencode=arch=compute_90,code=sm_90"]
+    assert extension.arch_flags("9.0") == ["-gencode=arch=compute_90a,code=sm_90a"]
+    assert extension.arch_flags("8.0") == ["-gencode=arch=compute_80,code=sm_80"]
 
 
 def test_lock_lets_one_holder_in_at_a_time(tmp_path: Path) -> None:

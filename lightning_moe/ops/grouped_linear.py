@@ -1,0 +1,184 @@
+"""One linear map per expert over expert-sorted rows: the ``lightning_moe::grouped_linear`` op.
+
+Shape legend: N rows (sorted by expert), K input features, M output features, E experts.
+
+``y[r] = x[r] @ w[e].T`` for the rows r of expert e, with ``w`` (E, M, K) laid out like E stacked
+``nn.Linear`` weights and the groups given by ``ends_E``, the cumulative row counts as an int32
+device tensor, so no host sync is needed. On an H200 the kernels of ``src_cuda/grouped_gemm.cu``
+(Hopper ``wgmma``, 128-row tiles) run the forward and the input gradient faster than
+``torch._grouped_mm`` when experts get few rows each (about 128), where reading the expert weights
+sets the time and torch's kernel picks a 64-row tile; the weight gradient stays torch's grouped
+GEMM, which measured faster there. :func:`grouped_linear_usable` says when the kernels apply;
+elsewhere :func:`lightning_moe.ops.grouped_mm.grouped_mlp` calls torch's grouped GEMM, and
+:func:`lightning_moe.ops.reference.grouped_linear` is the reference.
+
+Registered as ``torch.library`` custom ops, which ``torch.compile`` traces through; eager calls take
+the same kernels through a plain ``autograd.Function`` (see :mod:`lightning_moe.ops.permute`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_moe.ops.extension import cuda_device_index, load_extension, require_extension
+
+# The kernels' tiles are 128 output columns wide; the input gradient swaps input and output
+# features, so both must be multiples of it.
+FEATURE_MULTIPLE = 128
+# Above this many rows per expert on average, torch's grouped GEMM (larger tiles, warp-specialised)
+# is the faster one (benchmarks/RESULTS.md).
+MAX_ROWS_PER_EXPERT = 160
+
+
+def grouped_linear_usable(
+    rows: int, num_experts: int, in_features: int, out_features: int, device: torch.device
+) -> bool:
+    """Whether :func:`grouped_linear` and its input gradient run on the kernels, and pay.
+
+    Args:
+        rows: N, the rows of all experts together.
+        num_experts: E.
+        in_features: K; a multiple of 128.
+        out_features: M; a multiple of 128.
+        device: Device of the rows.
+    """
+    if device.type != "cuda" or rows > MAX_ROWS_PER_EXPERT * num_experts:
+        return False
+    if in_features % FEATURE_MULTIPLE or out_features % FEATURE_MULTIPLE:
+        return False
+    return _kernels_built(cuda_device_index(device))
+
+
+@torch.compiler.assume_constant_result
+def _kernels_built(device_index: int) -> bool:
+    return _probe(device_index)
+
+
+@functools.cache
+def _probe(device_index: int) -> bool:
+    module = load_extension()
+    if module is None:
+        return False
+    with torch.cuda.device(device_index):
+        return bool(module.grouped_gemm_available())
+
+
+def _forward(x_NK: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
+    return require_extension().grouped_gemm_rows(x_NK, w_EMK, ends_E, False)
+
+
+def _input_grad(grad_NM: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
+    return require_extension().grouped_gemm_rows(grad_NM, w_EMK, ends_E, True)
+
+
+def _weight_grad(grad_NM: Tensor, x_NK: Tensor, ends_E: Tensor) -> Tensor:
+    # grad_w[e] = grad[rows e].T @ x[rows e]: torch's grouped GEMM, ragged along the contraction.
+    return torch._grouped_mm(grad_NM.t(), x_NK, offs=ends_E)
+
+
+@torch.library.custom_op("lightning_moe::grouped_linear", mutates_args=())
+def _grouped_linear_cuda(x_NK: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
+    return _forward(x_NK, w_EMK, ends_E)
+
+
+@_grouped_linear_cuda.register_fake
+def _(x_NK: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
+    return x_NK.new_empty(x_NK.shape[0], w_EMK.shape[1])
+
+
+@torch.library.custom_op("lightning_moe::grouped_linear_input_grad", mutates_args=())
+def _grouped_linear_input_grad_cuda(grad_NM: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
+    return _input_grad(grad_NM, w_EMK, ends_E)
+
+
+@_grouped_linear_input_grad_cuda.register_fake
+def _(grad_NM: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
+    return grad_NM.new_empty(grad_NM.shape[0], w_EMK.shape[2])
+
+
+def _setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor | None) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx: Any, grad_NM: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    x_NK, w_EMK, ends_E = ctx.saved_tensors
+    grad_NM = grad_NM.contiguous()
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.lightning_moe.grouped_linear_input_grad(grad_NM, w_EMK, ends_E)
+    grad_w = _weight_grad(grad_NM, x_NK, ends_E) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+_grouped_linear_cuda.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _GroupedLinearFunction(torch.autograd.Function):
+    """The eager path: the same kernels as the custom op, at less host time per call."""
+
+    @staticmethod
+    def forward(ctx: Any, x_NK: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
+        _setup_context(ctx, (x_NK, w_EMK, ends_E), None)
+        return _forward(x_NK, w_EMK, ends_E)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_NM: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x_NK, w_EMK, ends_E = ctx.saved_tensors
+        grad_NM = grad_NM.contiguous()
+        grad_x = _input_grad(grad_NM, w_EMK, ends_E) if ctx.needs_input_grad[0] else None
+        grad_w = _weight_grad(grad_NM, x_NK, ends_E) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
+
+
+def grouped_linear(x_NK: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
+    """``x[r] @ w[e].T`` for the rows r of each expert e, on the grouped GEMM kernels.
+
+    Call only where :func:`grouped_linear_usable` holds for these sizes; inputs it cannot take
+    raise a ``ValueError`` naming the input.
+
+    Args:
+        x_NK: (N, K) bfloat16 rows sorted by expert.
+        w_EMK: (E, M, K) bfloat16 expert weights.
+        ends_E: (E,) int32 cumulative rows per expert, ``ends_E[-1] == N``.
+
+    Returns:
+        (N, M) bfloat16; gradients flow to ``x_NK`` and ``w_EMK``.
+    """
+    _check_inputs(x_NK, w_EMK, ends_E)
+    args = (x_NK.contiguous(), w_EMK.contiguous(), ends_E)
+    if torch.compiler.is_compiling():
+        return torch.ops.lightning_moe.grouped_linear(*args)
+    return _GroupedLinearFunction.apply(*args)
+
+
+def _check_inputs(x_NK: Tensor, w_EMK: Tensor, ends_E: Tensor) -> None:
+    """The kernels' conditions on the inputs, as ``ValueError``s that name the input to change."""
+    if x_NK.dim() != 2 or w_EMK.dim() != 3 or ends_E.dim() != 1:
+        raise ValueError(
+            f"grouped_linear needs x (N, K), w (E, M, K) and ends (E,), got shapes {tuple(x_NK.shape)}, "
+            f"{tuple(w_EMK.shape)} and {tuple(ends_E.shape)}."
+        )
+    if x_NK.dtype != torch.bfloat16 or w_EMK.dtype != torch.bfloat16 or ends_E.dtype != torch.int32:
+        raise ValueError(
+            f"grouped_linear needs bfloat16 x and w and int32 ends, got {x_NK.dtype}, {w_EMK.dtype} and {ends_E.dtype}."
+        )
+    if not (x_NK.is_cuda and w_EMK.device == x_NK.device and ends_E.device == x_NK.device):
+        raise ValueError(
+            f"grouped_linear needs x, w and ends on one CUDA device, got {x_NK.device}, {w_EMK.device} and "
+            f"{ends_E.device}."
+        )
+    if w_EMK.shape[0] != ends_E.shape[0] or w_EMK.shape[2] != x_NK.shape[1]:
+        raise ValueError(
+            f"grouped_linear needs one (M, K) weight per entry of ends with K = x's columns, got w "
+            f"{tuple(w_EMK.shape)}, {ends_E.shape[0]} ends and x {tuple(x_NK.shape)}."
+        )
+    if x_NK.shape[1] % FEATURE_MULTIPLE or w_EMK.shape[1] % FEATURE_MULTIPLE:
+        raise ValueError(
+            f"grouped_linear needs K and M to be multiples of {FEATURE_MULTIPLE} (the kernels' tile), got "
+            f"K={x_NK.shape[1]} and M={w_EMK.shape[1]}; check grouped_linear_usable() first."
+        )

@@ -1,0 +1,32 @@
+// The experts' grouped GEMMs (forward and input gradient) on Hopper tensor cores (wgmma), for the
+// regime of many experts with few rows each, where reading the expert weights, not the
+// arithmetic, sets the time: there they run faster than torch's grouped GEMM, which picks a
+// 64-row tile for groups of 128 rows or fewer (benchmarks/RESULTS.md).
+//
+// The groups are given by ends (E,) int32 on the device: group e owns rows
+// [ends[e - 1], ends[e]) (ends[-1] = 0), so no host synchronisation is needed.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace lightning_moe {
+
+// Whether the grouped GEMM kernels were compiled for this process's current CUDA device (compute
+// capability 9.0, built with the sm_90a target).
+bool grouped_gemm_available();
+
+// out[r] = a[r] @ W_e for the rows r of each group e, where W_e = b[e]^T (b_is_kn false: b is
+// (E, N, K), each expert's weight laid out like nn.Linear's) or W_e = b[e] (b_is_kn true: b is
+// (E, K, N)).
+//
+// Args:
+//   a: (R, K) bfloat16, contiguous, K a multiple of 64.
+//   b: (E, N, K) or (E, K, N) bfloat16, contiguous, N a multiple of 128.
+//   ends: (E,) int32 cumulative row counts, non-decreasing, ends[E - 1] <= R.
+//   b_is_kn: the layout of b, above.
+//
+// Returns:
+//   (R, N) bfloat16; rows at or past ends[E - 1] are left unwritten.
+at::Tensor grouped_gemm_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, bool b_is_kn);
+
+}  // namespace lightning_moe

@@ -1,0 +1,118 @@
+"""The grouped GEMM kernels (``src_cuda/grouped_gemm.cu``) against their reference and a float64
+oracle, on a compute capability 9.0 GPU.
+
+Shape legend: N rows (sorted by expert), K input features, M output features, E experts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from lightning_moe.layers.experts import GroupedExperts, _run_grouped
+from lightning_moe.ops import reference
+from lightning_moe.ops.grouped_linear import grouped_linear, grouped_linear_usable
+from tests.ops.gpu_checks import GPU_MARKS, assert_close_to_gpu_oracle, poison_float_blocks
+
+
+def _kernels_here() -> bool:
+    return torch.cuda.is_available() and grouped_linear_usable(64, 1, 128, 128, torch.device("cuda"))
+
+
+pytestmark = [*GPU_MARKS, pytest.mark.skipif(not _kernels_here(), reason="needs the sm_90a grouped GEMM kernels")]
+
+SPLITS = {
+    "mixed": [0, 5, 64, 0, 130, 1, 127, 128, 129, 0],
+    "all-on-one": [0, 0, 300, 0],
+    "one-row": [1],
+    "empty-last": [10, 0],
+    "64-experts": [int(n) for n in torch.randint(0, 300, (64,), generator=torch.Generator().manual_seed(5))],
+}
+
+
+def make_inputs(split: list[int], k: int, m: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rows, weights of nn.Linear's scale, the int32 ends and an upstream gradient, on the GPU."""
+    rows = sum(split)
+    x_NK = torch.randn(rows, k, generator=generator).to("cuda", torch.bfloat16)
+    w_EMK = (torch.randn(len(split), m, k, generator=generator) / k**0.5).to("cuda", torch.bfloat16)
+    ends_E = torch.tensor(split).cumsum(0).to("cuda", torch.int32)
+    grad_NM = torch.randn(rows, m, generator=generator).to("cuda", torch.bfloat16)
+    return x_NK, w_EMK, ends_E, grad_NM
+
+
+@pytest.mark.parametrize("split", SPLITS.values(), ids=SPLITS.keys())
+@pytest.mark.parametrize(("k", "m"), [(128, 256), (384, 128)], ids=["128x256", "384x128"])
+def test_grouped_linear_matches_the_oracle(split: list[int], k: int, m: int, generator: torch.Generator) -> None:
+    x_NK, w_EMK, ends_E, grad_NM = make_inputs(split, k, m, generator)
+    inputs = (x_NK.requires_grad_(), w_EMK.requires_grad_())
+    poison_float_blocks()
+    y_NM = grouped_linear(*inputs, ends_E)
+    poison_float_blocks()
+    grads = torch.autograd.grad(y_NM, inputs, grad_NM)
+    torch_y = reference.grouped_linear(*inputs, ends_E)
+    torch_grads = torch.autograd.grad(torch_y, inputs, grad_NM)
+    inputs64 = tuple(t.detach().double().requires_grad_() for t in inputs)
+    oracle_y = reference.grouped_linear(*inputs64, ends_E)
+    oracle_grads = torch.autograd.grad(oracle_y, inputs64, grad_NM.double())
+    assert y_NM.dtype == torch.bfloat16 and y_NM.shape == (sum(split), m)
+    assert_close_to_gpu_oracle(y_NM, torch_y, oracle_y.detach())
+    for got, torch_grad, oracle_grad in zip(grads, torch_grads, oracle_grads, strict=True):
+        assert_close_to_gpu_oracle(got, torch_grad, oracle_grad)
+
+
+def test_grouped_linear_under_torch_compile(generator: torch.Generator) -> None:
+    x_NK, w_EMK, ends_E, grad_NM = make_inputs(SPLITS["mixed"], 128, 256, generator)
+    compiled = torch.compile(grouped_linear, fullgraph=True)
+    inputs = (x_NK.requires_grad_(), w_EMK.requires_grad_())
+    y_NM = compiled(*inputs, ends_E)
+    grads = torch.autograd.grad(y_NM, inputs, grad_NM)
+    eager_y = grouped_linear(*inputs, ends_E)
+    eager_grads = torch.autograd.grad(eager_y, inputs, grad_NM)
+    torch.testing.assert_close(y_NM, eager_y, rtol=0, atol=0)  # the same kernels, so the same bits
+    for got, want in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_opcheck_of_the_grouped_linear_ops(generator: torch.Generator) -> None:
+    x_NK, w_EMK, ends_E, grad_NM = make_inputs([3, 0, 9], 128, 128, generator)
+    torch.library.opcheck(torch.ops.lightning_moe.grouped_linear.default, (x_NK.requires_grad_(), w_EMK, ends_E))
+    torch.library.opcheck(torch.ops.lightning_moe.grouped_linear_input_grad.default, (grad_NM, w_EMK, ends_E))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [("float32", "bfloat16"), ("k=192", "multiples of 128"), ("m=64", "multiples of 128"), ("ends", "one \\(M, K\\)")],
+)
+def test_grouped_linear_rejects_bad_input_by_name(change: str, message: str, generator: torch.Generator) -> None:
+    x_NK, w_EMK, ends_E, _ = make_inputs([4, 4], 128, 128, generator)
+    if change == "float32":
+        x_NK = x_NK.float()
+    elif change == "k=192":
+        x_NK, w_EMK = torch.cat([x_NK, x_NK[:, :64]], 1), torch.cat([w_EMK, w_EMK[:, :, :64]], 2)
+    elif change == "m=64":
+        w_EMK = w_EMK[:, :64].contiguous()
+    else:
+        ends_E = ends_E[:1]
+    with pytest.raises(ValueError, match=message):
+        grouped_linear(x_NK, w_EMK, ends_E)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_experts_with_few_rows_each_take_the_kernels_and_match_the_loop(
+    activation: str, generator: torch.Generator
+) -> None:
+    experts = GroupedExperts(16, 128, 256, activation=activation, seed=3).to("cuda", torch.bfloat16)
+    tokens_per_expert = torch.randint(0, 40, (16,), generator=generator).cuda()
+    tokens_per_expert[3] = 0
+    rows = int(tokens_per_expert.sum())
+    x_ND = torch.randn(rows, 128, generator=generator).to("cuda", torch.bfloat16).requires_grad_()
+    assert grouped_linear_usable(rows, 16, 128, 256, x_ND.device), "the kernels should run these experts"
+    out = experts(x_ND, tokens_per_expert)
+    loop = _run_grouped(experts.expert_forward, x_ND, tokens_per_expert)
+    torch.testing.assert_close(out, loop, rtol=2e-2, atol=2e-2)
+    params = [x_ND, experts.w1, experts.w2] + ([experts.w3] if experts.w3 is not None else [])
+    grads = torch.autograd.grad(out.float().square().sum(), params)
+    loop_grads = torch.autograd.grad(loop.float().square().sum(), params)
+    for got, want in zip(grads, loop_grads, strict=True):
+        torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2 * want.abs().max().item())
