@@ -18,30 +18,16 @@ takes the kernels up to ``lightning_moe.ops.grouped_linear.MAX_ROWS_PER_EXPERT``
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections.abc import Callable
 
 import torch
+from timing import time_ms
 from torch import Tensor
 
 from lightning_moe.ops.extension import require_extension
 
 # (D, F, E): moe_layer.py's configs 5 and 4, and 8 experts of config 1's size.
 CONFIGS = ((1024, 4096, 64), (2048, 1408, 64), (1024, 4096, 8))
-
-
-def median_us(function: Callable[[], object], iters: int) -> float:
-    for _ in range(5):
-        function()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        function()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
 
 
 def gemms(
@@ -78,7 +64,7 @@ def run(d_model: int, d_hidden: int, num_experts: int, rows_per_expert: int, ite
     for name, ours, theirs in gemms(x_ND, h_NF, w1_EFD, w2_EDF, ends_E):
         expected = theirs().float()
         error = ((ours().float() - expected).norm() / expected.norm()).item()
-        ours_us, torch_us = median_us(ours, iters), median_us(theirs, iters)
+        ours_us, torch_us = 1e3 * time_ms(ours, iters), 1e3 * time_ms(theirs, iters)
         total_ours, total_torch = total_ours + ours_us, total_torch + torch_us
         print(
             f"  {name:9s} ours {ours_us:8.1f} us  torch {torch_us:8.1f} us  "

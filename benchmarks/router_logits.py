@@ -20,32 +20,16 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 from collections.abc import Callable
 
 import torch
+from timing import time_ms
 from torch import Tensor
 
 from lightning_moe import ops
 from lightning_moe.ops.reference import router_logits as reference_router_logits
 
 CONFIGS = [(16384, 1024, 8), (16384, 2048, 64), (8192, 1024, 64), (16384, 1024, 1), (32768, 4096, 8)]
-WARMUP = 5
-
-
-def time_ms(step: Callable[[], object], iters: int) -> float:
-    """Median milliseconds of ``step`` on the GPU, after a warm-up."""
-    for _ in range(WARMUP):
-        step()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def forward_backward(

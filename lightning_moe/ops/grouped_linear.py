@@ -19,6 +19,7 @@ the same kernels through a plain ``autograd.Function`` (see :mod:`lightning_moe.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -104,14 +105,19 @@ def _setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tens
     ctx.save_for_backward(*inputs)
 
 
-def _backward(ctx: Any, grad_NM: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+def _gradients(
+    ctx: Any, grad_NM: Tensor, input_grad: Callable[[Tensor, Tensor, Tensor], Tensor]
+) -> tuple[Tensor | None, Tensor | None, None]:
+    """The gradients of x and w, the input gradient computed by ``input_grad`` (op or kernel call)."""
     x_NK, w_EMK, ends_E = ctx.saved_tensors
     grad_NM = grad_NM.contiguous()
-    grad_x = None
-    if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.lightning_moe.grouped_linear_input_grad(grad_NM, w_EMK, ends_E)
+    grad_x = input_grad(grad_NM, w_EMK, ends_E) if ctx.needs_input_grad[0] else None
     grad_w = _weight_grad(grad_NM, x_NK, ends_E) if ctx.needs_input_grad[1] else None
     return grad_x, grad_w, None
+
+
+def _backward(ctx: Any, grad_NM: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    return _gradients(ctx, grad_NM, torch.ops.lightning_moe.grouped_linear_input_grad)
 
 
 _grouped_linear_cuda.register_autograd(_backward, setup_context=_setup_context)
@@ -128,11 +134,7 @@ class _GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_NM: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        x_NK, w_EMK, ends_E = ctx.saved_tensors
-        grad_NM = grad_NM.contiguous()
-        grad_x = _input_grad(grad_NM, w_EMK, ends_E) if ctx.needs_input_grad[0] else None
-        grad_w = _weight_grad(grad_NM, x_NK, ends_E) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_w, None
+        return _gradients(ctx, grad_NM, _input_grad)
 
 
 def grouped_linear(x_NK: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:

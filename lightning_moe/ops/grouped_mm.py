@@ -143,7 +143,7 @@ def grouped_mlp(
         expert_of_row_N = torch.repeat_interleave(experts_E, tokens_per_expert, output_size=num_rows)
     num_experts, d_hidden, d_model = w1_EFD.shape
     if grouped_linear_usable(num_rows, num_experts, d_model, d_hidden, x_ND.device):
-        linear: Callable[[Tensor, Tensor], Tensor] = functools.partial(_kernel_linear, ends_E=offsets_E)
+        linear: Callable[[Tensor, Tensor], Tensor] = functools.partial(grouped_linear, ends_E=offsets_E)
     else:
         linear = functools.partial(_torch_linear, grouped_mm=grouped_mm, ends_E=offsets_E)
     hidden_NF = linear(x_ND, w1_EFD)
@@ -158,10 +158,6 @@ def grouped_mlp(
     if b2_ED is not None:
         out_ND = out_ND + b2_ED[expert_of_row_N]
     return out_ND
-
-
-def _kernel_linear(x_NK: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
-    return grouped_linear(x_NK, w_EMK, ends_E)
 
 
 def _torch_linear(x_NK: Tensor, w_EMK: Tensor, grouped_mm: Callable[..., Tensor], ends_E: Tensor) -> Tensor:
