@@ -7,8 +7,8 @@ Shape legend: N rows (sorted by expert), K input features, M output features, E 
 device tensor, so no host sync is needed. On an H200 the kernels of ``src_cuda/grouped_gemm.cu``
 (Hopper ``wgmma``, 128-row tiles) run the forward and the input gradient faster than
 ``torch._grouped_mm`` when experts get few rows each (about 128), where reading the expert weights
-sets the time and torch's kernel picks a 64-row tile; the weight gradient stays torch's grouped
-GEMM, which measured faster there. :func:`grouped_linear_usable` says when the kernels apply;
+sets the time and torch's kernel picks a 64-row tile; the weight gradient runs on the persistent
+kernel of ``src_cuda/grouped_gemm_weight_grad.cu``. :func:`grouped_linear_usable` says when the kernels apply;
 elsewhere :func:`lightning_moe.ops.grouped_mm.grouped_mlp` calls torch's grouped GEMM, and
 :func:`lightning_moe.ops.reference.grouped_linear` is the reference.
 
@@ -77,8 +77,11 @@ def _input_grad(grad_NM: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
 
 
 def _weight_grad(grad_NM: Tensor, x_NK: Tensor, ends_E: Tensor) -> Tensor:
-    # grad_w[e] = grad[rows e].T @ x[rows e]: torch's grouped GEMM, ragged along the contraction.
-    return torch._grouped_mm(grad_NM.t(), x_NK, offs=ends_E)
+    # grad_w[e] = grad[rows e].T @ x[rows e], summed over each expert's rows.
+    return require_extension().grouped_gemm_weight_grad(grad_NM, x_NK.contiguous(), ends_E)
+
+
+_Kernel = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 @torch.library.custom_op("lightning_moe::grouped_linear", mutates_args=())
@@ -101,23 +104,34 @@ def _(grad_NM: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
     return grad_NM.new_empty(grad_NM.shape[0], w_EMK.shape[2])
 
 
+@torch.library.custom_op("lightning_moe::grouped_linear_weight_grad", mutates_args=())
+def _grouped_linear_weight_grad_cuda(grad_NM: Tensor, x_NK: Tensor, ends_E: Tensor) -> Tensor:
+    return _weight_grad(grad_NM, x_NK, ends_E)
+
+
+@_grouped_linear_weight_grad_cuda.register_fake
+def _(grad_NM: Tensor, x_NK: Tensor, ends_E: Tensor) -> Tensor:
+    return grad_NM.new_empty(ends_E.shape[0], grad_NM.shape[1], x_NK.shape[1])
+
+
 def _setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor | None) -> None:
     ctx.save_for_backward(*inputs)
 
 
 def _gradients(
-    ctx: Any, grad_NM: Tensor, input_grad: Callable[[Tensor, Tensor, Tensor], Tensor]
+    ctx: Any, grad_NM: Tensor, input_grad: _Kernel, weight_grad: _Kernel
 ) -> tuple[Tensor | None, Tensor | None, None]:
-    """The gradients of x and w, the input gradient computed by ``input_grad`` (op or kernel call)."""
+    """The gradients of x and w, computed by ``input_grad`` and ``weight_grad`` (ops or kernels)."""
     x_NK, w_EMK, ends_E = ctx.saved_tensors
     grad_NM = grad_NM.contiguous()
     grad_x = input_grad(grad_NM, w_EMK, ends_E) if ctx.needs_input_grad[0] else None
-    grad_w = _weight_grad(grad_NM, x_NK, ends_E) if ctx.needs_input_grad[1] else None
+    grad_w = weight_grad(grad_NM, x_NK, ends_E) if ctx.needs_input_grad[1] else None
     return grad_x, grad_w, None
 
 
 def _backward(ctx: Any, grad_NM: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-    return _gradients(ctx, grad_NM, torch.ops.lightning_moe.grouped_linear_input_grad)
+    ops = torch.ops.lightning_moe
+    return _gradients(ctx, grad_NM, ops.grouped_linear_input_grad, ops.grouped_linear_weight_grad)
 
 
 _grouped_linear_cuda.register_autograd(_backward, setup_context=_setup_context)
@@ -134,7 +148,7 @@ class _GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_NM: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        return _gradients(ctx, grad_NM, _input_grad)
+        return _gradients(ctx, grad_NM, _input_grad, _weight_grad)
 
 
 def grouped_linear(x_NK: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:

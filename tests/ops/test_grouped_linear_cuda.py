@@ -12,6 +12,7 @@ from torch import Tensor
 
 from lightning_moe.layers.experts import GroupedExperts, _run_grouped
 from lightning_moe.ops import reference
+from lightning_moe.ops.extension import require_extension
 from lightning_moe.ops.grouped_linear import grouped_linear, grouped_linear_usable
 from tests.ops.gpu_checks import GPU_MARKS, assert_close_to_gpu_oracle, poison_float_blocks
 
@@ -61,6 +62,25 @@ def test_grouped_linear_matches_the_oracle(split: list[int], k: int, m: int, gen
         assert_close_to_gpu_oracle(got, torch_grad, oracle_grad)
 
 
+@pytest.mark.parametrize("split", SPLITS.values(), ids=SPLITS.keys())
+def test_weight_grad_kernel_matches_the_oracle(split: list[int], generator: torch.Generator) -> None:
+    rows = sum(split)
+    a_NM = torch.randn(rows, 256, generator=generator).to("cuda", torch.bfloat16)
+    b_NK = torch.randn(rows, 384, generator=generator).to("cuda", torch.bfloat16)
+    ends_E = torch.tensor(split).cumsum(0).to("cuda", torch.int32)
+    poison_float_blocks()
+    got_EMK = require_extension().grouped_gemm_weight_grad(a_NM, b_NK, ends_E)
+    starts = [0, *ends_E.tolist()]
+    blocks = [(a_NM[s:e].double().t() @ b_NK[s:e].double()) for s, e in zip(starts[:-1], starts[1:], strict=True)]
+    oracle_EMK = torch.stack(blocks)
+    torch_EMK = torch._grouped_mm(a_NM.t(), b_NK, offs=ends_E)
+    assert got_EMK.shape == (len(split), 256, 384) and got_EMK.dtype == torch.bfloat16
+    for e, count in enumerate(split):
+        if count == 0:
+            assert (got_EMK[e] == 0).all(), "an expert without rows has a zero gradient"
+    assert_close_to_gpu_oracle(got_EMK, torch_EMK, oracle_EMK)
+
+
 def test_grouped_linear_under_torch_compile(generator: torch.Generator) -> None:
     x_NK, w_EMK, ends_E, grad_NM = make_inputs(SPLITS["mixed"], 128, 256, generator)
     compiled = torch.compile(grouped_linear, fullgraph=True)
@@ -78,6 +98,7 @@ def test_opcheck_of_the_grouped_linear_ops(generator: torch.Generator) -> None:
     x_NK, w_EMK, ends_E, grad_NM = make_inputs([3, 0, 9], 128, 128, generator)
     torch.library.opcheck(torch.ops.lightning_moe.grouped_linear.default, (x_NK.requires_grad_(), w_EMK, ends_E))
     torch.library.opcheck(torch.ops.lightning_moe.grouped_linear_input_grad.default, (grad_NM, w_EMK, ends_E))
+    torch.library.opcheck(torch.ops.lightning_moe.grouped_linear_weight_grad.default, (grad_NM, x_NK.detach(), ends_E))
 
 
 @pytest.mark.parametrize(
