@@ -1,20 +1,23 @@
-// Grouped GEMMs on Hopper tensor cores: see grouped_gemm.h.
+// Row-grouped GEMMs on Hopper tensor cores, with TMA loads and warp specialisation: see grouped_gemm.h.
 //
-// One CTA computes one (64 * kGroups) x 128 tile of one group's output with kGroups warpgroups,
-// each issuing wgmma m64n128k16 on its 64 rows. The K loop streams 64-wide slices of A and B
-// through a kStages-deep ring of shared-memory buffers filled with cp.async (16-byte copies,
-// zero-filled past a group's last row), laid out in the 128-byte swizzle wgmma reads:
-//   K-major tile (rows x 64 of K): row r's 16-byte chunk c at r * 128 + ((c ^ (r % 8)) * 16);
-//   MN-major tile (64 of K x cols): sub-tiles of 64 columns, each k-row's chunk c likewise.
-// Each wgmma descriptor then names its 8-row core-matrix stride (1024 bytes) and, for MN-major
-// operands wider than 64, the stride between 64-column sub-tiles.
+// A persistent kernel, one CTA of three warpgroups per SM. Warpgroup 0 is the producer: one of its
+// warps walks the CTA's output tiles (a group's 128 rows x 128 columns, columns fastest, tiles
+// dealt round-robin to the CTAs) and, for each 64-wide K slice, has the TMA unit copy A's rows and
+// B's slice into a ring of kStages shared-memory stages in the 128-byte swizzle, each stage's
+// arrival counted on its "full" mbarrier. Warpgroups 1 and 2 are the consumers: each multiplies
+// its 64 rows of the tile with wgmma m64n128k16 (one group of four in flight while the next
+// stage's wait runs), hands each stage back on its "empty" mbarrier once read, and writes its
+// rows of the finished tile through a shared-memory staging buffer as 16-byte row vectors.
 //
-// The output tile goes through shared memory so that each thread writes 16-byte vectors along
-// rows. No atomics: each output element is written by one CTA, its sum in a fixed order.
+// A's rows past a group's last row are the next group's rows (or TMA's zero fill past the end of
+// a): they only reach output rows that are not written. No atomics: each output element is
+// written by one CTA.
 #include "grouped_gemm.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <utility>
 
@@ -23,6 +26,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 
 #include "checks.h"
@@ -31,201 +36,247 @@
 namespace lightning_moe {
 namespace {
 
-constexpr int kBK = 64;        // K per pipeline stage
-constexpr int kBN = 128;       // output columns per CTA
+constexpr int kBM = 128;            // output rows per tile: two consumer warpgroups of 64
+constexpr int kBN = 128;            // output columns per tile
+constexpr int kBK = 64;             // K per stage (128 bytes of bf16: the swizzle span)
+constexpr int kStages = 5;
+constexpr int kThreads = 384;       // producer warpgroup + two consumer warpgroups
+constexpr int kTileABytes = kBM * kBK * 2;
+constexpr int kTileBBytes = kBN * kBK * 2;
+constexpr int kStageBytes = kTileABytes + kTileBBytes;
 constexpr int kOutPitch = kBN + 8;  // staging row pitch (elements): conflict-free fragment stores
+constexpr int kStagingBytes = 64 * kOutPitch * 2;  // one consumer warpgroup's 64 rows
+constexpr int kRing = 8;            // tiles whose description the producer may have posted ahead
+static_assert(kBK == 64 && kBN == 128, "check_operands' messages name the tile sizes");
+static_assert(kRing > kStages, "the producer runs at most kStages stages, so kStages tiles, ahead");
 
-
-struct Problem {
-  const __nv_bfloat16* a;
-  const __nv_bfloat16* b;
-  __nv_bfloat16* out;
-  const int32_t* ends;
-  int num_groups;
-  int n;  // output columns
-  int k;  // contraction length (a's columns)
-};
-
-// Where a CTA's tile lies: its group, the group's first row and row count, and the tile's first
-// row within the group.
-struct Tile {
-  int group;
+struct TileInfo {
+  int group;  // -1: no tile left
   int group_start;
   int group_rows;
   int row0;
+  int n0;
 };
 
+struct Problem {
+  const int32_t* ends;
+  __nv_bfloat16* out;
+  int num_groups;
+  int n;
+  int k;
+  int b_rows_per_group;  // N (b (E, N, K)) or K (b (E, K, N)): rows of b's 2-D view per group
+  int tiles_bound;       // slots * n_tiles: an upper bound on the tiles
+};
+
+// The kernel's parameters, passed to cudaLaunchKernel from heap storage: a CUtensorMap is
+// over-aligned, which a by-value copy on a host thread's stack does not honour everywhere (it
+// crashed when launched from a thread other than the main one).
+struct Params {
+  CUtensorMap map_a;
+  CUtensorMap map_b;
+  Problem p;
+};
+
+constexpr int kBarriersBytes = 2 * kStages * 8;
+constexpr int kRingBytes = kRing * static_cast<int>(sizeof(TileInfo));
+constexpr int kSharedBytes = 1024 + kStages * kStageBytes + 2 * kStagingBytes + kBarriersBytes + kRingBytes;
+
 #ifdef LIGHTNING_MOE_WGMMA
-// Tile slot `slot` of the ceil(rows_e / kBM) tiles of each group in order. Warp 0 scans the
-// groups' tile counts 32 at a time; group = -1 when the slot lies past the last tile.
-template <int kBM>
-__device__ Tile locate_tile(const Problem& p, int slot) {
-  __shared__ Tile tile;
-  if (threadIdx.x < 32) {
-    const int lane = threadIdx.x;
-    int carry = 0;
-    bool found = false;
-    for (int base = 0; base < p.num_groups && !found; base += 32) {
-      const int group = base + lane;
-      int start = 0, rows = 0;
-      if (group < p.num_groups) {
-        start = group == 0 ? 0 : p.ends[group - 1];
-        rows = p.ends[group] - start;
-      }
-      const int tiles = (rows + kBM - 1) / kBM;
-      int inclusive = tiles;
-#pragma unroll
-      for (int offset = 1; offset < 32; offset <<= 1) {
-        const int other = __shfl_up_sync(0xffffffffu, inclusive, offset);
-        if (lane >= offset) inclusive += other;
-      }
-      const int first = carry + inclusive - tiles;
-      const bool mine = slot >= first && slot < first + tiles;
-      if (mine) tile = Tile{group, start, rows, (slot - first) * kBM};
-      found = __any_sync(0xffffffffu, mine);
-      carry += __shfl_sync(0xffffffffu, inclusive, 31);
+// Tile `tile` (slot-major, columns fastest) by one warp: the warp scans the groups' tile counts 32
+// at a time. group = -1 when the tile lies past the last one.
+__device__ TileInfo locate(const Problem& p, int tile, int lane) {
+  const int n_tiles = p.n / kBN;
+  const int slot = tile / n_tiles;
+  TileInfo info{-1, 0, 0, 0, (tile % n_tiles) * kBN};
+  if (tile >= p.tiles_bound) return info;
+  int carry = 0;
+  for (int base = 0; base < p.num_groups; base += 32) {
+    const int group = base + lane;
+    int start = 0, rows = 0;
+    if (group < p.num_groups) {
+      start = group == 0 ? 0 : p.ends[group - 1];
+      rows = p.ends[group] - start;
     }
-    if (!found && lane == 0) tile.group = -1;
+    const int tiles = (rows + kBM - 1) / kBM;
+    int inclusive = tiles;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+      const int other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+      if (lane >= offset) inclusive += other;
+    }
+    const int first = carry + inclusive - tiles;
+    const bool mine = slot >= first && slot < first + tiles;
+    const unsigned owner = __ballot_sync(0xffffffffu, mine);
+    if (owner != 0) {
+      const int src = __ffs(owner) - 1;
+      info.group = __shfl_sync(0xffffffffu, group, src);
+      info.group_start = __shfl_sync(0xffffffffu, start, src);
+      info.group_rows = __shfl_sync(0xffffffffu, rows, src);
+      info.row0 = (slot - __shfl_sync(0xffffffffu, first, src)) * kBM;
+      return info;
+    }
+    carry += __shfl_sync(0xffffffffu, inclusive, 31);
   }
-  __syncthreads();
-  return tile;
+  return info;
 }
 #endif  // LIGHTNING_MOE_WGMMA
 
-// kBKN: b is (E, K, N) (MN-major B tiles) rather than (E, N, K) (K-major).
-template <bool kBKN, int kGroups, int kStages>
-__global__ void __launch_bounds__(128 * kGroups) grouped_gemm_kernel(const Problem p) {
+// kBKN: b is (E, K, N) (MN-major B tiles, two 64-column boxes per stage) rather than (E, N, K).
+template <bool kBKN>
+__global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_constant__ Params params) {
 #ifdef LIGHTNING_MOE_WGMMA
-  static_assert(kGroups == 1 || kGroups == 2, "the copy loops split each tile evenly over 128 or 256 threads");
-  constexpr int kBM = 64 * kGroups;
-  constexpr int kThreads = 128 * kGroups;
-  constexpr int kTileA = kBM * kBK * 2;  // bytes
-  constexpr int kTileB = kBN * kBK * 2;
-  constexpr int kStageBytes = kTileA + kTileB;
-
+  const Problem& p = params.p;
   extern __shared__ uint8_t shared_raw[];
   // 1024-byte alignment: the swizzle pattern is taken from address bits 4-9.
   const uint32_t raw_address = shared_address(shared_raw);
   const uint32_t base = (raw_address + 1023u) & ~1023u;
   uint8_t* const shared = shared_raw + (base - raw_address);
+  const uint32_t staging_address = base + kStages * kStageBytes;
+  const uint32_t full_bar = staging_address + 2 * kStagingBytes;  // kStages full, then kStages empty
+  const uint32_t empty_bar = full_bar + kStages * 8;
+  TileInfo* const ring = reinterpret_cast<TileInfo*>(shared + kStages * kStageBytes + 2 * kStagingBytes +
+                                                     kBarriersBytes);
 
   const int tid = threadIdx.x;
-  const int n_tiles = p.n / kBN;
-  const int n0 = (blockIdx.x % n_tiles) * kBN;
-  const Tile tile = locate_tile<kBM>(p, blockIdx.x / n_tiles);
-  if (tile.group < 0) return;
+  const int warpgroup = tid / 128;
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(full_bar + s * 8, 1);   // the producer's arrival (+ the TMA bytes)
+      mbarrier_init(empty_bar + s * 8, 2);  // one arrival per consumer warpgroup
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
   const int k_steps = p.k / kBK;
-  const __nv_bfloat16* const weight = p.b + static_cast<int64_t>(tile.group) * p.n * p.k;
 
-  // Fill pipeline stage `stage` with K slice `step`.
-  auto load = [&](int stage, int step) {
-    const uint32_t tile_a = base + stage * kStageBytes;
-    const uint32_t tile_b = tile_a + kTileA;
-    const int k0 = step * kBK;
-    // A: the group's rows, K-major; rows past the group are zero-filled.
-#pragma unroll
-    for (int it = 0; it < kBM * 8 / kThreads; ++it) {
-      const int i = it * kThreads + tid;
-      const int row = i >> 3, chunk = i & 7;
-      const bool valid = tile.row0 + row < tile.group_rows;
-      const int64_t src_row = tile.group_start + (valid ? tile.row0 + row : 0);
-      copy16(tile_a + swizzled(row, chunk), p.a + src_row * p.k + k0 + chunk * 8, valid);
-    }
-    if constexpr (!kBKN) {  // b (E, N, K): K-major rows of B^T
-#pragma unroll
-      for (int it = 0; it < kBN * 8 / kThreads; ++it) {
-        const int i = it * kThreads + tid;
-        const int row = i >> 3, chunk = i & 7;
-        copy16(tile_b + swizzled(row, chunk), weight + static_cast<int64_t>(n0 + row) * p.k + k0 + chunk * 8, true);
+  if (warpgroup == 0) {
+    if (tid >= 32) return;  // one producer warp
+    const int lane = tid;
+    int stage = 0;
+    uint32_t phase = 0;
+    int count = 0;
+    for (int tile = blockIdx.x;; tile += gridDim.x, ++count) {
+      const TileInfo info = locate(p, tile, lane);
+      // Wait for the stage, then post the tile (its description travels with its first stage).
+      mbarrier_wait(empty_bar + stage * 8, phase ^ 1);
+      if (lane == 0) ring[count % kRing] = info;
+      if (info.group < 0) {
+        if (lane == 0) mbarrier_arrive(full_bar + stage * 8);  // the consumers' signal to stop
+        return;
       }
-    } else {  // b (E, K, N): MN-major, two 64-column sub-tiles of kBK k-rows
-#pragma unroll
-      for (int it = 0; it < kBK * 16 / kThreads; ++it) {
-        const int i = it * kThreads + tid;
-        const int row = i >> 4, chunk = i & 15;
-        const uint32_t dst = tile_b + (chunk >> 3) * (kBK * kRowBytes) + swizzled(row, chunk & 7);
-        copy16(dst, weight + static_cast<int64_t>(k0 + row) * p.n + n0 + chunk * 8, true);
+      const int a_row = info.group_start + info.row0;
+      const int b_row = info.group * p.b_rows_per_group;
+      for (int step = 0; step < k_steps; ++step) {
+        if (step > 0) mbarrier_wait(empty_bar + stage * 8, phase ^ 1);
+        if (lane == 0) {
+          const uint32_t bar = full_bar + stage * 8;
+          const uint32_t tile_a = base + stage * kStageBytes;
+          const uint32_t tile_b = tile_a + kTileABytes;
+          mbarrier_arrive_expect_tx(bar, kStageBytes);
+          tma_load_2d(tile_a, &params.map_a, bar, step * kBK, a_row);
+          if constexpr (kBKN) {  // b (E * K, N): kBK rows of K, two boxes of 64 columns
+            tma_load_2d(tile_b, &params.map_b, bar, info.n0, b_row + step * kBK);
+            tma_load_2d(tile_b + kBK * kRowBytes, &params.map_b, bar, info.n0 + 64, b_row + step * kBK);
+          } else {  // b (E * N, K): kBN rows of N, 64 of K
+            tma_load_2d(tile_b, &params.map_b, bar, step * kBK, b_row + info.n0);
+          }
+        }
+        __syncwarp();
+        if (++stage == kStages) {
+          stage = 0;
+          phase ^= 1;
+        }
       }
     }
-  };
+  }
 
+  // Consumers: warpgroup 1 takes rows 0-63 of each tile, warpgroup 2 rows 64-127.
+  const int half = warpgroup - 1;
+  const int ctid = tid % 128;
+  __nv_bfloat16* const staging = reinterpret_cast<__nv_bfloat16*>(shared + kStages * kStageBytes + half * kStagingBytes);
   float acc[64];
+  int stage = 0;
+  uint32_t phase = 0;
+  for (int count = 0;; ++count) {
+    mbarrier_wait(full_bar + stage * 8, phase);
+    const TileInfo info = ring[count % kRing];
+    if (info.group < 0) break;
+    int previous = -1;
+    for (int step = 0; step < k_steps; ++step) {
+      if (step > 0) mbarrier_wait(full_bar + stage * 8, phase);
+      const uint32_t tile_a = base + stage * kStageBytes;
+      const uint32_t tile_b = tile_a + kTileABytes;
+      wgmma_fence();
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_steps) load(s, s);
-    copy_commit();
-  }
-
-  const int warpgroup = tid / 128;  // this warpgroup's 64 rows of the tile
-  for (int step = 0; step < k_steps; ++step) {
-    copy_wait<kStages - 2>();
-    // cp.async writes shared memory through the generic proxy; wgmma reads it through the async one.
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    __syncthreads();
-    const uint32_t tile_a = base + (step % kStages) * kStageBytes;
-    const uint32_t tile_b = tile_a + kTileA;
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBK / 16; ++kk) {
-      // K-major: 16 elements (32 bytes) further along each row per k16 step. MN-major: 16 k-rows
-      // (of 128 bytes) further, the two 64-column sub-tiles kBK rows apart.
-      const uint64_t desc_a = descriptor(tile_a + warpgroup * 64 * kRowBytes + kk * 32, 16, 1024);
-      const uint64_t desc_b = kBKN ? descriptor(tile_b + kk * 16 * kRowBytes, kBK * kRowBytes, 1024)
-                                   : descriptor(tile_b + kk * 32, 16, 1024);
-      wgmma_m64n128k16<0, kBKN ? 1 : 0>(acc, desc_a, desc_b);
+      for (int kk = 0; kk < kBK / 16; ++kk) {
+        const uint64_t desc_a = descriptor(tile_a + half * 64 * kRowBytes + kk * 32, 16, 1024);
+        const uint64_t desc_b = kBKN ? descriptor(tile_b + kk * 16 * kRowBytes, kBK * kRowBytes, 1024)
+                                     : descriptor(tile_b + kk * 32, 16, 1024);
+        wgmma_m64n128k16<0, kBKN ? 1 : 0>(acc, desc_a, desc_b, step > 0 || kk > 0 ? 1 : 0);
+      }
+      wgmma_commit();
+      // The previous step's products are done once at most this step's group is in flight.
+      wgmma_wait<1>(acc);
+      if (previous >= 0 && ctid == 0) mbarrier_arrive(empty_bar + previous * 8);
+      previous = stage;
+      if (++stage == kStages) {
+        stage = 0;
+        phase ^= 1;
+      }
     }
-    wgmma_commit();
-    // Refill the stage read by the previous step: every warpgroup finished it before the barrier.
-    const int next = step + kStages - 1;
-    if (next < k_steps) load(next % kStages, next);
-    copy_commit();
-    wgmma_wait_all(acc);
-  }
-  copy_wait<0>();
-  __syncthreads();
+    wgmma_wait<0>(acc);
+    if (ctid == 0) mbarrier_arrive(empty_bar + previous * 8);
 
-  // Stage the tile in shared memory as bf16 (the accumulator layout of wgmma: warp w of the
-  // warpgroup holds rows 16w + lane / 4 and that + 8, two adjacent columns per 8-column chunk),
-  // then write 16-byte row vectors.
-  __nv_bfloat16* const staging = reinterpret_cast<__nv_bfloat16*>(shared);
-  {
-    const int warp = (tid / 32) % 4, lane = tid % 32;
-    const int row = warpgroup * 64 + warp * 16 + lane / 4;
+    // Stage this warpgroup's 64 rows as bf16 (warp w holds rows 16w + lane / 4 and that + 8, two
+    // adjacent columns per 8-column chunk), then write 16-byte row vectors of the group's rows.
+    named_barrier(1 + half, 128);  // the previous tile's rows have left the staging buffer
+    {
+      const int warp = ctid / 32, lane = ctid % 32;
+      const int row = warp * 16 + lane / 4;
 #pragma unroll
-    for (int j = 0; j < kBN / 8; ++j) {
-      const int col = j * 8 + (lane % 4) * 2;
-      *reinterpret_cast<__nv_bfloat162*>(staging + row * kOutPitch + col) =
-          __floats2bfloat162_rn(acc[4 * j], acc[4 * j + 1]);
-      *reinterpret_cast<__nv_bfloat162*>(staging + (row + 8) * kOutPitch + col) =
-          __floats2bfloat162_rn(acc[4 * j + 2], acc[4 * j + 3]);
+      for (int j = 0; j < kBN / 8; ++j) {
+        const int col = j * 8 + (lane % 4) * 2;
+        *reinterpret_cast<__nv_bfloat162*>(staging + row * kOutPitch + col) =
+            __floats2bfloat162_rn(acc[4 * j], acc[4 * j + 1]);
+        *reinterpret_cast<__nv_bfloat162*>(staging + (row + 8) * kOutPitch + col) =
+            __floats2bfloat162_rn(acc[4 * j + 2], acc[4 * j + 3]);
+      }
     }
-  }
-  __syncthreads();
+    named_barrier(1 + half, 128);
+    const int row_base = info.row0 + half * 64;
 #pragma unroll
-  for (int it = 0; it < kBM * (kBN / 8) / kThreads; ++it) {
-    const int i = it * kThreads + tid;
-    const int row = i / (kBN / 8), chunk = i % (kBN / 8);
-    if (tile.row0 + row >= tile.group_rows) continue;
-    const uint4 value = *reinterpret_cast<const uint4*>(staging + row * kOutPitch + chunk * 8);
-    *reinterpret_cast<uint4*>(p.out + static_cast<int64_t>(tile.group_start + tile.row0 + row) * p.n + n0 +
-                              chunk * 8) = value;
+    for (int it = 0; it < 64 * (kBN / 8) / 128; ++it) {
+      const int i = it * 128 + ctid;
+      const int row = i / (kBN / 8), chunk = i % (kBN / 8);
+      if (row_base + row >= info.group_rows) continue;
+      const uint4 value = *reinterpret_cast<const uint4*>(staging + row * kOutPitch + chunk * 8);
+      *reinterpret_cast<uint4*>(p.out + static_cast<int64_t>(info.group_start + row_base + row) * p.n + info.n0 +
+                                chunk * 8) = value;
+    }
   }
 #else
   __trap();  // built without sm_90a: grouped_gemm_available() reports false and no caller launches this
 #endif
 }
 
-template <bool kBKN, int kGroups, int kStages>
-void launch(const Problem& problem, int64_t num_ctas) {
-  constexpr int kBytes = kStages * (64 * kGroups + kBN) * kBK * 2 + 1024;  // + 1024: alignment slack
-  static_assert((64 * kGroups) * kOutPitch * 2 <= kBytes - 1024, "the output staging must fit the pipeline buffers");
-  auto kernel = grouped_gemm_kernel<kBKN, kGroups, kStages>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
-  kernel<<<static_cast<unsigned>(num_ctas), 128 * kGroups, kBytes, c10::cuda::getCurrentCUDAStream()>>>(problem);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+// Writes to `map` a 2-D tensor map of the bf16 matrix at `data` (rows x cols, row-major), boxes of
+// box_rows x 64 columns in the 128-byte swizzle; reads past its edges fill zeros.
+void encode_tensor_map(CUtensorMap* map, const void* data, int64_t rows, int64_t cols, int box_rows) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+    TORCH_CHECK(found == cudaDriverEntryPointSuccess && fn != nullptr, "the CUDA driver lacks cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols) * 2};
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult result = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(data), dims, strides, box,
+                                 element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(result == CUDA_SUCCESS, "cuTensorMapEncodeTiled failed");
 }
 
 __global__ void probe_kernel(int* built) {
@@ -235,8 +286,6 @@ __global__ void probe_kernel(int* built) {
   *built = 0;
 #endif
 }
-
-static_assert(kBK == 64 && kBN == 128, "check_operands' messages name the tile sizes");
 
 // Validates grouped_gemm_rows' operands; returns (K, N). Kept out of grouped_gemm_rows itself:
 // there a failed check crashed the process on the GPU machine's toolchain instead of raising.
@@ -262,6 +311,9 @@ std::pair<int64_t, int64_t> check_operands(const at::Tensor& a, const at::Tensor
               "), got shape ", b.sizes());
   TORCH_CHECK(k % 64 == 0 && k > 0, "a's columns must be a positive multiple of 64, got ", k);
   TORCH_CHECK(n % 128 == 0 && n > 0, "the output columns must be a positive multiple of 128, got ", n);
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(b.data_ptr()) % 16 == 0,
+              "a and b must be 16-byte aligned (the TMA unit reads them)");
+  TORCH_CHECK(a.size(0) / kBM + groups < (int64_t{1} << 31) / (n / kBN), "too many output tiles");
   TORCH_CHECK(grouped_gemm_available(), "the grouped GEMM kernels need a compute capability 9.0 GPU and an sm_90a build");
   return {k, n};
 }
@@ -290,28 +342,43 @@ bool grouped_gemm_available() {
 
 at::Tensor grouped_gemm_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, bool b_is_kn) {
   const auto [k, n] = check_operands(a, b, ends, b_is_kn);
-  const int64_t groups = ends.size(0);
+  const int64_t groups = ends.size(0), rows = a.size(0);
   const c10::cuda::CUDAGuard guard(a.device());
-  auto out = at::empty({a.size(0), n}, a.options());
-  if (a.size(0) == 0) return out;
-  // 128-row tiles, three stages: the fastest of 64 / 128 rows and three / four stages on an H200 for
-  // ~128 rows per group (benchmarks/RESULTS.md).
-  constexpr int kGroups = 2;
-  const Problem problem{reinterpret_cast<const __nv_bfloat16*>(a.data_ptr()),
-                        reinterpret_cast<const __nv_bfloat16*>(b.data_ptr()),
-                        reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
-                        ends.data_ptr<int32_t>(),
-                        static_cast<int>(groups),
-                        static_cast<int>(n),
-                        static_cast<int>(k)};
-  // At most floor(R / BM) + E tiles: each group adds at most one partial tile.
-  const int64_t slots = a.size(0) / (64 * kGroups) + groups;
-  const int64_t ctas = slots * (n / kBN);
-  if (b_is_kn) {
-    launch<true, kGroups, 3>(problem, ctas);
-  } else {
-    launch<false, kGroups, 3>(problem, ctas);
+  auto out = at::empty({rows, n}, a.options());
+  if (rows == 0) return out;
+  // At most floor(R / BM) + E row tiles: each group adds at most one partial tile.
+  const int64_t slots = rows / kBM + groups;
+  const int64_t tiles_bound = slots * (n / kBN);
+  // cuTensorMapEncodeTiled needs the device's context current on this thread, which the runtime
+  // binds lazily (a thread that has made no other CUDA call has none).
+  thread_local int bound_device = -1;
+  if (bound_device != a.device().index()) {
+    C10_CUDA_CHECK(cudaFree(nullptr));
+    bound_device = a.device().index();
   }
+  auto params = std::make_unique<Params>();
+  encode_tensor_map(&params->map_a, a.data_ptr(), rows, k, kBM);
+  if (b_is_kn) {
+    encode_tensor_map(&params->map_b, b.data_ptr(), groups * k, n, kBK);
+  } else {
+    encode_tensor_map(&params->map_b, b.data_ptr(), groups * n, k, kBN);
+  }
+  params->p = Problem{ends.data_ptr<int32_t>(),
+                      reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
+                      static_cast<int>(groups),
+                      static_cast<int>(n),
+                      static_cast<int>(k),
+                      static_cast<int>(b_is_kn ? k : n),
+                      static_cast<int>(tiles_bound)};
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.device().index()));
+  const unsigned ctas = static_cast<unsigned>(std::min<int64_t>(tiles_bound, sms));
+  const void* kernel = b_is_kn ? reinterpret_cast<const void*>(grouped_gemm_kernel<true>)
+                               : reinterpret_cast<const void*>(grouped_gemm_kernel<false>);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes));
+  void* args[] = {params.get()};
+  C10_CUDA_CHECK(cudaLaunchKernel(kernel, dim3(ctas), dim3(kThreads), args, kSharedBytes,
+                                  c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 

@@ -1,7 +1,7 @@
-// Device helpers of the Hopper tensor-core kernels (grouped_gemm.cu, grouped_gemm_weight_grad.cu):
-// cp.async copies into 128-byte-swizzled shared-memory tiles, wgmma shared-memory descriptors, and
-// the wgmma m64n128k16 instruction. Defined only in sm_90a device passes (LIGHTNING_MOE_WGMMA);
-// elsewhere the kernels compile to a trap and the host reports them unavailable.
+// Device helpers of the Hopper tensor-core kernel (grouped_gemm.cu): TMA loads into
+// 128-byte-swizzled shared-memory tiles, mbarriers, named barriers, wgmma shared-memory
+// descriptors, and the wgmma m64n128k16 instruction. Defined only in sm_90a device passes
+// (LIGHTNING_MOE_WGMMA); elsewhere the kernel compiles to a trap and the host reports it unavailable.
 #pragma once
 
 #include <cstdint>
@@ -21,22 +21,6 @@ __device__ __forceinline__ uint32_t shared_address(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
 
-// Offset of 16-byte chunk `chunk` of row `row` in a 128-byte-swizzled tile.
-__device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
-  return static_cast<uint32_t>(row * kRowBytes + ((chunk ^ (row & 7)) << 4));
-}
-
-__device__ __forceinline__ void copy16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-
-__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int kPending>
-__device__ __forceinline__ void copy_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
 // Shared-memory matrix descriptor, 128-byte swizzle: start address, leading and stride byte
 // offsets (all in 16-byte units).
 __device__ __forceinline__ uint64_t descriptor(uint32_t address, uint32_t leading, uint32_t stride) {
@@ -44,10 +28,11 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t address, uint32_t leadin
          (static_cast<uint64_t>((stride & 0x3FFFF) >> 4) << 32) | (uint64_t{1} << 62);
 }
 
-// One wgmma m64n128k16: d += A * B, bf16 inputs read from shared memory through their descriptors,
-// float32 accumulators in registers. kTransA / kTransB = 1 mark MN-major A / B (0: K-major).
+// One wgmma m64n128k16: d = A * B + (scale_d ? d : 0), bf16 inputs read from shared memory through
+// their descriptors, float32 accumulators in registers; scale_d = 0 starts a tile's sum. kTransA /
+// kTransB = 1 mark MN-major A / B (0: K-major).
 template <int kTransA, int kTransB>
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
   asm volatile(
       "{\n"
       ".reg .pred p;\n"
@@ -64,31 +49,60 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a
         "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
         "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(1), "n"(kTransA), "n"(kTransB));
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA), "n"(kTransB));
 }
 
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all(float (&d)[64]) {
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+// Waits until at most kPending wgmma groups are in flight; `d` is read or written after it.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait(float (&d)[64]) {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 #pragma unroll
   for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// Bulk copies from shared to global memory (the copy engine, no tensor map): `bytes` (a multiple
-// of 16) from a 16-byte-aligned shared address to a 16-byte-aligned global one. Shared memory
-// written by ordinary stores needs fence.proxy.async before a bulk copy reads it.
-__device__ __forceinline__ void bulk_store(void* dst, uint32_t src, uint32_t bytes) {
-  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(dst), "r"(src), "r"(bytes)
-               : "memory");
+// mbarriers in shared memory (CTA scope): init with an arrival count; an arrival that also
+// expects `bytes` of TMA transactions; a plain arrival; a wait for the phase of parity `parity`.
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-// Waits until at most kPending of this thread's bulk groups still read their shared source.
-template <int kPending>
-__device__ __forceinline__ void bulk_wait_read() {
-  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
-__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// A 2-D TMA load of the box at (inner, outer) of the tensor map at `map` (a kernel parameter) into
+// shared memory at `dst`; its bytes count as transactions on the mbarrier `bar`.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* map, uint32_t bar, int inner, int outer) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::
+          "r"(dst),
+      "l"(map), "r"(bar), "r"(inner), "r"(outer)
+      : "memory");
+}
+
+// Synchronises the `threads` threads (a multiple of 32) that use named barrier `id` (1-15).
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 #endif  // LIGHTNING_MOE_WGMMA
 
 }  // namespace
