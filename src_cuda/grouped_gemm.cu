@@ -37,18 +37,26 @@ namespace lightning_moe {
 namespace {
 
 constexpr int kBM = 128;            // output rows per tile: two consumer warpgroups of 64
-constexpr int kBN = 128;            // output columns per tile
 constexpr int kBK = 64;             // K per stage (128 bytes of bf16: the swizzle span)
-constexpr int kStages = 5;
 constexpr int kThreads = 384;       // producer warpgroup + two consumer warpgroups
 constexpr int kTileABytes = kBM * kBK * 2;
-constexpr int kTileBBytes = kBN * kBK * 2;
-constexpr int kStageBytes = kTileABytes + kTileBBytes;
-constexpr int kOutPitch = kBN + 8;  // staging row pitch (elements): conflict-free fragment stores
-constexpr int kStagingBytes = 64 * kOutPitch * 2;  // one consumer warpgroup's 64 rows
+constexpr int kOutPitch = 128 + 8;  // staging row pitch (elements): conflict-free fragment stores
+constexpr int kStagingBytes = 64 * kOutPitch * 2;  // one consumer warpgroup's 64 rows, 128 columns
 constexpr int kRing = 8;            // tiles whose description the producer may have posted ahead
-static_assert(kBK == 64 && kBN == 128, "check_operands' messages name the tile sizes");
-static_assert(kRing > kStages, "the producer runs at most kStages stages, so kStages tiles, ahead");
+static_assert(kBK == 64, "check_operands' messages name the tile sizes");
+
+// The constants of a tile kBN columns wide (128, or 256 for many rows per group).
+template <int kBN>
+struct Shape {
+  static constexpr int kHalves = kBN / 128;  // wgmma n128 products per k16 step
+  static constexpr int kStages = kBN == 128 ? 5 : 3;
+  static constexpr int kTileBBytes = kBN * kBK * 2;
+  static constexpr int kStageBytes = kTileABytes + kTileBBytes;
+  static constexpr int kBarriersBytes = 2 * kStages * 8;
+  static constexpr int kRingBytes = kRing * 20;  // sizeof(TileInfo)
+  static constexpr int kSharedBytes = 1024 + kStages * kStageBytes + 2 * kStagingBytes + kBarriersBytes + kRingBytes;
+  static_assert(kRing > kStages, "the producer runs at most kStages stages, so kStages tiles, ahead");
+};
 
 struct TileInfo {
   int group;  // -1: no tile left
@@ -77,13 +85,12 @@ struct Params {
   Problem p;
 };
 
-constexpr int kBarriersBytes = 2 * kStages * 8;
-constexpr int kRingBytes = kRing * static_cast<int>(sizeof(TileInfo));
-constexpr int kSharedBytes = 1024 + kStages * kStageBytes + 2 * kStagingBytes + kBarriersBytes + kRingBytes;
+static_assert(sizeof(TileInfo) == 20, "Shape::kRingBytes");
 
 #ifdef LIGHTNING_MOE_WGMMA
 // Tile `tile` (slot-major, columns fastest) by one warp: the warp scans the groups' tile counts 32
 // at a time. group = -1 when the tile lies past the last one.
+template <int kBN>
 __device__ TileInfo locate(const Problem& p, int tile, int lane) {
   const int n_tiles = p.n / kBN;
   const int slot = tile / n_tiles;
@@ -121,10 +128,14 @@ __device__ TileInfo locate(const Problem& p, int tile, int lane) {
 }
 #endif  // LIGHTNING_MOE_WGMMA
 
-// kBKN: b is (E, K, N) (MN-major B tiles, two 64-column boxes per stage) rather than (E, N, K).
-template <bool kBKN>
+// kBKN: b is (E, K, N) (MN-major B tiles, 64-column boxes) rather than (E, N, K). kBN: output
+// columns per tile.
+template <bool kBKN, int kBN>
 __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_constant__ Params params) {
 #ifdef LIGHTNING_MOE_WGMMA
+  using S = Shape<kBN>;
+  constexpr int kStages = S::kStages;
+  constexpr int kStageBytes = S::kStageBytes;
   const Problem& p = params.p;
   extern __shared__ uint8_t shared_raw[];
   // 1024-byte alignment: the swizzle pattern is taken from address bits 4-9.
@@ -135,7 +146,7 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
   const uint32_t full_bar = staging_address + 2 * kStagingBytes;  // kStages full, then kStages empty
   const uint32_t empty_bar = full_bar + kStages * 8;
   TileInfo* const ring = reinterpret_cast<TileInfo*>(shared + kStages * kStageBytes + 2 * kStagingBytes +
-                                                     kBarriersBytes);
+                                                     S::kBarriersBytes);
 
   const int tid = threadIdx.x;
   const int warpgroup = tid / 128;
@@ -150,13 +161,16 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
   const int k_steps = p.k / kBK;
 
   if (warpgroup == 0) {
+    // 128 x 256 tiles need more registers than 384 threads get by default: the producer gives
+    // its share to the consumers.
+    if constexpr (kBN == 256) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (tid >= 32) return;  // one producer warp
     const int lane = tid;
     int stage = 0;
     uint32_t phase = 0;
     int count = 0;
     for (int tile = blockIdx.x;; tile += gridDim.x, ++count) {
-      const TileInfo info = locate(p, tile, lane);
+      const TileInfo info = locate<kBN>(p, tile, lane);
       // Wait for the stage, then post the tile (its description travels with its first stage).
       mbarrier_wait(empty_bar + stage * 8, phase ^ 1);
       if (lane == 0) ring[count % kRing] = info;
@@ -174,9 +188,12 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
           const uint32_t tile_b = tile_a + kTileABytes;
           mbarrier_arrive_expect_tx(bar, kStageBytes);
           tma_load_2d(tile_a, &params.map_a, bar, step * kBK, a_row);
-          if constexpr (kBKN) {  // b (E * K, N): kBK rows of K, two boxes of 64 columns
-            tma_load_2d(tile_b, &params.map_b, bar, info.n0, b_row + step * kBK);
-            tma_load_2d(tile_b + kBK * kRowBytes, &params.map_b, bar, info.n0 + 64, b_row + step * kBK);
+          if constexpr (kBKN) {  // b (E * K, N): kBK rows of K, boxes of 64 columns
+#pragma unroll
+            for (int box = 0; box < kBN / 64; ++box) {
+              tma_load_2d(tile_b + box * kBK * kRowBytes, &params.map_b, bar, info.n0 + box * 64,
+                          b_row + step * kBK);
+            }
           } else {  // b (E * N, K): kBN rows of N, 64 of K
             tma_load_2d(tile_b, &params.map_b, bar, step * kBK, b_row + info.n0);
           }
@@ -191,10 +208,12 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
   }
 
   // Consumers: warpgroup 1 takes rows 0-63 of each tile, warpgroup 2 rows 64-127.
+  if constexpr (kBN == 256) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
   const int half = warpgroup - 1;
   const int ctid = tid % 128;
   __nv_bfloat16* const staging = reinterpret_cast<__nv_bfloat16*>(shared + kStages * kStageBytes + half * kStagingBytes);
-  float acc[64];
+  float acc[S::kHalves][64];
+  float(&all_acc)[S::kHalves * 64] = reinterpret_cast<float(&)[S::kHalves * 64]>(acc);
   int stage = 0;
   uint32_t phase = 0;
   for (int count = 0;; ++count) {
@@ -210,13 +229,18 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
 #pragma unroll
       for (int kk = 0; kk < kBK / 16; ++kk) {
         const uint64_t desc_a = descriptor(tile_a + half * 64 * kRowBytes + kk * 32, 16, 1024);
-        const uint64_t desc_b = kBKN ? descriptor(tile_b + kk * 16 * kRowBytes, kBK * kRowBytes, 1024)
-                                     : descriptor(tile_b + kk * 32, 16, 1024);
-        wgmma_m64n128k16<0, kBKN ? 1 : 0>(acc, desc_a, desc_b, step > 0 || kk > 0 ? 1 : 0);
+#pragma unroll
+        for (int h = 0; h < S::kHalves; ++h) {
+          // Columns 128h on: K-major, B's rows 128h on; MN-major, its 64-column boxes 2h on.
+          const uint64_t desc_b =
+              kBKN ? descriptor(tile_b + h * 2 * kBK * kRowBytes + kk * 16 * kRowBytes, kBK * kRowBytes, 1024)
+                   : descriptor(tile_b + h * 128 * kRowBytes + kk * 32, 16, 1024);
+          wgmma_m64n128k16<0, kBKN ? 1 : 0>(acc[h], desc_a, desc_b, step > 0 || kk > 0 ? 1 : 0);
+        }
       }
       wgmma_commit();
       // The previous step's products are done once at most this step's group is in flight.
-      wgmma_wait<1>(acc);
+      wgmma_wait<1>(all_acc);
       if (previous >= 0 && ctid == 0) mbarrier_arrive(empty_bar + previous * 8);
       previous = stage;
       if (++stage == kStages) {
@@ -224,34 +248,38 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
         phase ^= 1;
       }
     }
-    wgmma_wait<0>(acc);
+    wgmma_wait<0>(all_acc);
     if (ctid == 0) mbarrier_arrive(empty_bar + previous * 8);
 
-    // Stage this warpgroup's 64 rows as bf16 (warp w holds rows 16w + lane / 4 and that + 8, two
-    // adjacent columns per 8-column chunk), then write 16-byte row vectors of the group's rows.
-    named_barrier(1 + half, 128);  // the previous tile's rows have left the staging buffer
-    {
-      const int warp = ctid / 32, lane = ctid % 32;
-      const int row = warp * 16 + lane / 4;
-#pragma unroll
-      for (int j = 0; j < kBN / 8; ++j) {
-        const int col = j * 8 + (lane % 4) * 2;
-        *reinterpret_cast<__nv_bfloat162*>(staging + row * kOutPitch + col) =
-            __floats2bfloat162_rn(acc[4 * j], acc[4 * j + 1]);
-        *reinterpret_cast<__nv_bfloat162*>(staging + (row + 8) * kOutPitch + col) =
-            __floats2bfloat162_rn(acc[4 * j + 2], acc[4 * j + 3]);
-      }
-    }
-    named_barrier(1 + half, 128);
+    // Stage this warpgroup's 64 rows as bf16, 128 columns at a time (warp w holds rows 16w + lane / 4
+    // and that + 8, two adjacent columns per 8-column chunk), then write 16-byte row vectors of the
+    // group's rows.
     const int row_base = info.row0 + half * 64;
 #pragma unroll
-    for (int it = 0; it < 64 * (kBN / 8) / 128; ++it) {
-      const int i = it * 128 + ctid;
-      const int row = i / (kBN / 8), chunk = i % (kBN / 8);
-      if (row_base + row >= info.group_rows) continue;
-      const uint4 value = *reinterpret_cast<const uint4*>(staging + row * kOutPitch + chunk * 8);
-      *reinterpret_cast<uint4*>(p.out + static_cast<int64_t>(info.group_start + row_base + row) * p.n + info.n0 +
-                                chunk * 8) = value;
+    for (int h = 0; h < S::kHalves; ++h) {
+      named_barrier(1 + half, 128);  // the previous rows have left the staging buffer
+      {
+        const int warp = ctid / 32, lane = ctid % 32;
+        const int row = warp * 16 + lane / 4;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          const int col = j * 8 + (lane % 4) * 2;
+          *reinterpret_cast<__nv_bfloat162*>(staging + row * kOutPitch + col) =
+              __floats2bfloat162_rn(acc[h][4 * j], acc[h][4 * j + 1]);
+          *reinterpret_cast<__nv_bfloat162*>(staging + (row + 8) * kOutPitch + col) =
+              __floats2bfloat162_rn(acc[h][4 * j + 2], acc[h][4 * j + 3]);
+        }
+      }
+      named_barrier(1 + half, 128);
+#pragma unroll
+      for (int it = 0; it < 64 * 16 / 128; ++it) {
+        const int i = it * 128 + ctid;
+        const int row = i / 16, chunk = i % 16;
+        if (row_base + row >= info.group_rows) continue;
+        const uint4 value = *reinterpret_cast<const uint4*>(staging + row * kOutPitch + chunk * 8);
+        *reinterpret_cast<uint4*>(p.out + static_cast<int64_t>(info.group_start + row_base + row) * p.n + info.n0 +
+                                  h * 128 + chunk * 8) = value;
+      }
     }
   }
 #else
@@ -290,7 +318,7 @@ __global__ void probe_kernel(int* built) {
 // Validates grouped_gemm_rows' operands; returns (K, N). Kept out of grouped_gemm_rows itself:
 // there a failed check crashed the process on the GPU machine's toolchain instead of raising.
 std::pair<int64_t, int64_t> check_operands(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends,
-                                           bool b_is_kn) {
+                                           bool b_is_kn, int64_t tile_n) {
   check_cuda_contiguous(a, "a");
   check_cuda_contiguous(b, "b");
   check_cuda_contiguous(ends, "ends");
@@ -313,7 +341,9 @@ std::pair<int64_t, int64_t> check_operands(const at::Tensor& a, const at::Tensor
   TORCH_CHECK(n % 128 == 0 && n > 0, "the output columns must be a positive multiple of 128, got ", n);
   TORCH_CHECK(reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(b.data_ptr()) % 16 == 0,
               "a and b must be 16-byte aligned (the TMA unit reads them)");
-  TORCH_CHECK(a.size(0) / kBM + groups < (int64_t{1} << 31) / (n / kBN), "too many output tiles");
+  TORCH_CHECK(tile_n == 128 || (tile_n == 256 && n % 256 == 0),
+              "tile_n must be 128, or 256 where the output columns are a multiple of 256");
+  TORCH_CHECK(a.size(0) / kBM + groups < (int64_t{1} << 31) / (n / 128), "too many output tiles");
   TORCH_CHECK(grouped_gemm_available(), "the grouped GEMM kernels need a compute capability 9.0 GPU and an sm_90a build");
   return {k, n};
 }
@@ -340,25 +370,18 @@ bool grouped_gemm_available() {
   return found->second;
 }
 
-at::Tensor grouped_gemm_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, bool b_is_kn) {
-  const auto [k, n] = check_operands(a, b, ends, b_is_kn);
+namespace {
+
+template <bool kBKN, int kBN>
+void launch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, const at::Tensor& out, int64_t k,
+            int64_t n) {
   const int64_t groups = ends.size(0), rows = a.size(0);
-  const c10::cuda::CUDAGuard guard(a.device());
-  auto out = at::empty({rows, n}, a.options());
-  if (rows == 0) return out;
   // At most floor(R / BM) + E row tiles: each group adds at most one partial tile.
   const int64_t slots = rows / kBM + groups;
   const int64_t tiles_bound = slots * (n / kBN);
-  // cuTensorMapEncodeTiled needs the device's context current on this thread, which the runtime
-  // binds lazily (a thread that has made no other CUDA call has none).
-  thread_local int bound_device = -1;
-  if (bound_device != a.device().index()) {
-    C10_CUDA_CHECK(cudaFree(nullptr));
-    bound_device = a.device().index();
-  }
   auto params = std::make_unique<Params>();
   encode_tensor_map(&params->map_a, a.data_ptr(), rows, k, kBM);
-  if (b_is_kn) {
+  if constexpr (kBKN) {
     encode_tensor_map(&params->map_b, b.data_ptr(), groups * k, n, kBK);
   } else {
     encode_tensor_map(&params->map_b, b.data_ptr(), groups * n, k, kBN);
@@ -368,17 +391,39 @@ at::Tensor grouped_gemm_rows(const at::Tensor& a, const at::Tensor& b, const at:
                       static_cast<int>(groups),
                       static_cast<int>(n),
                       static_cast<int>(k),
-                      static_cast<int>(b_is_kn ? k : n),
+                      static_cast<int>(kBKN ? k : n),
                       static_cast<int>(tiles_bound)};
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.device().index()));
   const unsigned ctas = static_cast<unsigned>(std::min<int64_t>(tiles_bound, sms));
-  const void* kernel = b_is_kn ? reinterpret_cast<const void*>(grouped_gemm_kernel<true>)
-                               : reinterpret_cast<const void*>(grouped_gemm_kernel<false>);
+  const void* kernel = reinterpret_cast<const void*>(grouped_gemm_kernel<kBKN, kBN>);
+  constexpr int kSharedBytes = Shape<kBN>::kSharedBytes;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes));
   void* args[] = {params.get()};
   C10_CUDA_CHECK(cudaLaunchKernel(kernel, dim3(ctas), dim3(kThreads), args, kSharedBytes,
                                   c10::cuda::getCurrentCUDAStream()));
+}
+
+}  // namespace
+
+at::Tensor grouped_gemm_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, bool b_is_kn,
+                             int64_t tile_n) {
+  const auto [k, n] = check_operands(a, b, ends, b_is_kn, tile_n);
+  const c10::cuda::CUDAGuard guard(a.device());
+  auto out = at::empty({a.size(0), n}, a.options());
+  if (a.size(0) == 0) return out;
+  // cuTensorMapEncodeTiled needs the device's context current on this thread, which the runtime
+  // binds lazily (a thread that has made no other CUDA call has none).
+  thread_local int bound_device = -1;
+  if (bound_device != a.device().index()) {
+    C10_CUDA_CHECK(cudaFree(nullptr));
+    bound_device = a.device().index();
+  }
+  if (b_is_kn) {
+    tile_n == 256 ? launch<true, 256>(a, b, ends, out, k, n) : launch<true, 128>(a, b, ends, out, k, n);
+  } else {
+    tile_n == 256 ? launch<false, 256>(a, b, ends, out, k, n) : launch<false, 128>(a, b, ends, out, k, n);
+  }
   return out;
 }
 

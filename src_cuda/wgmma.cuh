@@ -52,12 +52,13 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a
       : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA), "n"(kTransB));
 }
 
-// Waits until at most kPending wgmma groups are in flight; `d` is read or written after it.
-template <int kPending>
-__device__ __forceinline__ void wgmma_wait(float (&d)[64]) {
+// Waits until at most kPending wgmma groups are in flight; the accumulators `d` are read or
+// written after it.
+template <int kPending, int kCount>
+__device__ __forceinline__ void wgmma_wait(float (&d)[kCount]) {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 #pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < kCount; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 // mbarriers in shared memory (CTA scope): init with an arrival count; an arrival that also

@@ -66,12 +66,15 @@ def test_grouped_linear_matches_the_oracle(split: list[int], k: int, m: int, gen
 
 @pytest.mark.parametrize("split", SPLITS.values(), ids=SPLITS.keys())
 @pytest.mark.parametrize("b_is_kn", [False, True], ids=["b-nk", "b-kn"])
-def test_row_kernel_matches_the_oracle(split: list[int], b_is_kn: bool, generator: torch.Generator) -> None:
-    # K = 192: three K stages; 256 output columns: two column tiles.
+@pytest.mark.parametrize("tile_n", [128, 256])
+def test_row_kernel_matches_the_oracle(
+    split: list[int], b_is_kn: bool, tile_n: int, generator: torch.Generator
+) -> None:
+    # K = 192: three K stages; 256 output columns: two 128-column tiles or one 256-column tile.
     x_NK, w_EMK, ends_E, _ = make_inputs(split, 192, 256, generator)
     b = w_EMK.transpose(1, 2).contiguous() if b_is_kn else w_EMK
     poison_float_blocks()
-    got_NM = require_extension().grouped_gemm_rows(x_NK, b, ends_E, b_is_kn)
+    got_NM = require_extension().grouped_gemm_rows(x_NK, b, ends_E, b_is_kn, tile_n)
     torch_NM = reference.grouped_linear(x_NK, w_EMK, ends_E)
     oracle_NM = reference.grouped_linear(x_NK.double(), w_EMK.double(), ends_E)
     assert got_NM.shape == (sum(split), 256)
