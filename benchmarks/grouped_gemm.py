@@ -3,14 +3,16 @@
 Shape legend: N rows (sorted by expert), D model dim, F expert hidden dim, E experts.
 
 For each (D, F, E) and average rows per expert, N = rows * E tokens are spread over the experts
-uniformly at random, and the four row-grouped GEMMs of an expert MLP are timed with CUDA events
+uniformly at random, and the six GEMMs of an expert MLP's forward and backward are timed with CUDA
+events
 (median of --iters calls after a warm-up), ours (``src_cuda/grouped_gemm.cu``) and torch's:
 
 - ``fwd w1``: (N, D) x w1 (E, F, D) -> (N, F)     - ``fwd w2``: (N, F) x w2 (E, D, F) -> (N, D)
 - ``dgrad w2``: (N, D) x w2 -> (N, F)             - ``dgrad w1``: (N, F) x w1 -> (N, D)
 
-It prints microseconds per GEMM, torch's time over ours, and checks that both agree. The weight
-gradients stay torch's in the layer and are not timed here.
+- ``wgrad w2``: (N, D)^T x (N, F) -> (E, D, F)     - ``wgrad w1``: (N, F)^T x (N, D) -> (E, F, D)
+
+It prints microseconds per GEMM, torch's time over ours, and checks that both agree.
 
     python benchmarks/grouped_gemm.py [--rows 128,512,1536,4096] [--iters 20] [--tile-n 128]
 """
@@ -33,14 +35,18 @@ CONFIGS = ((1024, 4096, 64), (2048, 1408, 64), (1024, 4096, 8))
 def gemms(
     x_ND: Tensor, h_NF: Tensor, w1_EFD: Tensor, w2_EDF: Tensor, ends_E: Tensor, tile_n: int
 ) -> list[tuple[str, Callable[[], Tensor], Callable[[], Tensor]]]:
-    """(name, ours, torch's) for the four row-grouped GEMMs; ours with ``tile_n``-column tiles
-    where that divides the output's columns, else 128."""
+    """(name, ours, torch's) for the four row-grouped GEMMs and the two weight gradients; ours with
+    ``tile_n``-column tiles where that divides the output's columns, else 128."""
     grouped_mm = torch._grouped_mm
 
     def rows_gemm(a: Tensor, b: Tensor, b_is_kn: bool) -> Tensor:
         columns = b.shape[2] if b_is_kn else b.shape[1]
         tile = tile_n if columns % tile_n == 0 else 128
         return require_extension().grouped_gemm_rows(a, b, ends_E, b_is_kn, tile)
+
+    def weight_grad(a: Tensor, b: Tensor) -> Tensor:
+        tile = tile_n if b.shape[1] % tile_n == 0 else 128
+        return require_extension().grouped_gemm_weight_grad(a, b, ends_E, tile)
 
     return [
         (
@@ -55,6 +61,8 @@ def gemms(
         ),
         ("dgrad w2", lambda: rows_gemm(x_ND, w2_EDF, True), lambda: grouped_mm(x_ND, w2_EDF, offs=ends_E)),
         ("dgrad w1", lambda: rows_gemm(h_NF, w1_EFD, True), lambda: grouped_mm(h_NF, w1_EFD, offs=ends_E)),
+        ("wgrad w2", lambda: weight_grad(x_ND, h_NF), lambda: grouped_mm(x_ND.t(), h_NF, offs=ends_E)),
+        ("wgrad w1", lambda: weight_grad(h_NF, x_ND), lambda: grouped_mm(h_NF.t(), x_ND, offs=ends_E)),
     ]
 
 
@@ -77,7 +85,7 @@ def run(d_model: int, d_hidden: int, num_experts: int, rows_per_expert: int, ite
             f"torch/ours {torch_us / ours_us:5.2f}  rel. diff {error:.1e}"
         )
     print(
-        f"  {'4 GEMMs':9s} ours {total_ours:8.1f} us  torch {total_torch:8.1f} us  "
+        f"  {'6 GEMMs':9s} ours {total_ours:8.1f} us  torch {total_torch:8.1f} us  "
         f"torch/ours {total_torch / total_ours:5.2f}"
     )
 

@@ -26,11 +26,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda.h>
-#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 
 #include "checks.h"
+#include "tensor_map.h"
 #include "wgmma.cuh"
 
 namespace lightning_moe {
@@ -287,25 +286,6 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
 #endif
 }
 
-// Writes to `map` a 2-D tensor map of the bf16 matrix at `data` (rows x cols, row-major), boxes of
-// box_rows x 64 columns in the 128-byte swizzle; reads past its edges fill zeros.
-void encode_tensor_map(CUtensorMap* map, const void* data, int64_t rows, int64_t cols, int box_rows) {
-  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
-    TORCH_CHECK(found == cudaDriverEntryPointSuccess && fn != nullptr, "the CUDA driver lacks cuTensorMapEncodeTiled");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }();
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols) * 2};
-  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t element_strides[2] = {1, 1};
-  const CUresult result = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(data), dims, strides, box,
-                                 element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  TORCH_CHECK(result == CUDA_SUCCESS, "cuTensorMapEncodeTiled failed");
-}
 
 __global__ void probe_kernel(int* built) {
 #ifdef LIGHTNING_MOE_WGMMA
@@ -412,13 +392,7 @@ at::Tensor grouped_gemm_rows(const at::Tensor& a, const at::Tensor& b, const at:
   const c10::cuda::CUDAGuard guard(a.device());
   auto out = at::empty({a.size(0), n}, a.options());
   if (a.size(0) == 0) return out;
-  // cuTensorMapEncodeTiled needs the device's context current on this thread, which the runtime
-  // binds lazily (a thread that has made no other CUDA call has none).
-  thread_local int bound_device = -1;
-  if (bound_device != a.device().index()) {
-    C10_CUDA_CHECK(cudaFree(nullptr));
-    bound_device = a.device().index();
-  }
+  bind_context(a.device().index());
   if (b_is_kn) {
     tile_n == 256 ? launch<true, 256>(a, b, ends, out, k, n) : launch<true, 128>(a, b, ends, out, k, n);
   } else {

@@ -81,6 +81,29 @@ def test_row_kernel_matches_the_oracle(
     assert_close_to_gpu_oracle(got_NM, torch_NM, oracle_NM)
 
 
+@pytest.mark.parametrize("split", SPLITS.values(), ids=SPLITS.keys())
+@pytest.mark.parametrize(("tile_n", "k"), [(128, 384), (256, 512)], ids=["tile128", "tile256"])
+def test_weight_grad_kernel_matches_the_oracle(
+    split: list[int], tile_n: int, k: int, generator: torch.Generator
+) -> None:
+    # Experts of 1, 5, 127-130 and 300 rows: stages that run past an expert into the next one's rows.
+    rows = sum(split)
+    a_NM = torch.randn(rows, 256, generator=generator).to("cuda", torch.bfloat16)
+    b_NK = torch.randn(rows, k, generator=generator).to("cuda", torch.bfloat16)
+    ends_E = torch.tensor(split).cumsum(0).to("cuda", torch.int32)
+    poison_float_blocks()
+    got_EMK = require_extension().grouped_gemm_weight_grad(a_NM, b_NK, ends_E, tile_n)
+    starts = [0, *ends_E.tolist()]
+    blocks = [(a_NM[s:e].double().t() @ b_NK[s:e].double()) for s, e in zip(starts[:-1], starts[1:], strict=True)]
+    oracle_EMK = torch.stack(blocks)
+    torch_EMK = torch._grouped_mm(a_NM.t(), b_NK, offs=ends_E)
+    assert got_EMK.shape == (len(split), 256, k) and got_EMK.dtype == torch.bfloat16
+    for e, count in enumerate(split):
+        if count == 0:
+            assert (got_EMK[e] == 0).all(), "an expert without rows has a zero gradient"
+    assert_close_to_gpu_oracle(got_EMK, torch_EMK, oracle_EMK)
+
+
 def test_row_kernel_launched_from_another_thread_matches_the_main_thread(generator: torch.Generator) -> None:
     # Autograd runs the input gradient on its own thread; the kernel's parameters must survive that.
     x_NK, w_EMK, ends_E, _ = make_inputs(SPLITS["mixed"], 128, 256, generator)
