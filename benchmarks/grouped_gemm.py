@@ -4,12 +4,10 @@ Shape legend: N rows (sorted by expert), D model dim, F expert hidden dim, E exp
 
 For each (D, F, E) and average rows per expert, N = rows * E tokens are spread over the experts
 uniformly at random, and the six GEMMs of an expert MLP's forward and backward are timed with CUDA
-events
-(median of --iters calls after a warm-up), ours (``src_cuda/grouped_gemm.cu``) and torch's:
+events (median of --iters calls after a warm-up), ours (``src_cuda/grouped_gemm*.cu``) and torch's:
 
 - ``fwd w1``: (N, D) x w1 (E, F, D) -> (N, F)     - ``fwd w2``: (N, F) x w2 (E, D, F) -> (N, D)
 - ``dgrad w2``: (N, D) x w2 -> (N, F)             - ``dgrad w1``: (N, F) x w1 -> (N, D)
-
 - ``wgrad w2``: (N, D)^T x (N, F) -> (E, D, F)     - ``wgrad w1``: (N, F)^T x (N, D) -> (E, F, D)
 
 It prints microseconds per GEMM, torch's time over ours, and checks that both agree.

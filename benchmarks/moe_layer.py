@@ -12,6 +12,8 @@ For each config (T, D, F, E, K) it times, with CUDA events (warm-up, then the me
 - ops: lightning_moe's ops pipeline (``ops.sort_by_expert``, ``ops.permute``, ``GroupedExperts``,
   ``ops.unpermute``), i.e. what ``MoE.forward`` runs once it calls the ops;
 - MoE: ``lightning_moe.MoE`` itself (gelu, no bias, topk router, dropless, aux_loss_weight 0).
+- MoE-torch-gemm: the same layer with its expert GEMMs on ``torch._grouped_mm`` wherever it would
+  take the kernels of ``src_cuda/grouped_gemm.cu``: what those kernels buy.
 
 ``--activation swiglu`` gives the experts of ops and MoE a third projection, gated by the fused
 ``ops.glu``; loop and grouped_mm are GELU only. FLOPs counted: 3 (fwd + bwd) x 2 GEMMs (3 for
@@ -41,10 +43,11 @@ from torch import Tensor, nn
 
 from lightning_moe import MoE, ops
 from lightning_moe.layers.experts import GroupedExperts
+from lightning_moe.ops import grouped_mm as grouped_mm_module
 
 ACTIVATIONS = ("gelu", "swiglu")
 # The implementations that take --activation swiglu; the others are GELU only.
-GATED_IMPLEMENTATIONS = ("dense", "ops", "MoE")
+GATED_IMPLEMENTATIONS = ("dense", "ops", "MoE", "MoE-torch-gemm")
 
 
 @dataclass(frozen=True)
@@ -181,12 +184,29 @@ def lightning_moe_layer(config: Config, activation: str = "gelu") -> nn.Module:
     )
 
 
+class TorchGEMMs(nn.Module):
+    """lightning_moe's layer with its expert GEMMs on ``torch._grouped_mm`` instead of its kernels."""
+
+    def __init__(self, config: Config, activation: str = "gelu") -> None:
+        super().__init__()
+        self.moe = lightning_moe_layer(config, activation)
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        usable = grouped_mm_module.grouped_linear_usable
+        grouped_mm_module.grouped_linear_usable = lambda *args: False
+        try:
+            return self.moe(x_TD)
+        finally:
+            grouped_mm_module.grouped_linear_usable = usable
+
+
 IMPLEMENTATIONS: dict[str, Callable[..., nn.Module]] = {
     "dense": DenseEquivalent,
     "loop": PerExpertLoop,
     "grouped_mm": GroupedMMComposition,
     "ops": OpsPipeline,
     "MoE": lightning_moe_layer,
+    "MoE-torch-gemm": TorchGEMMs,
 }
 
 
