@@ -39,8 +39,7 @@ constexpr int kBM = 128;            // output rows per tile: two consumer warpgr
 constexpr int kBK = 64;             // K per stage (128 bytes of bf16: the swizzle span)
 constexpr int kThreads = 384;       // producer warpgroup + two consumer warpgroups
 constexpr int kTileABytes = kBM * kBK * 2;
-constexpr int kOutPitch = 128 + 8;  // staging row pitch (elements): conflict-free fragment stores
-constexpr int kStagingBytes = 64 * kOutPitch * 2;  // one consumer warpgroup's 64 rows, 128 columns
+constexpr int kStagingBytes = 64 * kStagingPitch * 2;  // one consumer warpgroup's 64 rows, 128 columns
 constexpr int kRing = 8;            // tiles whose description the producer may have posted ahead
 static_assert(kBK == 64, "check_operands' messages name the tile sizes");
 
@@ -165,25 +164,24 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
     if constexpr (kBN == 256) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (tid >= 32) return;  // one producer warp
     const int lane = tid;
-    int stage = 0;
-    uint32_t phase = 0;
+    StageRing<kStages> pipe;
     int count = 0;
     for (int tile = blockIdx.x;; tile += gridDim.x, ++count) {
       const TileInfo info = locate<kBN>(p, tile, lane);
       // Wait for the stage, then post the tile (its description travels with its first stage).
-      mbarrier_wait(empty_bar + stage * 8, phase ^ 1);
+      mbarrier_wait(empty_bar + pipe.stage * 8, pipe.phase ^ 1);
       if (lane == 0) ring[count % kRing] = info;
       if (info.group < 0) {
-        if (lane == 0) mbarrier_arrive(full_bar + stage * 8);  // the consumers' signal to stop
+        if (lane == 0) mbarrier_arrive(full_bar + pipe.stage * 8);  // the consumers' signal to stop
         return;
       }
       const int a_row = info.group_start + info.row0;
       const int b_row = info.group * p.b_rows_per_group;
       for (int step = 0; step < k_steps; ++step) {
-        if (step > 0) mbarrier_wait(empty_bar + stage * 8, phase ^ 1);
+        if (step > 0) mbarrier_wait(empty_bar + pipe.stage * 8, pipe.phase ^ 1);
         if (lane == 0) {
-          const uint32_t bar = full_bar + stage * 8;
-          const uint32_t tile_a = base + stage * kStageBytes;
+          const uint32_t bar = full_bar + pipe.stage * 8;
+          const uint32_t tile_a = base + pipe.stage * kStageBytes;
           const uint32_t tile_b = tile_a + kTileABytes;
           mbarrier_arrive_expect_tx(bar, kStageBytes);
           tma_load_2d(tile_a, &params.map_a, bar, step * kBK, a_row);
@@ -198,10 +196,7 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
           }
         }
         __syncwarp();
-        if (++stage == kStages) {
-          stage = 0;
-          phase ^= 1;
-        }
+        pipe.advance();
       }
     }
   }
@@ -213,16 +208,15 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
   __nv_bfloat16* const staging = reinterpret_cast<__nv_bfloat16*>(shared + kStages * kStageBytes + half * kStagingBytes);
   float acc[S::kHalves][64];
   float(&all_acc)[S::kHalves * 64] = reinterpret_cast<float(&)[S::kHalves * 64]>(acc);
-  int stage = 0;
-  uint32_t phase = 0;
+  StageRing<kStages> pipe;
   for (int count = 0;; ++count) {
-    mbarrier_wait(full_bar + stage * 8, phase);
+    mbarrier_wait(full_bar + pipe.stage * 8, pipe.phase);
     const TileInfo info = ring[count % kRing];
     if (info.group < 0) break;
     int previous = -1;
     for (int step = 0; step < k_steps; ++step) {
-      if (step > 0) mbarrier_wait(full_bar + stage * 8, phase);
-      const uint32_t tile_a = base + stage * kStageBytes;
+      if (step > 0) mbarrier_wait(full_bar + pipe.stage * 8, pipe.phase);
+      const uint32_t tile_a = base + pipe.stage * kStageBytes;
       const uint32_t tile_b = tile_a + kTileABytes;
       wgmma_fence();
 #pragma unroll
@@ -241,11 +235,8 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
       // The previous step's products are done once at most this step's group is in flight.
       wgmma_wait<1>(all_acc);
       if (previous >= 0 && ctid == 0) mbarrier_arrive(empty_bar + previous * 8);
-      previous = stage;
-      if (++stage == kStages) {
-        stage = 0;
-        phase ^= 1;
-      }
+      previous = pipe.stage;
+      pipe.advance();
     }
     wgmma_wait<0>(all_acc);
     if (ctid == 0) mbarrier_arrive(empty_bar + previous * 8);
@@ -257,28 +248,13 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
 #pragma unroll
     for (int h = 0; h < S::kHalves; ++h) {
       named_barrier(1 + half, 128);  // the previous rows have left the staging buffer
-      {
-        const int warp = ctid / 32, lane = ctid % 32;
-        const int row = warp * 16 + lane / 4;
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          const int col = j * 8 + (lane % 4) * 2;
-          *reinterpret_cast<__nv_bfloat162*>(staging + row * kOutPitch + col) =
-              __floats2bfloat162_rn(acc[h][4 * j], acc[h][4 * j + 1]);
-          *reinterpret_cast<__nv_bfloat162*>(staging + (row + 8) * kOutPitch + col) =
-              __floats2bfloat162_rn(acc[h][4 * j + 2], acc[h][4 * j + 3]);
-        }
-      }
+      stage_accumulators(acc[h], staging, ctid);
       named_barrier(1 + half, 128);
-#pragma unroll
-      for (int it = 0; it < 64 * 16 / 128; ++it) {
-        const int i = it * 128 + ctid;
-        const int row = i / 16, chunk = i % 16;
-        if (row_base + row >= info.group_rows) continue;
-        const uint4 value = *reinterpret_cast<const uint4*>(staging + row * kOutPitch + chunk * 8);
+      for_each_staged_vector(staging, ctid, [&](int row, int chunk, uint4 value) {
+        if (row_base + row >= info.group_rows) return;
         *reinterpret_cast<uint4*>(p.out + static_cast<int64_t>(info.group_start + row_base + row) * p.n + info.n0 +
                                   h * 128 + chunk * 8) = value;
-      }
+      });
     }
   }
 #else
@@ -299,28 +275,14 @@ __global__ void probe_kernel(int* built) {
 // there a failed check crashed the process on the GPU machine's toolchain instead of raising.
 std::pair<int64_t, int64_t> check_operands(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends,
                                            bool b_is_kn, int64_t tile_n) {
-  check_cuda_contiguous(a, "a");
-  check_cuda_contiguous(b, "b");
-  check_cuda_contiguous(ends, "ends");
-  check_same_device(b, a, "b");
-  check_same_device(ends, a, "ends");
-  check_dtype(a, at::kBFloat16, "a");
-  check_dtype(b, at::kBFloat16, "b");
-  check_dtype(ends, at::kInt, "ends");
-  check_dim(a, 2, "a");
-  check_dim(b, 3, "b");
-  check_dim(ends, 1, "ends");
+  check_grouped_gemm_operands(a, b, ends, 3);
   const int64_t groups = ends.size(0), k = a.size(1);
-  TORCH_CHECK(groups >= 1, "ends must name at least one group");
-  TORCH_CHECK(a.size(0) < (int64_t{1} << 31), "a must have fewer than 2^31 rows, got ", a.size(0));
   TORCH_CHECK(b.size(0) == groups, "b must hold one matrix per group (", groups, "), got shape ", b.sizes());
   const int64_t n = b_is_kn ? b.size(2) : b.size(1);
   TORCH_CHECK((b_is_kn ? b.size(1) : b.size(2)) == k, "b's contraction dimension must be a's columns (", k,
               "), got shape ", b.sizes());
   TORCH_CHECK(k % 64 == 0 && k > 0, "a's columns must be a positive multiple of 64, got ", k);
   TORCH_CHECK(n % 128 == 0 && n > 0, "the output columns must be a positive multiple of 128, got ", n);
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(b.data_ptr()) % 16 == 0,
-              "a and b must be 16-byte aligned (the TMA unit reads them)");
   TORCH_CHECK(tile_n == 128 || (tile_n == 256 && n % 256 == 0),
               "tile_n must be 128, or 256 where the output columns are a multiple of 256");
   TORCH_CHECK(a.size(0) / kBM + groups < (int64_t{1} << 31) / (n / 128), "too many output tiles");

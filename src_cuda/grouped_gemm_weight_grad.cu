@@ -36,8 +36,7 @@ constexpr int kBK = 64;                       // expert rows per stage
 constexpr int kThreads = 384;                 // producer warpgroup + two consumer warpgroups
 constexpr int kBoxBytes = kBK * kRowBytes;    // one 64-column box of kBK rows
 constexpr int kTileABytes = 2 * kBoxBytes;
-constexpr int kOutPitch = 128 + 8;            // staging row pitch (elements)
-constexpr int kStagingBytes = 64 * kOutPitch * 2;
+constexpr int kStagingBytes = 64 * kStagingPitch * 2;
 constexpr int kRing = 8;
 
 template <int kBN>
@@ -129,33 +128,26 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
   if (warpgroup == 0) {
     if constexpr (kBN == 256) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (tid != 0) return;  // one producer thread
-    int stage = 0;
-    uint32_t phase = 0;
-    auto next_stage = [&] {
-      if (++stage == kStages) {
-        stage = 0;
-        phase ^= 1;
-      }
-    };
+    StageRing<kStages> pipe;
     TileInfo upcoming = decode<kBN>(p, blockIdx.x);
     for (int tile = blockIdx.x, count = 0;; tile += gridDim.x, ++count) {
       const TileInfo info = upcoming;
       // The next tile's expert bounds are read while this tile's stages wait and load.
       upcoming = decode<kBN>(p, tile + gridDim.x);
-      mbarrier_wait(empty_bar + stage * 8, phase ^ 1);
+      mbarrier_wait(empty_bar + pipe.stage * 8, pipe.phase ^ 1);
       ring[count % kRing] = info;
       const int steps = (info.rows + kBK - 1) / kBK;
       if (info.group < 0 || steps == 0) {
         // The end, or an expert without rows: the description alone, on a stage without data.
-        mbarrier_arrive(full_bar + stage * 8);
+        mbarrier_arrive(full_bar + pipe.stage * 8);
         if (info.group < 0) return;
-        next_stage();
+        pipe.advance();
         continue;
       }
       for (int step = 0; step < steps; ++step) {
-        if (step > 0) mbarrier_wait(empty_bar + stage * 8, phase ^ 1);
-        const uint32_t bar = full_bar + stage * 8;
-        const uint32_t tile_a = base + stage * S::kStageBytes;
+        if (step > 0) mbarrier_wait(empty_bar + pipe.stage * 8, pipe.phase ^ 1);
+        const uint32_t bar = full_bar + pipe.stage * 8;
+        const uint32_t tile_a = base + pipe.stage * S::kStageBytes;
         const int row = info.row_start + step * kBK;
         mbarrier_arrive_expect_tx(bar, S::kStageBytes);
 #pragma unroll
@@ -164,7 +156,7 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
         for (int box = 0; box < kBN / 64; ++box) {
           tma_load_2d(tile_a + kTileABytes + box * kBoxBytes, &params.map_b, bar, info.n0 + box * 64, row);
         }
-        next_stage();
+        pipe.advance();
       }
     }
   }
@@ -176,24 +168,17 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
       reinterpret_cast<__nv_bfloat16*>(shared + kStages * S::kStageBytes + half * kStagingBytes);
   float acc[S::kHalves][64];
   float(&all_acc)[S::kHalves * 64] = reinterpret_cast<float(&)[S::kHalves * 64]>(acc);
-  int stage = 0;
-  uint32_t phase = 0;
-  auto next_stage = [&] {
-    if (++stage == kStages) {
-      stage = 0;
-      phase ^= 1;
-    }
-  };
+  StageRing<kStages> pipe;
   for (int count = 0;; ++count) {
-    mbarrier_wait(full_bar + stage * 8, phase);
+    mbarrier_wait(full_bar + pipe.stage * 8, pipe.phase);
     const TileInfo info = ring[count % kRing];
     if (info.group < 0) break;
     const int steps = (info.rows + kBK - 1) / kBK;
     __nv_bfloat16* const out_rows =
         p.out + (static_cast<int64_t>(info.group) * p.m + info.m0 + half * 64) * p.n + info.n0;
     if (steps == 0) {
-      if (ctid == 0) mbarrier_arrive(empty_bar + stage * 8);
-      next_stage();
+      if (ctid == 0) mbarrier_arrive(empty_bar + pipe.stage * 8);
+      pipe.advance();
       for (int i = ctid; i < 64 * (kBN / 8); i += 128) {
         *reinterpret_cast<uint4*>(out_rows + static_cast<int64_t>(i / (kBN / 8)) * p.n + (i % (kBN / 8)) * 8) =
             make_uint4(0, 0, 0, 0);
@@ -202,8 +187,8 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
     }
     int previous = -1;
     for (int step = 0; step < steps; ++step) {
-      if (step > 0) mbarrier_wait(full_bar + stage * 8, phase);
-      const uint32_t tile_a = base + stage * S::kStageBytes;
+      if (step > 0) mbarrier_wait(full_bar + pipe.stage * 8, pipe.phase);
+      const uint32_t tile_a = base + pipe.stage * S::kStageBytes;
       const uint32_t tile_b = tile_a + kTileABytes;
       const int valid = min(kBK, info.rows - step * kBK);
       if (valid < kBK) {
@@ -223,8 +208,8 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
       wgmma_commit();
       wgmma_wait<1>(all_acc);
       if (previous >= 0 && ctid == 0) mbarrier_arrive(empty_bar + previous * 8);
-      previous = stage;
-      next_stage();
+      previous = pipe.stage;
+      pipe.advance();
     }
     wgmma_wait<0>(all_acc);
     if (ctid == 0) mbarrier_arrive(empty_bar + previous * 8);
@@ -232,27 +217,12 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
     // The warpgroup's 64 rows through the staging buffer, 128 columns at a time.
 #pragma unroll
     for (int h = 0; h < S::kHalves; ++h) {
+      named_barrier(1 + half, 128);  // the previous rows have left the staging buffer
+      stage_accumulators(acc[h], staging, ctid);
       named_barrier(1 + half, 128);
-      {
-        const int warp = ctid / 32, lane = ctid % 32;
-        const int row = warp * 16 + lane / 4;
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          const int col = j * 8 + (lane % 4) * 2;
-          *reinterpret_cast<__nv_bfloat162*>(staging + row * kOutPitch + col) =
-              __floats2bfloat162_rn(acc[h][4 * j], acc[h][4 * j + 1]);
-          *reinterpret_cast<__nv_bfloat162*>(staging + (row + 8) * kOutPitch + col) =
-              __floats2bfloat162_rn(acc[h][4 * j + 2], acc[h][4 * j + 3]);
-        }
-      }
-      named_barrier(1 + half, 128);
-#pragma unroll
-      for (int it = 0; it < 64 * 16 / 128; ++it) {
-        const int i = it * 128 + ctid;
-        const int row = i / 16, chunk = i % 16;
-        *reinterpret_cast<uint4*>(out_rows + static_cast<int64_t>(row) * p.n + h * 128 + chunk * 8) =
-            *reinterpret_cast<const uint4*>(staging + row * kOutPitch + chunk * 8);
-      }
+      for_each_staged_vector(staging, ctid, [&](int row, int chunk, uint4 value) {
+        *reinterpret_cast<uint4*>(out_rows + static_cast<int64_t>(row) * p.n + h * 128 + chunk * 8) = value;
+      });
     }
   }
 #else
@@ -263,27 +233,13 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
 // Validates the operands; returns (M, N). Kept out of the entry point (see grouped_gemm.cu).
 std::pair<int64_t, int64_t> check_operands(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends,
                                            int64_t tile_n) {
-  check_cuda_contiguous(a, "a");
-  check_cuda_contiguous(b, "b");
-  check_cuda_contiguous(ends, "ends");
-  check_same_device(b, a, "b");
-  check_same_device(ends, a, "ends");
-  check_dtype(a, at::kBFloat16, "a");
-  check_dtype(b, at::kBFloat16, "b");
-  check_dtype(ends, at::kInt, "ends");
-  check_dim(a, 2, "a");
-  check_dim(b, 2, "b");
-  check_dim(ends, 1, "ends");
-  TORCH_CHECK(ends.size(0) >= 1, "ends must name at least one group");
+  check_grouped_gemm_operands(a, b, ends, 2);
   TORCH_CHECK(b.size(0) == a.size(0), "a and b must have the same rows, got ", a.sizes(), " and ", b.sizes());
-  TORCH_CHECK(a.size(0) < (int64_t{1} << 31), "a must have fewer than 2^31 rows, got ", a.size(0));
   const int64_t m = a.size(1), n = b.size(1);
   TORCH_CHECK(m % 128 == 0 && m > 0, "a's columns must be a positive multiple of 128, got ", m);
   TORCH_CHECK(n % 128 == 0 && n > 0, "b's columns must be a positive multiple of 128, got ", n);
   TORCH_CHECK(tile_n == 128 || (tile_n == 256 && n % 256 == 0), "tile_n must be 128, or 256 dividing b's columns");
   TORCH_CHECK(ends.size(0) * (m / 128) * (n / 128) < (int64_t{1} << 31), "too many output tiles");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(b.data_ptr()) % 16 == 0,
-              "a and b must be 16-byte aligned (the TMA unit reads them)");
   TORCH_CHECK(grouped_gemm_available(), "the grouped GEMM kernels need a compute capability 9.0 GPU and an sm_90a build");
   return {m, n};
 }

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include <cuda_bf16.h>
+
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define LIGHTNING_MOE_WGMMA 1
 #endif
@@ -15,6 +17,9 @@ namespace lightning_moe {
 namespace {
 
 [[maybe_unused]] constexpr int kRowBytes = 128;  // one swizzled shared-memory row: 64 bf16
+// Row pitch (elements) of a warpgroup's 64 x 128 output staging buffer: 16-byte aligned rows,
+// conflict-free fragment stores.
+[[maybe_unused]] constexpr int kStagingPitch = 128 + 8;
 
 #ifdef LIGHTNING_MOE_WGMMA
 __device__ __forceinline__ uint32_t shared_address(const void* ptr) {
@@ -100,6 +105,45 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* map, uint3
 // Synchronises the `threads` threads (a multiple of 32) that use named barrier `id` (1-15).
 __device__ __forceinline__ void named_barrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// A ring of kStages pipeline stages: the stage in use and the parity of its mbarrier phase.
+template <int kStages>
+struct StageRing {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ void advance() {
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
+
+// A warpgroup's 64 x 128 accumulators (thread `ctid` of it; warp w holds rows 16w + lane / 4 and
+// that + 8, two adjacent columns per 8-column chunk) to bf16 rows of `staging`.
+__device__ __forceinline__ void stage_accumulators(const float (&acc)[64], __nv_bfloat16* staging, int ctid) {
+  const int warp = ctid / 32, lane = ctid % 32;
+  const int row = warp * 16 + lane / 4;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const int col = j * 8 + (lane % 4) * 2;
+    *reinterpret_cast<__nv_bfloat162*>(staging + row * kStagingPitch + col) =
+        __floats2bfloat162_rn(acc[4 * j], acc[4 * j + 1]);
+    *reinterpret_cast<__nv_bfloat162*>(staging + (row + 8) * kStagingPitch + col) =
+        __floats2bfloat162_rn(acc[4 * j + 2], acc[4 * j + 3]);
+  }
+}
+
+// The staged 64 x 128 rows as 16-byte vectors: store(row, chunk, value) for each (8 per thread).
+template <class Store>
+__device__ __forceinline__ void for_each_staged_vector(const __nv_bfloat16* staging, int ctid, Store store) {
+#pragma unroll
+  for (int it = 0; it < 64 * 16 / 128; ++it) {
+    const int i = it * 128 + ctid;
+    const int row = i / 16, chunk = i % 16;
+    store(row, chunk, *reinterpret_cast<const uint4*>(staging + row * kStagingPitch + chunk * 8));
+  }
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
