@@ -6,9 +6,8 @@
 // expert's rows of a (two 64-column boxes: the tile's M range) and of b (kBN / 64 boxes), both
 // MN-major for wgmma. Consumer warpgroup g owns a's box g, i.e. output rows 64g to 64g + 63.
 //
-// A stage may run past the expert's last row into the next expert's rows: the consumer zeroes
-// those rows of its box of a before multiplying (b's rows there meet zeros). An expert without
-// rows gets a zero tile.
+// A stage may run past the expert's last row into the next expert's rows: the consumers zero
+// those rows of the stage before multiplying. An expert without rows gets a zero tile.
 #include "grouped_gemm_weight_grad.h"
 
 #include <algorithm>
@@ -192,14 +191,19 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
       const uint32_t tile_b = tile_a + kTileABytes;
       const int valid = min(kBK, info.rows - step * kBK);
       if (valid < kBK) {
-        // Rows past the expert: zero them in this warpgroup's box of a (whole 128-byte rows: the
-        // swizzle only permutes chunks within a row), then hand them to the async proxy.
-        uint8_t* const box = shared + (tile_a - base) + half * kBoxBytes;
-        for (int i = ctid; i < (kBK - valid) * 8; i += 128) {
-          *reinterpret_cast<uint4*>(box + (valid + i / 8) * kRowBytes + (i % 8) * 16) = make_uint4(0, 0, 0, 0);
+        // Rows past the expert (the next expert's, or TMA's zero fill): zero them in every box of
+        // a and b, so that not even an infinity there reaches this sum. Whole 128-byte rows (the
+        // swizzle only permutes chunks within a row); warpgroup g takes the boxes g, g + 2, ...
+        uint8_t* const stage = shared + (tile_a - base);
+        for (int box = half; box < 2 + kBN / 64; box += 2) {
+          for (int i = ctid; i < (kBK - valid) * 8; i += 128) {
+            *reinterpret_cast<uint4*>(stage + box * kBoxBytes + (valid + i / 8) * kRowBytes + (i % 8) * 16) =
+                make_uint4(0, 0, 0, 0);
+          }
         }
+        // Hand the zeros to the async proxy that wgmma reads through; both warpgroups read b.
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        named_barrier(1 + half, 128);
+        named_barrier(3, 256);
       }
       // All four k16 slices, zeros included: skipping them by a run-time count makes ptxas
       // serialise the wgmma instructions.
@@ -239,7 +243,7 @@ std::pair<int64_t, int64_t> check_operands(const at::Tensor& a, const at::Tensor
   TORCH_CHECK(m % 128 == 0 && m > 0, "a's columns must be a positive multiple of 128, got ", m);
   TORCH_CHECK(n % 128 == 0 && n > 0, "b's columns must be a positive multiple of 128, got ", n);
   TORCH_CHECK(tile_n == 128 || (tile_n == 256 && n % 256 == 0), "tile_n must be 128, or 256 dividing b's columns");
-  TORCH_CHECK(ends.size(0) * (m / 128) * (n / 128) < (int64_t{1} << 31), "too many output tiles");
+  TORCH_CHECK(ends.size(0) * (m / 128) * (n / 128) < (int64_t{1} << 30), "too many output tiles");
   TORCH_CHECK(grouped_gemm_available(), "the grouped GEMM kernels need a compute capability 9.0 GPU and an sm_90a build");
   return {m, n};
 }

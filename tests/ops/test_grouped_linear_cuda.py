@@ -104,6 +104,19 @@ def test_weight_grad_kernel_matches_the_oracle(
     assert_close_to_gpu_oracle(got_EMK, torch_EMK, oracle_EMK)
 
 
+@pytest.mark.parametrize("tile_n", [128, 256])
+def test_weight_grad_kernel_keeps_each_expert_to_its_rows(tile_n: int, generator: torch.Generator) -> None:
+    # Expert 0's 3 rows share a 64-row stage with expert 1's, which hold infinities.
+    a_NM = torch.randn(8, 128, generator=generator).to("cuda", torch.bfloat16)
+    b_NK = torch.randn(8, 256, generator=generator).to("cuda", torch.bfloat16)
+    a_NM[3:], b_NK[3:] = float("inf"), float("inf")
+    ends_E = torch.tensor([3, 8], dtype=torch.int32, device="cuda")
+    got_EMK = require_extension().grouped_gemm_weight_grad(a_NM, b_NK, ends_E, tile_n)
+    expected_MK = (a_NM[:3].double().t() @ b_NK[:3].double()).to(torch.bfloat16)
+    torch.testing.assert_close(got_EMK[0], expected_MK, rtol=1e-2, atol=1e-2)
+    assert got_EMK[1].isinf().all()
+
+
 def test_row_kernel_launched_from_another_thread_matches_the_main_thread(generator: torch.Generator) -> None:
     # Autograd runs the input gradient on its own thread; the kernel's parameters must survive that.
     x_NK, w_EMK, ends_E, _ = make_inputs(SPLITS["mixed"], 128, 256, generator)
