@@ -301,8 +301,7 @@ __global__ void probe_kernel(int* built) {
 
 static_assert(kBK == 64 && kBN == 128, "check_operands' messages name the tile sizes");
 
-// Validates grouped_gemm_rows' operands; returns (K, N). Kept out of grouped_gemm_rows itself:
-// there a failed check crashed the process on the GPU machine's toolchain instead of raising.
+// Validates grouped_gemm_rows' operands; returns (K, N).
 std::pair<int64_t, int64_t> check_operands(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends,
                                            bool b_is_kn) {
   check_cuda_contiguous(a, "a");
@@ -318,13 +317,14 @@ std::pair<int64_t, int64_t> check_operands(const at::Tensor& a, const at::Tensor
   check_dim(ends, 1, "ends");
   const int64_t groups = ends.size(0), k = a.size(1);
   TORCH_CHECK(groups >= 1, "ends must name at least one group");
-  TORCH_CHECK(a.size(0) < (int64_t{1} << 31), "a must have fewer than 2^31 rows, got ", a.size(0));
-  TORCH_CHECK(b.size(0) == groups, "b must hold one matrix per group (", groups, "), got shape ", b.sizes());
+  TORCH_CHECK(a.size(0) < (int64_t{1} << 31), "a must have fewer than 2^31 rows, got ", text(a.size(0)));
+  TORCH_CHECK(b.size(0) == groups, "b must hold one matrix per group (", text(groups), "), got shape ",
+              text(b.sizes()));
   const int64_t n = b_is_kn ? b.size(2) : b.size(1);
-  TORCH_CHECK((b_is_kn ? b.size(1) : b.size(2)) == k, "b's contraction dimension must be a's columns (", k,
-              "), got shape ", b.sizes());
-  TORCH_CHECK(k % 64 == 0 && k > 0, "a's columns must be a positive multiple of 64, got ", k);
-  TORCH_CHECK(n % 128 == 0 && n > 0, "the output columns must be a positive multiple of 128, got ", n);
+  TORCH_CHECK((b_is_kn ? b.size(1) : b.size(2)) == k, "b's contraction dimension must be a's columns (",
+              text(k), "), got shape ", text(b.sizes()));
+  TORCH_CHECK(k % 64 == 0 && k > 0, "a's columns must be a positive multiple of 64, got ", text(k));
+  TORCH_CHECK(n % 128 == 0 && n > 0, "the output columns must be a positive multiple of 128, got ", text(n));
   TORCH_CHECK(grouped_gemm_available(), "the grouped GEMM kernels need a compute capability 9.0 GPU and an sm_90a build");
   return {k, n};
 }
