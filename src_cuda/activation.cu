@@ -220,7 +220,7 @@ void check_like_a(const at::Tensor& t, const at::Tensor& a, const char* name) {
   check_cuda_contiguous(t, name);
   check_same_device(t, a, name);
   check_dtype(t, a.scalar_type(), name);
-  TORCH_CHECK(t.sizes() == a.sizes(), name, " must have a's shape ", a.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.sizes() == a.sizes(), name, " must have a's shape ", text(a.sizes()), ", got ", text(t.sizes()));
 }
 
 // The gate's data, or null without a gate.

@@ -135,9 +135,9 @@ at::Tensor capacity_mask(const at::Tensor& expert_ids, const at::Tensor& priorit
   check_cuda_contiguous(priorities, "priorities");
   check_same_device(priorities, expert_ids, "priorities");
   check_dtype(priorities, at::kFloat, "priorities");
-  TORCH_CHECK(priorities.sizes() == expert_ids.sizes(), "priorities must have shape ", expert_ids.sizes(),
-              " like expert_ids, got ", priorities.sizes());
-  TORCH_CHECK(capacity >= 0, "capacity must be >= 0, got ", capacity);
+  TORCH_CHECK(priorities.sizes() == expert_ids.sizes(), "priorities must have shape ", text(expert_ids.sizes()),
+              " like expert_ids, got ", text(priorities.sizes()));
+  TORCH_CHECK(capacity >= 0, "capacity must be >= 0, got ", text(capacity));
   const c10::cuda::CUDAGuard guard(expert_ids.device());
   at::Tensor order;
   at::Tensor tokens_per_expert;

@@ -271,18 +271,18 @@ __global__ void probe_kernel(int* built) {
 #endif
 }
 
-// Validates grouped_gemm_rows' operands; returns (K, N). Kept out of grouped_gemm_rows itself:
-// there a failed check crashed the process on the GPU machine's toolchain instead of raising.
+// Validates grouped_gemm_rows' operands; returns (K, N).
 std::pair<int64_t, int64_t> check_operands(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends,
                                            bool b_is_kn, int64_t tile_n) {
   check_grouped_gemm_operands(a, b, ends, 3);
   const int64_t groups = ends.size(0), k = a.size(1);
-  TORCH_CHECK(b.size(0) == groups, "b must hold one matrix per group (", groups, "), got shape ", b.sizes());
+  TORCH_CHECK(b.size(0) == groups, "b must hold one matrix per group (", text(groups), "), got shape ",
+              text(b.sizes()));
   const int64_t n = b_is_kn ? b.size(2) : b.size(1);
-  TORCH_CHECK((b_is_kn ? b.size(1) : b.size(2)) == k, "b's contraction dimension must be a's columns (", k,
-              "), got shape ", b.sizes());
-  TORCH_CHECK(k % 64 == 0 && k > 0, "a's columns must be a positive multiple of 64, got ", k);
-  TORCH_CHECK(n % 128 == 0 && n > 0, "the output columns must be a positive multiple of 128, got ", n);
+  TORCH_CHECK((b_is_kn ? b.size(1) : b.size(2)) == k, "b's contraction dimension must be a's columns (",
+              text(k), "), got shape ", text(b.sizes()));
+  TORCH_CHECK(k % 64 == 0 && k > 0, "a's columns must be a positive multiple of 64, got ", text(k));
+  TORCH_CHECK(n % 128 == 0 && n > 0, "the output columns must be a positive multiple of 128, got ", text(n));
   TORCH_CHECK(tile_n == 128 || (tile_n == 256 && n % 256 == 0),
               "tile_n must be 128, or 256 where the output columns are a multiple of 256");
   TORCH_CHECK(a.size(0) / kBM + groups < (int64_t{1} << 31) / (n / 128), "too many output tiles");

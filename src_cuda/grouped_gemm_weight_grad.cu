@@ -234,14 +234,15 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
 #endif
 }
 
-// Validates the operands; returns (M, N). Kept out of the entry point (see grouped_gemm.cu).
+// Validates the operands; returns (M, N).
 std::pair<int64_t, int64_t> check_operands(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends,
                                            int64_t tile_n) {
   check_grouped_gemm_operands(a, b, ends, 2);
-  TORCH_CHECK(b.size(0) == a.size(0), "a and b must have the same rows, got ", a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(b.size(0) == a.size(0), "a and b must have the same rows, got ", text(a.sizes()), " and ",
+              text(b.sizes()));
   const int64_t m = a.size(1), n = b.size(1);
-  TORCH_CHECK(m % 128 == 0 && m > 0, "a's columns must be a positive multiple of 128, got ", m);
-  TORCH_CHECK(n % 128 == 0 && n > 0, "b's columns must be a positive multiple of 128, got ", n);
+  TORCH_CHECK(m % 128 == 0 && m > 0, "a's columns must be a positive multiple of 128, got ", text(m));
+  TORCH_CHECK(n % 128 == 0 && n > 0, "b's columns must be a positive multiple of 128, got ", text(n));
   TORCH_CHECK(tile_n == 128 || (tile_n == 256 && n % 256 == 0), "tile_n must be 128, or 256 dividing b's columns");
   TORCH_CHECK(ends.size(0) * (m / 128) * (n / 128) < (int64_t{1} << 30), "too many output tiles");
   TORCH_CHECK(grouped_gemm_available(), "the grouped GEMM kernels need a compute capability 9.0 GPU and an sm_90a build");

@@ -61,8 +61,8 @@ at::Tensor permute_forward(const at::Tensor& x, const at::Tensor& inverse, const
   check_dim(x, 2, "x");
   check_index(inverse, x, "inverse");
   check_token_offsets(token_offsets, x, inverse.size(0));
-  TORCH_CHECK(token_offsets.size(0) == x.size(0) + 1, "token_offsets must have T + 1 = ", x.size(0) + 1,
-              " entries, got ", token_offsets.size(0));
+  TORCH_CHECK(token_offsets.size(0) == x.size(0) + 1, "token_offsets must have T + 1 = ", text(x.size(0) + 1),
+              " entries, got ", text(token_offsets.size(0)));
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor x_sorted = at::empty({inverse.size(0), x.size(1)}, x.options());
   dispatch_row_dtype(x.scalar_type(), [&](auto tag) {
@@ -80,8 +80,8 @@ at::Tensor permute_backward(const at::Tensor& grad_sorted, const at::Tensor& inv
   check_row_dtype(x_dtype, "x_dtype");
   check_dim(grad_sorted, 2, "grad_sorted");
   check_index(inverse, grad_sorted, "inverse");
-  TORCH_CHECK(inverse.size(0) == grad_sorted.size(0), "inverse has ", inverse.size(0), " entries but grad_sorted has ",
-              grad_sorted.size(0), " rows");
+  TORCH_CHECK(inverse.size(0) == grad_sorted.size(0), "inverse has ", text(inverse.size(0)),
+              " entries but grad_sorted has ", text(grad_sorted.size(0)), " rows");
   check_token_offsets(token_offsets, grad_sorted, inverse.size(0));
   const c10::cuda::CUDAGuard guard(grad_sorted.device());
   const int64_t num_tokens = token_offsets.size(0) - 1;

@@ -182,8 +182,8 @@ at::Tensor router_logits_forward(const at::Tensor& x, const at::Tensor& weight) 
   check_row_dtype(x.scalar_type(), "x");
   check_dim(x, 2, "x");
   check_weight(weight, x, "weight");
-  TORCH_CHECK(weight.size(1) == x.size(1), "weight must have D = ", x.size(1), " columns like x, got ",
-              weight.size(1));
+  TORCH_CHECK(weight.size(1) == x.size(1), "weight must have D = ", text(x.size(1)), " columns like x, got ",
+              text(weight.size(1)));
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t num_tokens = x.size(0), dim = x.size(1), num_experts = weight.size(0);
   if (num_tokens == 0 || dim == 0) return at::zeros({num_tokens, num_experts}, weight.options());

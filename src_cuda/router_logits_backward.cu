@@ -237,8 +237,8 @@ at::Tensor router_logits_grad_x(const at::Tensor& grad_logits, const at::Tensor&
   check_dim(grad_logits, 2, "grad_logits");
   check_weight(weight, grad_logits, "weight");
   check_row_dtype(x_dtype, "x_dtype");
-  TORCH_CHECK(weight.size(0) == grad_logits.size(1), "weight must have E = ", grad_logits.size(1),
-              " rows like grad_logits, got ", weight.size(0));
+  TORCH_CHECK(weight.size(0) == grad_logits.size(1), "weight must have E = ", text(grad_logits.size(1)),
+              " rows like grad_logits, got ", text(weight.size(0)));
   const c10::cuda::CUDAGuard guard(grad_logits.device());
   const int64_t num_tokens = grad_logits.size(0), num_experts = weight.size(0), dim = weight.size(1);
   at::Tensor grad_x = at::empty({num_tokens, dim}, weight.options().dtype(x_dtype));
@@ -273,11 +273,11 @@ at::Tensor router_logits_grad_weight(const at::Tensor& grad_logits, const at::Te
   check_same_device(x, grad_logits, "x");
   check_row_dtype(x.scalar_type(), "x");
   check_dim(x, 2, "x");
-  TORCH_CHECK(x.size(0) == grad_logits.size(0), "x must have T = ", grad_logits.size(0),
-              " rows like grad_logits, got ", x.size(0));
+  TORCH_CHECK(x.size(0) == grad_logits.size(0), "x must have T = ", text(grad_logits.size(0)),
+              " rows like grad_logits, got ", text(x.size(0)));
   const int64_t num_tokens = x.size(0), dim = x.size(1), num_experts = grad_logits.size(1);
   TORCH_CHECK(num_experts >= 1 && num_experts <= kRouterLogitsMaxExperts, "grad_logits must have 1 to ",
-              kRouterLogitsMaxExperts, " columns (experts), got ", num_experts);
+              text(kRouterLogitsMaxExperts), " columns (experts), got ", text(num_experts));
   const c10::cuda::CUDAGuard guard(x.device());
   if (num_tokens == 0 || dim == 0) return at::zeros({num_experts, dim}, grad_logits.options());
   at::Tensor grad_weight = at::empty({num_experts, dim}, grad_logits.options());

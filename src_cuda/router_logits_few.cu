@@ -317,7 +317,7 @@ template <auto kKernel>
 void allow_weight_in_shared_memory() {
   static std::array<std::once_flag, 64> once;
   const int device = c10::cuda::current_device();
-  TORCH_CHECK(device < static_cast<int>(once.size()), "device index ", device, " out of range");
+  TORCH_CHECK(device < static_cast<int>(once.size()), "device index ", text(device), " out of range");
   std::call_once(once[device], [] {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(kFewMaxWeightBytes)));
@@ -335,7 +335,7 @@ const SmLimits& sm_limits() {
   static std::array<SmLimits, 64> limits;
   static std::array<std::once_flag, 64> once;
   const int device = c10::cuda::current_device();
-  TORCH_CHECK(device < static_cast<int>(once.size()), "device index ", device, " out of range");
+  TORCH_CHECK(device < static_cast<int>(once.size()), "device index ", text(device), " out of range");
   std::call_once(once[device], [device] {
     int shared = 0, reserved = 0;
     SmLimits& out = limits[device];

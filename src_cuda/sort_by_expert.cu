@@ -121,10 +121,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_by_expert(const at::Tensor& 
   check_cuda_contiguous(expert_ids, "expert_ids");
   check_dtype(expert_ids, at::kLong, "expert_ids");
   check_dim(expert_ids, 1, "expert_ids");
-  TORCH_CHECK(num_experts >= 1 && num_experts <= kMaxExperts, "num_experts must be in [1, ", int64_t{kMaxExperts}, "], got ",
-              num_experts);
+  TORCH_CHECK(num_experts >= 1 && num_experts <= kMaxExperts, "num_experts must be in [1, ", text(kMaxExperts), "], got ",
+              text(num_experts));
   const int64_t n = expert_ids.size(0);
-  TORCH_CHECK(n < (int64_t{1} << 31), "at most 2^31 - 1 assignments are supported, got ", n);
+  TORCH_CHECK(n < (int64_t{1} << 31), "at most 2^31 - 1 assignments are supported, got ", text(n));
   const c10::cuda::CUDAGuard guard(expert_ids.device());
   const auto index_options = expert_ids.options();
   at::Tensor order = at::empty({n}, index_options);

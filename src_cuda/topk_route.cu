@@ -261,8 +261,8 @@ const float* bias_pointer(const std::optional<at::Tensor>& bias, const at::Tenso
   check_same_device(*bias, logits, "bias");
   check_dtype(*bias, at::kFloat, "bias");
   check_dim(*bias, 1, "bias");
-  TORCH_CHECK(bias->size(0) == logits.size(1), "bias must have E = ", logits.size(1), " entries, got ",
-              bias->size(0));
+  TORCH_CHECK(bias->size(0) == logits.size(1), "bias must have E = ", text(logits.size(1)), " entries, got ",
+              text(bias->size(0)));
   return scoring == Scoring::kSigmoid ? bias->data_ptr<float>() : nullptr;
 }
 
@@ -274,7 +274,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_logits(logits);
   const int64_t num_tokens = logits.size(0);
   const int64_t num_experts = logits.size(1);
-  TORCH_CHECK(top_k >= 1 && top_k <= num_experts, "top_k must be between 1 and E = ", num_experts, ", got ", top_k);
+  TORCH_CHECK(top_k >= 1 && top_k <= num_experts, "top_k must be between 1 and E = ", text(num_experts), ", got ",
+              text(top_k));
   const Scoring scoring_kind = parse_scoring(scoring);
   const float* bias_ptr = bias_pointer(bias, logits, scoring_kind);
   const c10::cuda::CUDAGuard guard(logits.device());

@@ -170,8 +170,8 @@ at::Tensor topk_route_backward(const at::Tensor& grad_weights, const at::Tensor&
   check_dim(expert_ids, 2, "expert_ids");
   const int64_t top_k = expert_ids.size(1);
   TORCH_CHECK(expert_ids.size(0) == num_tokens && top_k >= 1 && top_k <= num_experts,
-              "expert_ids must have shape (T, K) with T = ", num_tokens, " and 1 <= K <= E = ", num_experts,
-              ", got ", expert_ids.sizes());
+              "expert_ids must have shape (T, K) with T = ", text(num_tokens), " and 1 <= K <= E = ",
+              text(num_experts), ", got ", text(expert_ids.sizes()));
   const std::pair<const at::Tensor*, const char*> upstream_grads[] = {
       {&grad_weights, "grad_weights"}, {&grad_prob_sum, "grad_prob_sum"}, {&grad_lse_sq_sum, "grad_lse_sq_sum"}};
   for (const auto& [grad, name] : upstream_grads) {
@@ -179,11 +179,12 @@ at::Tensor topk_route_backward(const at::Tensor& grad_weights, const at::Tensor&
     check_same_device(*grad, logits, name);
     check_dtype(*grad, at::kFloat, name);
   }
-  TORCH_CHECK(grad_weights.sizes() == expert_ids.sizes(), "grad_weights must have shape ", expert_ids.sizes(),
-              ", got ", grad_weights.sizes());
+  TORCH_CHECK(grad_weights.sizes() == expert_ids.sizes(), "grad_weights must have shape ", text(expert_ids.sizes()),
+              ", got ", text(grad_weights.sizes()));
   TORCH_CHECK(grad_prob_sum.dim() == 1 && grad_prob_sum.size(0) == num_experts, "grad_prob_sum must have shape (",
-              num_experts, ",), got ", grad_prob_sum.sizes());
-  TORCH_CHECK(grad_lse_sq_sum.numel() == 1, "grad_lse_sq_sum must have one element, got ", grad_lse_sq_sum.sizes());
+              text(num_experts), ",), got ", text(grad_prob_sum.sizes()));
+  TORCH_CHECK(grad_lse_sq_sum.numel() == 1, "grad_lse_sq_sum must have one element, got ",
+              text(grad_lse_sq_sum.sizes()));
   const Scoring scoring_kind = parse_scoring(scoring);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor grad_logits = at::empty_like(logits);

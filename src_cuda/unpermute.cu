@@ -98,14 +98,14 @@ void check_assignments(const at::Tensor& y_sorted, const at::Tensor& inverse, co
   check_row_dtype(y_sorted.scalar_type(), "y_sorted");
   check_dim(y_sorted, 2, "y_sorted");
   check_index(inverse, y_sorted, "inverse");
-  TORCH_CHECK(inverse.size(0) == y_sorted.size(0), "inverse has ", inverse.size(0), " entries but y_sorted has ",
-              y_sorted.size(0), " rows");
+  TORCH_CHECK(inverse.size(0) == y_sorted.size(0), "inverse has ", text(inverse.size(0)),
+              " entries but y_sorted has ", text(y_sorted.size(0)), " rows");
   check_cuda_contiguous(weights, "weights");
   check_same_device(weights, y_sorted, "weights");
   check_dtype(weights, at::kFloat, "weights");
   check_dim(weights, 1, "weights");
-  TORCH_CHECK(weights.size(0) == inverse.size(0), "weights has ", weights.size(0), " entries but inverse has ",
-              inverse.size(0));
+  TORCH_CHECK(weights.size(0) == inverse.size(0), "weights has ", text(weights.size(0)),
+              " entries but inverse has ", text(inverse.size(0)));
   check_token_offsets(token_offsets, y_sorted, inverse.size(0));
 }
 
@@ -139,8 +139,8 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward(const at::Tensor& grad_out
   check_row_dtype(grad_out.scalar_type(), "grad_out");
   check_dim(grad_out, 2, "grad_out");
   TORCH_CHECK(grad_out.size(0) == token_offsets.size(0) - 1 && grad_out.size(1) == y_sorted.size(1),
-              "grad_out must have shape (T, D) = (", token_offsets.size(0) - 1, ", ", y_sorted.size(1), "), got ",
-              grad_out.sizes());
+              "grad_out must have shape (T, D) = (", text(token_offsets.size(0) - 1), ", ",
+              text(y_sorted.size(1)), "), got ", text(grad_out.sizes()));
   const c10::cuda::CUDAGuard guard(y_sorted.device());
   at::Tensor grad_y = at::empty_like(y_sorted);
   at::Tensor grad_weights = at::empty_like(weights);
