@@ -147,6 +147,9 @@ def test_opcheck_of_the_grouped_linear_ops(generator: torch.Generator) -> None:
     x_NK, w_EMK, ends_E, grad_NM = make_inputs([3, 0, 9], 128, 128, generator)
     torch.library.opcheck(torch.ops.lightning_moe.grouped_linear.default, (x_NK.requires_grad_(), w_EMK, ends_E))
     torch.library.opcheck(torch.ops.lightning_moe.grouped_linear_input_grad.default, (grad_NM, w_EMK, ends_E))
+    # The gradient ops have no gradients of their own: inputs that do not require one.
+    weight_grad_args = (grad_NM, x_NK.detach(), ends_E)
+    torch.library.opcheck(torch.ops.lightning_moe.grouped_linear_weight_grad.default, weight_grad_args)
 
 
 @pytest.mark.parametrize(
