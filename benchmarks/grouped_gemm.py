@@ -3,16 +3,16 @@
 Shape legend: N rows (sorted by expert), D model dim, F expert hidden dim, E experts.
 
 For each (D, F, E) and average rows per expert, N = rows * E tokens are spread over the experts
-uniformly at random, and the four row-grouped GEMMs of an expert MLP are timed with CUDA events
-(median of --iters calls after a warm-up), ours (``src_cuda/grouped_gemm.cu``) and torch's:
+uniformly at random, and the six GEMMs of an expert MLP's forward and backward are timed with CUDA
+events (median of --iters calls after a warm-up), ours (``src_cuda/grouped_gemm*.cu``) and torch's:
 
 - ``fwd w1``: (N, D) x w1 (E, F, D) -> (N, F)     - ``fwd w2``: (N, F) x w2 (E, D, F) -> (N, D)
 - ``dgrad w2``: (N, D) x w2 -> (N, F)             - ``dgrad w1``: (N, F) x w1 -> (N, D)
+- ``wgrad w2``: (N, D)^T x (N, F) -> (E, D, F)     - ``wgrad w1``: (N, F)^T x (N, D) -> (E, F, D)
 
-It prints microseconds per GEMM, torch's time over ours, and checks that both agree. The layer
-takes the kernels up to ``lightning_moe.ops.grouped_linear.MAX_ROWS_PER_EXPERT`` rows per expert.
+It prints microseconds per GEMM, torch's time over ours, and checks that both agree.
 
-    python benchmarks/grouped_gemm.py [--rows 64,128,192,256,512,1024] [--iters 20]
+    python benchmarks/grouped_gemm.py [--rows 128,512,1536,4096] [--iters 20] [--tile-n 128]
 """
 
 from __future__ import annotations
@@ -31,28 +31,40 @@ CONFIGS = ((1024, 4096, 64), (2048, 1408, 64), (1024, 4096, 8))
 
 
 def gemms(
-    x_ND: Tensor, h_NF: Tensor, w1_EFD: Tensor, w2_EDF: Tensor, ends_E: Tensor
+    x_ND: Tensor, h_NF: Tensor, w1_EFD: Tensor, w2_EDF: Tensor, ends_E: Tensor, tile_n: int
 ) -> list[tuple[str, Callable[[], Tensor], Callable[[], Tensor]]]:
-    """(name, ours, torch's) for the four row-grouped GEMMs."""
-    rows_gemm = require_extension().grouped_gemm_rows
+    """(name, ours, torch's) for the four row-grouped GEMMs and the two weight gradients; ours with
+    ``tile_n``-column tiles where that divides the output's columns, else 128."""
     grouped_mm = torch._grouped_mm
+
+    def rows_gemm(a: Tensor, b: Tensor, b_is_kn: bool) -> Tensor:
+        columns = b.shape[2] if b_is_kn else b.shape[1]
+        tile = tile_n if columns % tile_n == 0 else 128
+        return require_extension().grouped_gemm_rows(a, b, ends_E, b_is_kn, tile)
+
+    def weight_grad(a: Tensor, b: Tensor) -> Tensor:
+        tile = tile_n if b.shape[1] % tile_n == 0 else 128
+        return require_extension().grouped_gemm_weight_grad(a, b, ends_E, tile)
+
     return [
         (
             "fwd w1",
-            lambda: rows_gemm(x_ND, w1_EFD, ends_E, False),
+            lambda: rows_gemm(x_ND, w1_EFD, False),
             lambda: grouped_mm(x_ND, w1_EFD.transpose(-2, -1), offs=ends_E),
         ),
         (
             "fwd w2",
-            lambda: rows_gemm(h_NF, w2_EDF, ends_E, False),
+            lambda: rows_gemm(h_NF, w2_EDF, False),
             lambda: grouped_mm(h_NF, w2_EDF.transpose(-2, -1), offs=ends_E),
         ),
-        ("dgrad w2", lambda: rows_gemm(x_ND, w2_EDF, ends_E, True), lambda: grouped_mm(x_ND, w2_EDF, offs=ends_E)),
-        ("dgrad w1", lambda: rows_gemm(h_NF, w1_EFD, ends_E, True), lambda: grouped_mm(h_NF, w1_EFD, offs=ends_E)),
+        ("dgrad w2", lambda: rows_gemm(x_ND, w2_EDF, True), lambda: grouped_mm(x_ND, w2_EDF, offs=ends_E)),
+        ("dgrad w1", lambda: rows_gemm(h_NF, w1_EFD, True), lambda: grouped_mm(h_NF, w1_EFD, offs=ends_E)),
+        ("wgrad w2", lambda: weight_grad(x_ND, h_NF), lambda: grouped_mm(x_ND.t(), h_NF, offs=ends_E)),
+        ("wgrad w1", lambda: weight_grad(h_NF, x_ND), lambda: grouped_mm(h_NF.t(), x_ND, offs=ends_E)),
     ]
 
 
-def run(d_model: int, d_hidden: int, num_experts: int, rows_per_expert: int, iters: int) -> None:
+def run(d_model: int, d_hidden: int, num_experts: int, rows_per_expert: int, iters: int, tile_n: int) -> None:
     num_rows = rows_per_expert * num_experts
     expert_of_row = torch.randint(0, num_experts, (num_rows,), device="cuda")
     ends_E = torch.bincount(expert_of_row, minlength=num_experts).cumsum(0).to(torch.int32)
@@ -61,7 +73,7 @@ def run(d_model: int, d_hidden: int, num_experts: int, rows_per_expert: int, ite
     w1_EFD = torch.randn(num_experts, d_hidden, d_model, device="cuda", dtype=torch.bfloat16) / d_model**0.5
     w2_EDF = torch.randn(num_experts, d_model, d_hidden, device="cuda", dtype=torch.bfloat16) / d_hidden**0.5
     total_ours = total_torch = 0.0
-    for name, ours, theirs in gemms(x_ND, h_NF, w1_EFD, w2_EDF, ends_E):
+    for name, ours, theirs in gemms(x_ND, h_NF, w1_EFD, w2_EDF, ends_E, tile_n):
         expected = theirs().float()
         error = ((ours().float() - expected).norm() / expected.norm()).item()
         ours_us, torch_us = 1e3 * time_ms(ours, iters), 1e3 * time_ms(theirs, iters)
@@ -71,15 +83,16 @@ def run(d_model: int, d_hidden: int, num_experts: int, rows_per_expert: int, ite
             f"torch/ours {torch_us / ours_us:5.2f}  rel. diff {error:.1e}"
         )
     print(
-        f"  {'4 GEMMs':9s} ours {total_ours:8.1f} us  torch {total_torch:8.1f} us  "
+        f"  {'6 GEMMs':9s} ours {total_ours:8.1f} us  torch {total_torch:8.1f} us  "
         f"torch/ours {total_torch / total_ours:5.2f}"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="64,128,192,256,512,1024", help="average rows per expert, comma-separated")
+    parser.add_argument("--rows", default="128,512,1536,4096", help="average rows per expert, comma-separated")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--tile-n", type=int, default=128, choices=(128, 256), help="our kernel's tile width")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not require_extension().grouped_gemm_available():
         raise SystemExit(
@@ -89,7 +102,7 @@ def main() -> None:
     for d_model, d_hidden, num_experts in CONFIGS:
         for rows_per_expert in (int(r) for r in args.rows.split(",")):
             print(f"D={d_model} F={d_hidden} E={num_experts}, {rows_per_expert} rows per expert:")
-            run(d_model, d_hidden, num_experts, rows_per_expert, args.iters)
+            run(d_model, d_hidden, num_experts, rows_per_expert, args.iters, args.tile_n)
 
 
 if __name__ == "__main__":

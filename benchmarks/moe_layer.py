@@ -12,6 +12,11 @@ For each config (T, D, F, E, K) it times, with CUDA events (warm-up, then the me
 - ops: lightning_moe's ops pipeline (``ops.sort_by_expert``, ``ops.permute``, ``GroupedExperts``,
   ``ops.unpermute``), i.e. what ``MoE.forward`` runs once it calls the ops;
 - MoE: ``lightning_moe.MoE`` itself (gelu, no bias, topk router, dropless, aux_loss_weight 0).
+- MoE-torch-gemm: the same layer with its expert GEMMs on ``torch._grouped_mm`` wherever it would
+  take the kernels of ``src_cuda/grouped_gemm*.cu``: what those kernels buy.
+- MoE-128: the layer with those kernels' 128-column tiles instead of 256.
+- MoE-all: the layer with those kernels at any number of rows per expert (not only up to
+  ``lightning_moe.ops.grouped_linear.MAX_ROWS_PER_EXPERT``).
 
 ``--activation swiglu`` gives the experts of ops and MoE a third projection, gated by the fused
 ``ops.glu``; loop and grouped_mm are GELU only. FLOPs counted: 3 (fwd + bwd) x 2 GEMMs (3 for
@@ -30,10 +35,13 @@ dense and the layer alike, and the range shows how far one run's ratio can be tr
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
+import importlib
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +50,19 @@ from torch import Tensor, nn
 from lightning_moe import MoE, ops
 from lightning_moe.layers.experts import GroupedExperts
 
+# The module, not the function of the same name that lightning_moe.ops exports.
+grouped_linear_module = importlib.import_module("lightning_moe.ops.grouped_linear")
+
 ACTIVATIONS = ("gelu", "swiglu")
 # The implementations that take --activation swiglu; the others are GELU only.
-GATED_IMPLEMENTATIONS = ("dense", "ops", "MoE")
+GATED_IMPLEMENTATIONS = (
+    "dense",
+    "ops",
+    "MoE",
+    "MoE-torch-gemm",
+    "MoE-128",
+    "MoE-all",
+)
 
 
 @dataclass(frozen=True)
@@ -181,12 +199,53 @@ def lightning_moe_layer(config: Config, activation: str = "gelu") -> nn.Module:
     )
 
 
+class _Settings(torch.autograd.Function):
+    """Identity whose backward sets module globals: brackets a layer's backward with settings."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, module: Any, settings: dict[str, Any]) -> Tensor:
+        ctx.module, ctx.settings = module, settings
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        for name, value in ctx.settings.items():
+            setattr(ctx.module, name, value)
+        return grad, None, None
+
+
+class KernelChoice(nn.Module):
+    """lightning_moe's layer with ``lightning_moe.ops.grouped_linear``'s globals set to ``settings``
+    for its forward and its backward."""
+
+    def __init__(self, config: Config, activation: str = "gelu", **settings: Any) -> None:
+        super().__init__()
+        self.moe = lightning_moe_layer(config, activation)
+        self.settings = settings
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        saved = {name: getattr(grouped_linear_module, name) for name in self.settings}
+        for name, value in self.settings.items():
+            setattr(grouped_linear_module, name, value)
+        try:
+            # Backward runs the output's _Settings first (ours) and the input's last (restore).
+            y_TD = self.moe(_Settings.apply(x_TD, grouped_linear_module, saved))
+        finally:
+            for name, value in saved.items():
+                setattr(grouped_linear_module, name, value)
+        return _Settings.apply(y_TD, grouped_linear_module, self.settings)
+
+
+ALL_ROWS = 1 << 30
 IMPLEMENTATIONS: dict[str, Callable[..., nn.Module]] = {
     "dense": DenseEquivalent,
     "loop": PerExpertLoop,
     "grouped_mm": GroupedMMComposition,
     "ops": OpsPipeline,
     "MoE": lightning_moe_layer,
+    "MoE-torch-gemm": functools.partial(KernelChoice, MAX_ROWS_PER_EXPERT=0),
+    "MoE-128": functools.partial(KernelChoice, TILE_N=128),
+    "MoE-all": functools.partial(KernelChoice, MAX_ROWS_PER_EXPERT=ALL_ROWS),
 }
 
 

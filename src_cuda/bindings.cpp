@@ -6,6 +6,7 @@
 #include "activation.h"
 #include "capacity_mask.h"
 #include "grouped_gemm.h"
+#include "grouped_gemm_weight_grad.h"
 #include "permute.h"
 #include "router_logits.h"
 #include "sort_by_expert.h"
@@ -41,5 +42,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("gate"), py::arg("activation"));
   m.def("grouped_gemm_available", &lightning_moe::grouped_gemm_available);
   m.def("grouped_gemm_rows", &lightning_moe::grouped_gemm_rows, py::arg("a"), py::arg("b"), py::arg("ends"),
-        py::arg("b_is_kn"));
+        py::arg("b_is_kn"), py::arg("tile_n") = 128);
+  m.def("grouped_gemm_weight_grad", &lightning_moe::grouped_gemm_weight_grad, py::arg("a"), py::arg("b"),
+        py::arg("ends"), py::arg("tile_n") = 128);
 }

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 #include <type_traits>
 
@@ -72,6 +73,27 @@ inline void check_token_offsets(const at::Tensor& token_offsets, const at::Tenso
   TORCH_CHECK(token_offsets.size(0) >= 1, "token_offsets must have T + 1 >= 1 entries");
   TORCH_CHECK(num_assignments < (int64_t{1} << 31), "at most 2^31 - 1 assignments are supported, got ",
               text(num_assignments));
+}
+
+// The operands of a grouped GEMM: a (R, *) and b (b_dims dims) bfloat16, ends (E,) int32 with
+// E >= 1, all contiguous on a's device, R < 2^31, a and b 16-byte aligned (the TMA unit reads them).
+inline void check_grouped_gemm_operands(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends,
+                                        int64_t b_dims) {
+  check_cuda_contiguous(a, "a");
+  check_cuda_contiguous(b, "b");
+  check_cuda_contiguous(ends, "ends");
+  check_same_device(b, a, "b");
+  check_same_device(ends, a, "ends");
+  check_dtype(a, at::kBFloat16, "a");
+  check_dtype(b, at::kBFloat16, "b");
+  check_dtype(ends, at::kInt, "ends");
+  check_dim(a, 2, "a");
+  check_dim(b, b_dims, "b");
+  check_dim(ends, 1, "ends");
+  TORCH_CHECK(ends.size(0) >= 1, "ends must name at least one group");
+  TORCH_CHECK(a.size(0) < (int64_t{1} << 31), "a must have fewer than 2^31 rows");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(b.data_ptr()) % 16 == 0,
+              "a and b must be 16-byte aligned (the TMA unit reads them)");
 }
 
 }  // namespace lightning_moe

@@ -24,9 +24,12 @@ bool grouped_gemm_available();
 //   b: (E, N, K) or (E, K, N) bfloat16, contiguous, N a multiple of 128.
 //   ends: (E,) int32 cumulative row counts, non-decreasing, ends[E - 1] <= R.
 //   b_is_kn: the layout of b, above.
+//   tile_n: output columns per tile, 128 or 256 (N a multiple of 256); 256 suits many rows per
+//     group.
 //
 // Returns:
 //   (R, N) bfloat16; rows at or past ends[E - 1] are left unwritten.
-at::Tensor grouped_gemm_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, bool b_is_kn);
+at::Tensor grouped_gemm_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, bool b_is_kn,
+                             int64_t tile_n = 128);
 
 }  // namespace lightning_moe

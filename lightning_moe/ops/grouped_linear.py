@@ -4,11 +4,12 @@ Shape legend: N rows (sorted by expert), K input features, M output features, E 
 
 ``y[r] = x[r] @ w[e].T`` for the rows r of expert e, with ``w`` (E, M, K) laid out like E stacked
 ``nn.Linear`` weights and the groups given by ``ends_E``, the cumulative row counts as an int32
-device tensor, so no host sync is needed. On an H200 the kernels of ``src_cuda/grouped_gemm.cu``
-(Hopper ``wgmma``, 128-row tiles) run the forward and the input gradient faster than
-``torch._grouped_mm`` when experts get few rows each (about 128), where reading the expert weights
-sets the time and torch's kernel picks a 64-row tile; the weight gradient stays torch's grouped
-GEMM, which measured faster there. :func:`grouped_linear_usable` says when the kernels apply;
+device tensor, so no host sync is needed. On a compute capability 9.0 GPU the kernel of
+``src_cuda/grouped_gemm.cu`` (TMA loads, warp-specialised persistent CTAs, Hopper ``wgmma``) runs
+the forward and the input gradient, and ``src_cuda/grouped_gemm_weight_grad.cu`` the weight
+gradient, faster than ``torch._grouped_mm`` when experts get few rows each (about 128), where
+reading or writing the expert weights sets the time and torch's kernel picks a 64-row tile.
+:func:`grouped_linear_usable` says when the kernels apply;
 elsewhere :func:`lightning_moe.ops.grouped_mm.grouped_mlp` calls torch's grouped GEMM, and
 :func:`lightning_moe.ops.reference.grouped_linear` is the reference.
 
@@ -27,18 +28,23 @@ from torch import Tensor
 
 from lightning_moe.ops.extension import cuda_device_index, load_extension, require_extension
 
-# The kernels' tiles are 128 output columns wide; the input gradient swaps input and output
+# The kernel's tiles are 128 output columns wide; the input gradient swaps input and output
 # features, so both must be multiples of it.
 FEATURE_MULTIPLE = 128
-# Above this many rows per expert on average, torch's grouped GEMM (larger tiles, warp-specialised)
-# is the faster one (benchmarks/RESULTS.md).
+# The layer takes the kernel up to this many rows per expert on average: there it measured faster
+# than torch's grouped GEMM in the layer. Above it, the GEMMs alone measured as fast or faster
+# (512-1536 rows), but the layer with one or eight experts of 4096+ rows was slower
+# (benchmarks/RESULTS.md).
 MAX_ROWS_PER_EXPERT = 160
+# Output columns per tile of the kernels where they divide the output's columns, else 128: 256
+# measured faster at about 128 rows per expert (benchmarks/RESULTS.md, tenth session).
+TILE_N = 256
 
 
 def grouped_linear_usable(
     rows: int, num_experts: int, in_features: int, out_features: int, device: torch.device
 ) -> bool:
-    """Whether :func:`grouped_linear` and its input gradient run on the kernels, and pay.
+    """Whether :func:`grouped_linear` and its input gradient run on the kernel, and pay.
 
     Args:
         rows: N, the rows of all experts together.
@@ -68,17 +74,21 @@ def _probe(device_index: int) -> bool:
         return bool(module.grouped_gemm_available())
 
 
+def _tile_n(columns: int) -> int:
+    return TILE_N if columns % TILE_N == 0 else FEATURE_MULTIPLE
+
+
 def _forward(x_NK: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
-    return require_extension().grouped_gemm_rows(x_NK, w_EMK, ends_E, False)
+    return require_extension().grouped_gemm_rows(x_NK, w_EMK, ends_E, False, _tile_n(w_EMK.shape[1]))
 
 
 def _input_grad(grad_NM: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
-    return require_extension().grouped_gemm_rows(grad_NM, w_EMK, ends_E, True)
+    return require_extension().grouped_gemm_rows(grad_NM, w_EMK, ends_E, True, _tile_n(w_EMK.shape[2]))
 
 
 def _weight_grad(grad_NM: Tensor, x_NK: Tensor, ends_E: Tensor) -> Tensor:
-    # grad_w[e] = grad[rows e].T @ x[rows e]: torch's grouped GEMM, ragged along the contraction.
-    return torch._grouped_mm(grad_NM.t(), x_NK, offs=ends_E)
+    # grad_w[e] = grad[rows e].T @ x[rows e], ragged along the contraction.
+    return require_extension().grouped_gemm_weight_grad(grad_NM, x_NK, ends_E, _tile_n(x_NK.shape[1]))
 
 
 @torch.library.custom_op("lightning_moe::grouped_linear", mutates_args=())
@@ -101,23 +111,37 @@ def _(grad_NM: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
     return grad_NM.new_empty(grad_NM.shape[0], w_EMK.shape[2])
 
 
+@torch.library.custom_op("lightning_moe::grouped_linear_weight_grad", mutates_args=())
+def _grouped_linear_weight_grad_cuda(grad_NM: Tensor, x_NK: Tensor, ends_E: Tensor) -> Tensor:
+    return _weight_grad(grad_NM, x_NK, ends_E)
+
+
+@_grouped_linear_weight_grad_cuda.register_fake
+def _(grad_NM: Tensor, x_NK: Tensor, ends_E: Tensor) -> Tensor:
+    return grad_NM.new_empty(ends_E.shape[0], grad_NM.shape[1], x_NK.shape[1])
+
+
 def _setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor | None) -> None:
     ctx.save_for_backward(*inputs)
 
 
+Gradient = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
 def _gradients(
-    ctx: Any, grad_NM: Tensor, input_grad: Callable[[Tensor, Tensor, Tensor], Tensor]
+    ctx: Any, grad_NM: Tensor, input_grad: Gradient, weight_grad: Gradient
 ) -> tuple[Tensor | None, Tensor | None, None]:
-    """The gradients of x and w, the input gradient computed by ``input_grad`` (op or kernel call)."""
+    """The gradients of x and w, computed by ``input_grad`` and ``weight_grad`` (ops or kernel calls)."""
     x_NK, w_EMK, ends_E = ctx.saved_tensors
     grad_NM = grad_NM.contiguous()
     grad_x = input_grad(grad_NM, w_EMK, ends_E) if ctx.needs_input_grad[0] else None
-    grad_w = _weight_grad(grad_NM, x_NK, ends_E) if ctx.needs_input_grad[1] else None
+    grad_w = weight_grad(grad_NM, x_NK, ends_E) if ctx.needs_input_grad[1] else None
     return grad_x, grad_w, None
 
 
 def _backward(ctx: Any, grad_NM: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-    return _gradients(ctx, grad_NM, torch.ops.lightning_moe.grouped_linear_input_grad)
+    ops = torch.ops.lightning_moe
+    return _gradients(ctx, grad_NM, ops.grouped_linear_input_grad, ops.grouped_linear_weight_grad)
 
 
 _grouped_linear_cuda.register_autograd(_backward, setup_context=_setup_context)
@@ -134,7 +158,7 @@ class _GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_NM: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        return _gradients(ctx, grad_NM, _input_grad)
+        return _gradients(ctx, grad_NM, _input_grad, _weight_grad)
 
 
 def grouped_linear(x_NK: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:

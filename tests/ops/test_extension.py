@@ -109,6 +109,7 @@ def test_every_kernel_source_is_compiled() -> None:
         "bindings.cpp",
         "capacity_mask.cu",
         "grouped_gemm.cu",
+        "grouped_gemm_weight_grad.cu",
         "permute.cu",
         "router_logits.cu",
         "router_logits_backward.cu",

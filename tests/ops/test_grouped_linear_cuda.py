@@ -6,12 +6,15 @@ Shape legend: N rows (sorted by expert), K input features, M output features, E 
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch import Tensor
 
 from lightning_moe.layers.experts import GroupedExperts, _run_grouped
 from lightning_moe.ops import reference
+from lightning_moe.ops.extension import require_extension
 from lightning_moe.ops.grouped_linear import grouped_linear, grouped_linear_usable
 from tests.ops.gpu_checks import GPU_MARKS, assert_close_to_gpu_oracle, poison_float_blocks
 
@@ -61,6 +64,72 @@ def test_grouped_linear_matches_the_oracle(split: list[int], k: int, m: int, gen
         assert_close_to_gpu_oracle(got, torch_grad, oracle_grad)
 
 
+@pytest.mark.parametrize("split", SPLITS.values(), ids=SPLITS.keys())
+@pytest.mark.parametrize("b_is_kn", [False, True], ids=["b-nk", "b-kn"])
+@pytest.mark.parametrize("tile_n", [128, 256])
+def test_row_kernel_matches_the_oracle(
+    split: list[int], b_is_kn: bool, tile_n: int, generator: torch.Generator
+) -> None:
+    # K = 192: three K stages; 256 output columns: two 128-column tiles or one 256-column tile.
+    x_NK, w_EMK, ends_E, _ = make_inputs(split, 192, 256, generator)
+    b = w_EMK.transpose(1, 2).contiguous() if b_is_kn else w_EMK
+    poison_float_blocks()
+    got_NM = require_extension().grouped_gemm_rows(x_NK, b, ends_E, b_is_kn, tile_n)
+    torch_NM = reference.grouped_linear(x_NK, w_EMK, ends_E)
+    oracle_NM = reference.grouped_linear(x_NK.double(), w_EMK.double(), ends_E)
+    assert got_NM.shape == (sum(split), 256)
+    assert_close_to_gpu_oracle(got_NM, torch_NM, oracle_NM)
+
+
+@pytest.mark.parametrize("split", SPLITS.values(), ids=SPLITS.keys())
+@pytest.mark.parametrize(("tile_n", "k"), [(128, 384), (256, 512)], ids=["tile128", "tile256"])
+def test_weight_grad_kernel_matches_the_oracle(
+    split: list[int], tile_n: int, k: int, generator: torch.Generator
+) -> None:
+    # Experts of 1, 5, 127-130 and 300 rows: stages that run past an expert into the next one's rows.
+    rows = sum(split)
+    a_NM = torch.randn(rows, 256, generator=generator).to("cuda", torch.bfloat16)
+    b_NK = torch.randn(rows, k, generator=generator).to("cuda", torch.bfloat16)
+    ends_E = torch.tensor(split).cumsum(0).to("cuda", torch.int32)
+    poison_float_blocks()
+    got_EMK = require_extension().grouped_gemm_weight_grad(a_NM, b_NK, ends_E, tile_n)
+    starts = [0, *ends_E.tolist()]
+    blocks = [(a_NM[s:e].double().t() @ b_NK[s:e].double()) for s, e in zip(starts[:-1], starts[1:], strict=True)]
+    oracle_EMK = torch.stack(blocks)
+    torch_EMK = torch._grouped_mm(a_NM.t(), b_NK, offs=ends_E)
+    assert got_EMK.shape == (len(split), 256, k) and got_EMK.dtype == torch.bfloat16
+    for e, count in enumerate(split):
+        if count == 0:
+            assert (got_EMK[e] == 0).all(), "an expert without rows has a zero gradient"
+    assert_close_to_gpu_oracle(got_EMK, torch_EMK, oracle_EMK)
+
+
+@pytest.mark.parametrize("tile_n", [128, 256])
+def test_weight_grad_kernel_keeps_each_expert_to_its_rows(tile_n: int, generator: torch.Generator) -> None:
+    # Expert 0's 3 rows share a 64-row stage with expert 1's, which hold infinities.
+    a_NM = torch.randn(8, 128, generator=generator).to("cuda", torch.bfloat16)
+    b_NK = torch.randn(8, 256, generator=generator).to("cuda", torch.bfloat16)
+    a_NM[3:], b_NK[3:] = float("inf"), float("inf")
+    ends_E = torch.tensor([3, 8], dtype=torch.int32, device="cuda")
+    got_EMK = require_extension().grouped_gemm_weight_grad(a_NM, b_NK, ends_E, tile_n)
+    expected_MK = (a_NM[:3].double().t() @ b_NK[:3].double()).to(torch.bfloat16)
+    torch.testing.assert_close(got_EMK[0], expected_MK, rtol=1e-2, atol=1e-2)
+    assert got_EMK[1].isinf().all()
+
+
+def test_row_kernel_launched_from_another_thread_matches_the_main_thread(generator: torch.Generator) -> None:
+    # Autograd runs the input gradient on its own thread; the kernel's parameters must survive that.
+    x_NK, w_EMK, ends_E, _ = make_inputs(SPLITS["mixed"], 128, 256, generator)
+    expected_NM = require_extension().grouped_gemm_rows(x_NK, w_EMK, ends_E, False)
+    results: list[Tensor] = []
+    worker = threading.Thread(
+        target=lambda: results.append(require_extension().grouped_gemm_rows(x_NK, w_EMK, ends_E, False))
+    )
+    worker.start()
+    worker.join()
+    assert len(results) == 1 and torch.equal(results[0], expected_NM)
+
+
 def test_grouped_linear_under_torch_compile(generator: torch.Generator) -> None:
     x_NK, w_EMK, ends_E, grad_NM = make_inputs(SPLITS["mixed"], 128, 256, generator)
     compiled = torch.compile(grouped_linear, fullgraph=True)
@@ -78,6 +147,9 @@ def test_opcheck_of_the_grouped_linear_ops(generator: torch.Generator) -> None:
     x_NK, w_EMK, ends_E, grad_NM = make_inputs([3, 0, 9], 128, 128, generator)
     torch.library.opcheck(torch.ops.lightning_moe.grouped_linear.default, (x_NK.requires_grad_(), w_EMK, ends_E))
     torch.library.opcheck(torch.ops.lightning_moe.grouped_linear_input_grad.default, (grad_NM, w_EMK, ends_E))
+    # The gradient ops have no gradients of their own: inputs that do not require one.
+    weight_grad_args = (grad_NM, x_NK.detach(), ends_E)
+    torch.library.opcheck(torch.ops.lightning_moe.grouped_linear_weight_grad.default, weight_grad_args)
 
 
 @pytest.mark.parametrize(

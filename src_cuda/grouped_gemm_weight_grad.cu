@@ -1,0 +1,289 @@
+// Weight gradients of the experts' grouped GEMMs on Hopper: see grouped_gemm_weight_grad.h.
+//
+// The same design as grouped_gemm.cu: a persistent CTA per SM, one producer warp feeding a ring of
+// TMA-filled stages, two consumer warpgroups. An output tile is (expert, 128 rows of M, kBN
+// columns of N), tiles dealt round-robin with the columns fastest. Each stage holds 64 of the
+// expert's rows of a (two 64-column boxes: the tile's M range) and of b (kBN / 64 boxes), both
+// MN-major for wgmma. Consumer warpgroup g owns a's box g, i.e. output rows 64g to 64g + 63.
+//
+// A stage may run past the expert's last row into the next expert's rows: the consumers zero
+// those rows of the stage before multiplying. An expert without rows gets a zero tile.
+#include "grouped_gemm_weight_grad.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <utility>
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+
+#include "checks.h"
+#include "grouped_gemm.h"
+#include "tensor_map.h"
+#include "wgmma.cuh"
+
+namespace lightning_moe {
+namespace {
+
+constexpr int kBM = 128;                      // output rows (of M) per tile
+constexpr int kBK = 64;                       // expert rows per stage
+constexpr int kThreads = 384;                 // producer warpgroup + two consumer warpgroups
+constexpr int kBoxBytes = kBK * kRowBytes;    // one 64-column box of kBK rows
+constexpr int kTileABytes = 2 * kBoxBytes;
+constexpr int kStagingBytes = 64 * kStagingPitch * 2;
+constexpr int kRing = 8;
+
+template <int kBN>
+struct Shape {
+  static constexpr int kHalves = kBN / 128;
+  static constexpr int kStages = kBN == 128 ? 5 : 3;
+  static constexpr int kStageBytes = kTileABytes + (kBN / 64) * kBoxBytes;
+  static constexpr int kSharedBytes = 1024 + kStages * kStageBytes + 2 * kStagingBytes + 2 * kStages * 8 + kRing * 20;
+  static_assert(kRing > kStages, "the producer runs at most kStages stages, so kStages tiles, ahead");
+};
+
+struct TileInfo {
+  int group;  // -1: no tile left
+  int row_start;
+  int rows;
+  int m0;
+  int n0;
+};
+static_assert(sizeof(TileInfo) == 20, "Shape::kSharedBytes");
+
+struct Problem {
+  const int32_t* ends;
+  __nv_bfloat16* out;
+  int m;
+  int n;
+  int m_tiles;
+  int n_tiles;
+  int tiles;
+};
+
+struct Params {
+  CUtensorMap map_a;
+  CUtensorMap map_b;
+  Problem p;
+};
+
+#ifdef LIGHTNING_MOE_WGMMA
+template <int kBN>
+__device__ __forceinline__ TileInfo decode(const Problem& p, int tile) {
+  if (tile >= p.tiles) return TileInfo{-1, 0, 0, 0, 0};
+  const int rest = tile / p.n_tiles;
+  const int group = rest / p.m_tiles;
+  const int row_start = group == 0 ? 0 : p.ends[group - 1];
+  return TileInfo{group, row_start, p.ends[group] - row_start, (rest % p.m_tiles) * kBM, (tile % p.n_tiles) * kBN};
+}
+
+// kSlices k16 slices of one stage into the accumulators of warpgroup `half` (a's box `half`).
+template <int kBN, int kSlices>
+__device__ __forceinline__ void multiply(float (&acc)[kBN / 128][64], uint32_t tile_a, uint32_t tile_b, int half,
+                                         bool first) {
+#pragma unroll
+  for (int kk = 0; kk < kSlices; ++kk) {
+    const uint64_t desc_a = descriptor(tile_a + half * kBoxBytes + kk * 16 * kRowBytes, kBoxBytes, 1024);
+#pragma unroll
+    for (int h = 0; h < kBN / 128; ++h) {
+      const uint64_t desc_b = descriptor(tile_b + h * 2 * kBoxBytes + kk * 16 * kRowBytes, kBoxBytes, 1024);
+      wgmma_m64n128k16<1, 1>(acc[h], desc_a, desc_b, first && kk == 0 ? 0 : 1);
+    }
+  }
+}
+#endif  // LIGHTNING_MOE_WGMMA
+
+template <int kBN>
+__global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_constant__ Params params) {
+#ifdef LIGHTNING_MOE_WGMMA
+  using S = Shape<kBN>;
+  constexpr int kStages = S::kStages;
+  const Problem& p = params.p;
+  extern __shared__ uint8_t shared_raw[];
+  const uint32_t raw_address = shared_address(shared_raw);
+  const uint32_t base = (raw_address + 1023u) & ~1023u;  // the swizzle reads address bits 4-9
+  uint8_t* const shared = shared_raw + (base - raw_address);
+  const uint32_t full_bar = base + kStages * S::kStageBytes + 2 * kStagingBytes;
+  const uint32_t empty_bar = full_bar + kStages * 8;
+  TileInfo* const ring =
+      reinterpret_cast<TileInfo*>(shared + kStages * S::kStageBytes + 2 * kStagingBytes + 2 * kStages * 8);
+
+  const int tid = threadIdx.x;
+  const int warpgroup = tid / 128;
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(full_bar + s * 8, 1);
+      mbarrier_init(empty_bar + s * 8, 2);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    if constexpr (kBN == 256) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (tid != 0) return;  // one producer thread
+    StageRing<kStages> pipe;
+    TileInfo upcoming = decode<kBN>(p, blockIdx.x);
+    for (int tile = blockIdx.x, count = 0;; tile += gridDim.x, ++count) {
+      const TileInfo info = upcoming;
+      // The next tile's expert bounds are read while this tile's stages wait and load.
+      upcoming = decode<kBN>(p, tile + gridDim.x);
+      mbarrier_wait(empty_bar + pipe.stage * 8, pipe.phase ^ 1);
+      ring[count % kRing] = info;
+      const int steps = (info.rows + kBK - 1) / kBK;
+      if (info.group < 0 || steps == 0) {
+        // The end, or an expert without rows: the description alone, on a stage without data.
+        mbarrier_arrive(full_bar + pipe.stage * 8);
+        if (info.group < 0) return;
+        pipe.advance();
+        continue;
+      }
+      for (int step = 0; step < steps; ++step) {
+        if (step > 0) mbarrier_wait(empty_bar + pipe.stage * 8, pipe.phase ^ 1);
+        const uint32_t bar = full_bar + pipe.stage * 8;
+        const uint32_t tile_a = base + pipe.stage * S::kStageBytes;
+        const int row = info.row_start + step * kBK;
+        mbarrier_arrive_expect_tx(bar, S::kStageBytes);
+#pragma unroll
+        for (int box = 0; box < 2; ++box) tma_load_2d(tile_a + box * kBoxBytes, &params.map_a, bar, info.m0 + box * 64, row);
+#pragma unroll
+        for (int box = 0; box < kBN / 64; ++box) {
+          tma_load_2d(tile_a + kTileABytes + box * kBoxBytes, &params.map_b, bar, info.n0 + box * 64, row);
+        }
+        pipe.advance();
+      }
+    }
+  }
+
+  if constexpr (kBN == 256) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int half = warpgroup - 1;
+  const int ctid = tid % 128;
+  __nv_bfloat16* const staging =
+      reinterpret_cast<__nv_bfloat16*>(shared + kStages * S::kStageBytes + half * kStagingBytes);
+  float acc[S::kHalves][64];
+  float(&all_acc)[S::kHalves * 64] = reinterpret_cast<float(&)[S::kHalves * 64]>(acc);
+  StageRing<kStages> pipe;
+  for (int count = 0;; ++count) {
+    mbarrier_wait(full_bar + pipe.stage * 8, pipe.phase);
+    const TileInfo info = ring[count % kRing];
+    if (info.group < 0) break;
+    const int steps = (info.rows + kBK - 1) / kBK;
+    __nv_bfloat16* const out_rows =
+        p.out + (static_cast<int64_t>(info.group) * p.m + info.m0 + half * 64) * p.n + info.n0;
+    if (steps == 0) {
+      if (ctid == 0) mbarrier_arrive(empty_bar + pipe.stage * 8);
+      pipe.advance();
+      for (int i = ctid; i < 64 * (kBN / 8); i += 128) {
+        *reinterpret_cast<uint4*>(out_rows + static_cast<int64_t>(i / (kBN / 8)) * p.n + (i % (kBN / 8)) * 8) =
+            make_uint4(0, 0, 0, 0);
+      }
+      continue;
+    }
+    int previous = -1;
+    for (int step = 0; step < steps; ++step) {
+      if (step > 0) mbarrier_wait(full_bar + pipe.stage * 8, pipe.phase);
+      const uint32_t tile_a = base + pipe.stage * S::kStageBytes;
+      const uint32_t tile_b = tile_a + kTileABytes;
+      const int valid = min(kBK, info.rows - step * kBK);
+      if (valid < kBK) {
+        // Rows past the expert (the next expert's, or TMA's zero fill): zero them in every box of
+        // a and b, so that not even an infinity there reaches this sum. Whole 128-byte rows (the
+        // swizzle only permutes chunks within a row); warpgroup g takes the boxes g, g + 2, ...
+        uint8_t* const stage = shared + (tile_a - base);
+        for (int box = half; box < 2 + kBN / 64; box += 2) {
+          for (int i = ctid; i < (kBK - valid) * 8; i += 128) {
+            *reinterpret_cast<uint4*>(stage + box * kBoxBytes + (valid + i / 8) * kRowBytes + (i % 8) * 16) =
+                make_uint4(0, 0, 0, 0);
+          }
+        }
+        // Hand the zeros to the async proxy that wgmma reads through; both warpgroups read b.
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        named_barrier(3, 256);
+      }
+      // All four k16 slices, zeros included: skipping them by a run-time count makes ptxas
+      // serialise the wgmma instructions.
+      wgmma_fence();
+      multiply<kBN, kBK / 16>(acc, tile_a, tile_b, half, step == 0);
+      wgmma_commit();
+      wgmma_wait<1>(all_acc);
+      if (previous >= 0 && ctid == 0) mbarrier_arrive(empty_bar + previous * 8);
+      previous = pipe.stage;
+      pipe.advance();
+    }
+    wgmma_wait<0>(all_acc);
+    if (ctid == 0) mbarrier_arrive(empty_bar + previous * 8);
+
+    // The warpgroup's 64 rows through the staging buffer, 128 columns at a time.
+#pragma unroll
+    for (int h = 0; h < S::kHalves; ++h) {
+      named_barrier(1 + half, 128);  // the previous rows have left the staging buffer
+      stage_accumulators(acc[h], staging, ctid);
+      named_barrier(1 + half, 128);
+      for_each_staged_vector(staging, ctid, [&](int row, int chunk, uint4 value) {
+        *reinterpret_cast<uint4*>(out_rows + static_cast<int64_t>(row) * p.n + h * 128 + chunk * 8) = value;
+      });
+    }
+  }
+#else
+  __trap();  // built without sm_90a: grouped_gemm_available() reports false and no caller launches this
+#endif
+}
+
+// Validates the operands; returns (M, N).
+std::pair<int64_t, int64_t> check_operands(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends,
+                                           int64_t tile_n) {
+  check_grouped_gemm_operands(a, b, ends, 2);
+  TORCH_CHECK(b.size(0) == a.size(0), "a and b must have the same rows, got ", text(a.sizes()), " and ",
+              text(b.sizes()));
+  const int64_t m = a.size(1), n = b.size(1);
+  TORCH_CHECK(m % 128 == 0 && m > 0, "a's columns must be a positive multiple of 128, got ", text(m));
+  TORCH_CHECK(n % 128 == 0 && n > 0, "b's columns must be a positive multiple of 128, got ", text(n));
+  TORCH_CHECK(tile_n == 128 || (tile_n == 256 && n % 256 == 0), "tile_n must be 128, or 256 dividing b's columns");
+  TORCH_CHECK(ends.size(0) * (m / 128) * (n / 128) < (int64_t{1} << 30), "too many output tiles");
+  TORCH_CHECK(grouped_gemm_available(), "the grouped GEMM kernels need a compute capability 9.0 GPU and an sm_90a build");
+  return {m, n};
+}
+
+template <int kBN>
+void launch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, const at::Tensor& out) {
+  const int64_t groups = ends.size(0), rows = a.size(0), m = a.size(1), n = b.size(1);
+  auto params = std::make_unique<Params>();
+  encode_tensor_map(&params->map_a, a.data_ptr(), rows, m, kBK);
+  encode_tensor_map(&params->map_b, b.data_ptr(), rows, n, kBK);
+  const int64_t tiles = groups * (m / kBM) * (n / kBN);
+  params->p = Problem{ends.data_ptr<int32_t>(),
+                      reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
+                      static_cast<int>(m),
+                      static_cast<int>(n),
+                      static_cast<int>(m / kBM),
+                      static_cast<int>(n / kBN),
+                      static_cast<int>(tiles)};
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.device().index()));
+  const unsigned ctas = static_cast<unsigned>(std::min<int64_t>(tiles, sms));
+  const void* kernel = reinterpret_cast<const void*>(weight_grad_kernel<kBN>);
+  constexpr int kSharedBytes = Shape<kBN>::kSharedBytes;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes));
+  void* args[] = {params.get()};
+  C10_CUDA_CHECK(cudaLaunchKernel(kernel, dim3(ctas), dim3(kThreads), args, kSharedBytes,
+                                  c10::cuda::getCurrentCUDAStream()));
+}
+
+}  // namespace
+
+at::Tensor grouped_gemm_weight_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, int64_t tile_n) {
+  const auto [m, n] = check_operands(a, b, ends, tile_n);
+  const c10::cuda::CUDAGuard guard(a.device());
+  if (a.size(0) == 0) return at::zeros({ends.size(0), m, n}, a.options());
+  auto out = at::empty({ends.size(0), m, n}, a.options());
+  bind_context(a.device().index());
+  tile_n == 256 ? launch<256>(a, b, ends, out) : launch<128>(a, b, ends, out);
+  return out;
+}
+
+}  // namespace lightning_moe

@@ -1,0 +1,23 @@
+// The weight gradient of the experts' grouped GEMMs on Hopper tensor cores (TMA, wgmma): for each
+// expert, the sum over its rows of a^T b.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace lightning_moe {
+
+// out[e] = a[rows of e]^T @ b[rows of e], zero for a group without rows; the rows of group e are
+// [ends[e - 1], ends[e]) (ends[-1] = 0).
+//
+// Args:
+//   a: (R, M) bfloat16, contiguous, M a multiple of 128.
+//   b: (R, N) bfloat16, contiguous, N a multiple of 128.
+//   ends: (E,) int32 cumulative row counts, non-decreasing, ends[E - 1] <= R.
+//   tile_n: output columns per tile, 128 or 256 (N a multiple of 256).
+//
+// Returns:
+//   (E, M, N) bfloat16, each element summed in float32 in a fixed order.
+at::Tensor grouped_gemm_weight_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends,
+                                    int64_t tile_n = 128);
+
+}  // namespace lightning_moe

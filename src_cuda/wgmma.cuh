@@ -1,0 +1,154 @@
+// Device helpers of the Hopper tensor-core kernel (grouped_gemm.cu): TMA loads into
+// 128-byte-swizzled shared-memory tiles, mbarriers, named barriers, wgmma shared-memory
+// descriptors, and the wgmma m64n128k16 instruction. Defined only in sm_90a device passes
+// (LIGHTNING_MOE_WGMMA); elsewhere the kernel compiles to a trap and the host reports it unavailable.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LIGHTNING_MOE_WGMMA 1
+#endif
+
+namespace lightning_moe {
+// Internal linkage: each kernel file that includes this gets its own copy.
+namespace {
+
+[[maybe_unused]] constexpr int kRowBytes = 128;  // one swizzled shared-memory row: 64 bf16
+// Row pitch (elements) of a warpgroup's 64 x 128 output staging buffer: 16-byte aligned rows,
+// conflict-free fragment stores.
+[[maybe_unused]] constexpr int kStagingPitch = 128 + 8;
+
+#ifdef LIGHTNING_MOE_WGMMA
+__device__ __forceinline__ uint32_t shared_address(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// Shared-memory matrix descriptor, 128-byte swizzle: start address, leading and stride byte
+// offsets (all in 16-byte units).
+__device__ __forceinline__ uint64_t descriptor(uint32_t address, uint32_t leading, uint32_t stride) {
+  return static_cast<uint64_t>((address & 0x3FFFF) >> 4) | (static_cast<uint64_t>((leading & 0x3FFFF) >> 4) << 16) |
+         (static_cast<uint64_t>((stride & 0x3FFFF) >> 4) << 32) | (uint64_t{1} << 62);
+}
+
+// One wgmma m64n128k16: d = A * B + (scale_d ? d : 0), bf16 inputs read from shared memory through
+// their descriptors, float32 accumulators in registers; scale_d = 0 starts a tile's sum. kTransA /
+// kTransB = 1 mark MN-major A / B (0: K-major).
+template <int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1, %67, %68;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA), "n"(kTransB));
+}
+
+// Waits until at most kPending wgmma groups are in flight; the accumulators `d` are read or
+// written after it.
+template <int kPending, int kCount>
+__device__ __forceinline__ void wgmma_wait(float (&d)[kCount]) {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+#pragma unroll
+  for (int i = 0; i < kCount; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// mbarriers in shared memory (CTA scope): init with an arrival count; an arrival that also
+// expects `bytes` of TMA transactions; a plain arrival; a wait for the phase of parity `parity`.
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// A 2-D TMA load of the box at (inner, outer) of the tensor map at `map` (a kernel parameter) into
+// shared memory at `dst`; its bytes count as transactions on the mbarrier `bar`.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* map, uint32_t bar, int inner, int outer) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::
+          "r"(dst),
+      "l"(map), "r"(bar), "r"(inner), "r"(outer)
+      : "memory");
+}
+
+// Synchronises the `threads` threads (a multiple of 32) that use named barrier `id` (1-15).
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// A ring of kStages pipeline stages: the stage in use and the parity of its mbarrier phase.
+template <int kStages>
+struct StageRing {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ void advance() {
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
+
+// A warpgroup's 64 x 128 accumulators (thread `ctid` of it; warp w holds rows 16w + lane / 4 and
+// that + 8, two adjacent columns per 8-column chunk) to bf16 rows of `staging`.
+__device__ __forceinline__ void stage_accumulators(const float (&acc)[64], __nv_bfloat16* staging, int ctid) {
+  const int warp = ctid / 32, lane = ctid % 32;
+  const int row = warp * 16 + lane / 4;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const int col = j * 8 + (lane % 4) * 2;
+    *reinterpret_cast<__nv_bfloat162*>(staging + row * kStagingPitch + col) =
+        __floats2bfloat162_rn(acc[4 * j], acc[4 * j + 1]);
+    *reinterpret_cast<__nv_bfloat162*>(staging + (row + 8) * kStagingPitch + col) =
+        __floats2bfloat162_rn(acc[4 * j + 2], acc[4 * j + 3]);
+  }
+}
+
+// The staged 64 x 128 rows as 16-byte vectors: store(row, chunk, value) for each (8 per thread).
+template <class Store>
+__device__ __forceinline__ void for_each_staged_vector(const __nv_bfloat16* staging, int ctid, Store store) {
+#pragma unroll
+  for (int it = 0; it < 64 * 16 / 128; ++it) {
+    const int i = it * 128 + ctid;
+    const int row = i / 16, chunk = i % 16;
+    store(row, chunk, *reinterpret_cast<const uint4*>(staging + row * kStagingPitch + chunk * 8));
+  }
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+#endif  // LIGHTNING_MOE_WGMMA
+
+}  // namespace
+}  // namespace lightning_moe
