@@ -36,9 +36,12 @@ FEATURE_MULTIPLE = 128
 # (512-1536 rows), but the layer with one or eight experts of 4096+ rows was slower
 # (benchmarks/RESULTS.md).
 MAX_ROWS_PER_EXPERT = 160
-# Output columns per tile of the kernels where they divide the output's columns, else 128: 256
-# measured faster at about 128 rows per expert (benchmarks/RESULTS.md, tenth session).
+# Output columns per tile of the kernels where they divide the output's columns and leave no SM
+# short of work (at least TILE_N_MIN_WAVES tiles per SM), else 128. 256 measured faster at about 128
+# rows per expert over 64 experts; with 8 experts of 128 rows, 128 was faster: there 256-column
+# tiles number fewer than the SMs (benchmarks/RESULTS.md, tenth session).
 TILE_N = 256
+TILE_N_MIN_WAVES = 2
 
 
 def grouped_linear_usable(
@@ -74,21 +77,40 @@ def _probe(device_index: int) -> bool:
         return bool(module.grouped_gemm_available())
 
 
-def _tile_n(columns: int) -> int:
-    return TILE_N if columns % TILE_N == 0 else FEATURE_MULTIPLE
+def tile_columns(row_tiles: int, columns: int, num_sms: int) -> int:
+    """Output columns per tile, TILE_N or 128, of a kernel call with ``row_tiles`` 128-row tiles (at
+    most) of ``columns`` output columns on a GPU of ``num_sms`` SMs."""
+    if columns % TILE_N or row_tiles * (columns // TILE_N) < TILE_N_MIN_WAVES * num_sms:
+        return FEATURE_MULTIPLE
+    return TILE_N
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _rows_tile_n(rows_NK: Tensor, num_experts: int, columns: int) -> int:
+    # At most one partly filled 128-row tile per expert beyond the full ones.
+    row_tiles = rows_NK.shape[0] // 128 + num_experts
+    return tile_columns(row_tiles, columns, _num_sms(rows_NK.device.index))
 
 
 def _forward(x_NK: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
-    return require_extension().grouped_gemm_rows(x_NK, w_EMK, ends_E, False, _tile_n(w_EMK.shape[1]))
+    tile_n = _rows_tile_n(x_NK, w_EMK.shape[0], w_EMK.shape[1])
+    return require_extension().grouped_gemm_rows(x_NK, w_EMK, ends_E, False, tile_n)
 
 
 def _input_grad(grad_NM: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
-    return require_extension().grouped_gemm_rows(grad_NM, w_EMK, ends_E, True, _tile_n(w_EMK.shape[2]))
+    tile_n = _rows_tile_n(grad_NM, w_EMK.shape[0], w_EMK.shape[2])
+    return require_extension().grouped_gemm_rows(grad_NM, w_EMK, ends_E, True, tile_n)
 
 
 def _weight_grad(grad_NM: Tensor, x_NK: Tensor, ends_E: Tensor) -> Tensor:
-    # grad_w[e] = grad[rows e].T @ x[rows e], ragged along the contraction.
-    return require_extension().grouped_gemm_weight_grad(grad_NM, x_NK, ends_E, _tile_n(x_NK.shape[1]))
+    # grad_w[e] = grad[rows e].T @ x[rows e], ragged along the contraction: tiles of 128 rows of M.
+    row_tiles = ends_E.shape[0] * (grad_NM.shape[1] // 128)
+    tile_n = tile_columns(row_tiles, x_NK.shape[1], _num_sms(x_NK.device.index))
+    return require_extension().grouped_gemm_weight_grad(grad_NM, x_NK, ends_E, tile_n)
 
 
 @torch.library.custom_op("lightning_moe::grouped_linear", mutates_args=())

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from lightning_moe.ops import reference
-from lightning_moe.ops.grouped_linear import MAX_ROWS_PER_EXPERT, grouped_linear, grouped_linear_usable
+from lightning_moe.ops.grouped_linear import (
+    MAX_ROWS_PER_EXPERT,
+    TILE_N,
+    TILE_N_MIN_WAVES,
+    grouped_linear,
+    grouped_linear_usable,
+    tile_columns,
+)
 
 SPLITS = [[3, 0, 5], [0, 0, 4], [7], [1, 1, 1, 1], [0, 0]]
 
@@ -45,6 +52,25 @@ def test_kernels_are_not_chosen_where_they_cannot_run_or_do_not_pay(
     # On the CPU, and for sizes the tiles do not divide or with many rows per expert, whatever the GPU.
     device = torch.device("cpu" if rows == 64 * 16 else "cuda")
     assert not grouped_linear_usable(rows, 64, in_features, out_features, device)
+
+
+@pytest.mark.parametrize(
+    ("row_tiles", "columns", "expected"),
+    [
+        # Enough wide tiles for every SM: the wide tile.
+        (TILE_N_MIN_WAVES * 132, TILE_N, TILE_N),
+        (128, 4096, TILE_N),
+        # One wide tile short of TILE_N_MIN_WAVES per SM: the narrow one.
+        (TILE_N_MIN_WAVES * 132 - 1, TILE_N, 128),
+        (16, 4096, 128),
+        # Columns the wide tile does not divide.
+        (4096, 1408, 128),
+    ],
+)
+def test_tile_width_is_the_wide_one_only_where_it_divides_and_fills_the_sms(
+    row_tiles: int, columns: int, expected: int
+) -> None:
+    assert tile_columns(row_tiles, columns, num_sms=132) == expected
 
 
 @pytest.mark.parametrize(
