@@ -15,6 +15,7 @@ experts or only a shard of them.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import cast, overload
@@ -93,11 +94,35 @@ class GroupedExperts(nn.Module):
                     param[local].copy_(values)
 
     def expert_forward(self, local: int, x_ND: Tensor) -> Tensor:
-        """Apply local expert ``local`` to its tokens ``x_ND`` (N, D) -> (N, D)."""
+        """Apply local expert ``local`` to its tokens ``x_ND`` (N, D) -> (N, D).
+
+        To run several experts, take them from :meth:`expert_functions` instead: indexing a
+        stacked weight once per expert makes its backward fill a zero tensor of the whole stack
+        per expert.
+        """
         w3_FD = None if self.w3 is None else self.w3[local]
         b1_F = None if self.b1 is None else self.b1[local]
         b2_D = None if self.b2 is None else self.b2[local]
         return self._mlp(x_ND, self.w1[local], self.w2[local], w3_FD, b1_F, b2_D)
+
+    def expert_functions(self) -> list[Callable[[Tensor], Tensor]]:
+        """One function per local expert, mapping its tokens (N, D) to (N, D), like
+        :meth:`expert_forward`. Each stacked weight is unbound once for all of them, so the
+        backward stacks the experts' gradients once (zeros for experts left out)."""
+        stacks = (self.w1, self.w2, self.w3, self.b1, self.b2)
+        per_expert = [[None] * self.num_experts if p is None else p.unbind(0) for p in stacks]
+        return [functools.partial(self._mlp_of, *weights) for weights in zip(*per_expert, strict=True)]
+
+    def _mlp_of(
+        self,
+        w1_FD: Tensor,
+        w2_DF: Tensor,
+        w3_FD: Tensor | None,
+        b1_F: Tensor | None,
+        b2_D: Tensor | None,
+        x_ND: Tensor,
+    ) -> Tensor:
+        return self._mlp(x_ND, w1_FD, w2_DF, w3_FD, b1_F, b2_D)
 
     def single_expert_forward(self, x_ND: Tensor) -> Tensor:
         """:meth:`expert_forward` of the only expert, through views rather than indexing, whose
@@ -147,7 +172,9 @@ class GroupedExperts(nn.Module):
         dtype = self.compute_dtype(x_ND)
         if grouped_mm_usable(x_ND.device, dtype, self.num_experts, self.d_model, self.d_hidden):
             return _cast(self._grouped_forward(x_ND, tokens_per_expert, dtype), x_ND.dtype)
-        return _cast(_run_grouped(self.expert_forward, _cast(x_ND, self.w1.dtype), tokens_per_expert), x_ND.dtype)
+        experts = self.expert_functions()
+        run = _run_grouped(lambda local, rows: experts[local](rows), _cast(x_ND, self.w1.dtype), tokens_per_expert)
+        return _cast(run, x_ND.dtype)
 
     def _grouped_forward(self, x_ND: Tensor, tokens_per_expert: Tensor, dtype: torch.dtype) -> Tensor:
         # Cast up front as autocast would for a matmul: every op of grouped_mlp then runs in `dtype`,

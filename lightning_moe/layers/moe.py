@@ -246,7 +246,7 @@ class MoE(nn.Module):
     def _shared_forward(self, x_TD: Tensor) -> Tensor:
         assert self.shared_experts is not None
         x_in = x_TD.to(self.shared_experts.w1.dtype)
-        outputs = [self.shared_experts.expert_forward(e, x_in) for e in range(self.shared_experts.num_experts)]
+        outputs = [expert(x_in) for expert in self.shared_experts.expert_functions()]
         return torch.stack(outputs).float().sum(dim=0)
 
     def _attach_losses(self, out: Tensor, routing: Routing) -> Tensor:
