@@ -103,7 +103,7 @@ class GroupedExperts(nn.Module):
         w3_FD = None if self.w3 is None else self.w3[local]
         b1_F = None if self.b1 is None else self.b1[local]
         b2_D = None if self.b2 is None else self.b2[local]
-        return self._mlp(x_ND, self.w1[local], self.w2[local], w3_FD, b1_F, b2_D)
+        return self._mlp(self.w1[local], self.w2[local], w3_FD, b1_F, b2_D, x_ND)
 
     def expert_functions(self) -> list[Callable[[Tensor], Tensor]]:
         """One function per local expert, mapping its tokens (N, D) to (N, D), like
@@ -111,36 +111,26 @@ class GroupedExperts(nn.Module):
         backward stacks the experts' gradients once (zeros for experts left out)."""
         stacks = (self.w1, self.w2, self.w3, self.b1, self.b2)
         per_expert = [[None] * self.num_experts if p is None else p.unbind(0) for p in stacks]
-        return [functools.partial(self._mlp_of, *weights) for weights in zip(*per_expert, strict=True)]
-
-    def _mlp_of(
-        self,
-        w1_FD: Tensor,
-        w2_DF: Tensor,
-        w3_FD: Tensor | None,
-        b1_F: Tensor | None,
-        b2_D: Tensor | None,
-        x_ND: Tensor,
-    ) -> Tensor:
-        return self._mlp(x_ND, w1_FD, w2_DF, w3_FD, b1_F, b2_D)
+        return [functools.partial(self._mlp, *weights) for weights in zip(*per_expert, strict=True)]
 
     def single_expert_forward(self, x_ND: Tensor) -> Tensor:
         """:meth:`expert_forward` of the only expert, through views rather than indexing, whose
         backward would fill a zero tensor of each stacked weight's size."""
         assert self.num_experts == 1, "single_expert_forward is for layers of one expert"
         w3_FD, b1_F, b2_D = (None if p is None else p.squeeze(0) for p in (self.w3, self.b1, self.b2))
-        return self._mlp(x_ND, self.w1.squeeze(0), self.w2.squeeze(0), w3_FD, b1_F, b2_D)
+        return self._mlp(self.w1.squeeze(0), self.w2.squeeze(0), w3_FD, b1_F, b2_D, x_ND)
 
     def _mlp(
         self,
-        x_ND: Tensor,
         w1_FD: Tensor,
         w2_DF: Tensor,
         w3_FD: Tensor | None,
         b1_F: Tensor | None,
         b2_D: Tensor | None,
+        x_ND: Tensor,
     ) -> Tensor:
-        """One expert's MLP on its rows, given that expert's weights."""
+        """One expert's MLP on its rows ``x_ND``, given that expert's weights (the rows last, so
+        that the weights can be bound first)."""
         hidden_NF = x_ND @ w1_FD.t()
         if b1_F is not None:
             hidden_NF = hidden_NF + b1_F

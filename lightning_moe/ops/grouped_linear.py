@@ -47,7 +47,7 @@ TILE_N_MIN_WAVES = 2
 def grouped_linear_usable(
     rows: int, num_experts: int, in_features: int, out_features: int, device: torch.device
 ) -> bool:
-    """Whether :func:`grouped_linear` and its input gradient run on the kernel, and pay.
+    """Whether :func:`grouped_linear` and its gradients run on the kernels, and pay.
 
     Args:
         rows: N, the rows of all experts together.

@@ -178,8 +178,6 @@ def topk_route(
     return expert_ids_TK, weights_TK, priorities_TK, tokens_per_expert_E, masses_TE.sum(dim=0), lse_sq_sum
 
 
-# The plain expert activations by name (as in :mod:`lightning_moe.layers.activations`), and the one
-# each GLU gates with.
 def grouped_linear(x_NK: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
     """``x[r] @ w[e].T`` for the rows r of each expert e: every expert's matmul over all rows, each
     row then taking its own expert's (E times the work of the kernel; for tests).
@@ -200,6 +198,8 @@ def grouped_linear(x_NK: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
     return out_NM
 
 
+# The plain expert activations by name (as in :mod:`lightning_moe.layers.activations`), and the one
+# each GLU gates with.
 PLAIN_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
