@@ -9,6 +9,7 @@
 #include "grouped_gemm_weight_grad.h"
 #include "permute.h"
 #include "router_logits.h"
+#include "router_logits_tc.h"
 #include "sort_by_expert.h"
 #include "topk_route.h"
 #include "unpermute.h"
@@ -35,6 +36,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("router_logits_grad_x", &lightning_moe::router_logits_grad_x, py::arg("grad_logits"), py::arg("weight"),
         py::arg("x_dtype"));
   m.def("router_logits_grad_weight", &lightning_moe::router_logits_grad_weight, py::arg("grad_logits"),
+        py::arg("x"));
+  m.def("router_logits_tc_forward", &lightning_moe::router_logits_tc_forward, py::arg("x"), py::arg("weight"));
+  m.def("router_logits_tc_grad_x", &lightning_moe::router_logits_tc_grad_x, py::arg("grad_logits"),
+        py::arg("weight"));
+  m.def("router_logits_tc_grad_weight", &lightning_moe::router_logits_tc_grad_weight, py::arg("grad_logits"),
         py::arg("x"));
   m.def("activation_forward", &lightning_moe::activation_forward, py::arg("a"), py::arg("gate"),
         py::arg("activation"));

@@ -36,6 +36,17 @@ same way; the token gradient, rounded to bf16 in the end, keeps the three leadin
 per token per pass, compute-bound with many experts; this path is bound by reading x. GPU time of
 forward + backward on an H200: 135 us against 509 us at (T, D, E) = (16384, 2048, 64); 73 against
 90 us at (16384, 1024, 8), where the split's extra host time outweighs the gain.
+
+:class:`_TensorCoreRouterLogits` does the same split inside the kernels of
+``src_cuda/router_logits_tc.cu``, one launch per pass (the weight gradient adds its chunks of tokens
+in a second): the forward sums ``x w2 + x w1`` and ``x w0`` in two float32 accumulators added at the
+end, ``grad_x`` keeps ``g0 w0 + g0 w1 + g1 w0`` rounded once to bf16, and ``grad_weight`` sums the
+three parts of g like the forward, each in an order fixed by the shapes. It takes bf16 tokens and a
+float32 weight (a half-precision one widened first) with E a multiple of 8 from 8 to
+:data:`MAX_KERNEL_EXPERTS` and D a multiple of 64 (:func:`tensor_core_accepts`). It is meant for the
+mid-size routers where the SIMT kernels are compute-bound and the split GEMMs pay their host time,
+e.g. (T, D, E) = (8192, 1024, 64); :func:`router_logits` takes it only while
+:data:`TENSOR_CORE_ROUTER` is set, off until it has been timed against the other paths on a GPU.
 """
 
 from __future__ import annotations
@@ -59,6 +70,13 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SPLIT_MIN_WORK = 1 << 30
 # bf16 parts of a float32 value: 3 x 8 significand bits cover float32's 24.
 FLOAT32_PARTS = 3
+# Whether router_logits takes the one-launch tensor-core kernels for the inputs that
+# tensor_core_accepts. Off until they are timed on a GPU against the SIMT kernels and the split GEMMs.
+TENSOR_CORE_ROUTER = False
+# What those kernels take (kTensorCore* in src_cuda/router_logits_tc.h): E a multiple of 8 from 8 to
+# MAX_KERNEL_EXPERTS, D a positive multiple of 64.
+TENSOR_CORE_EXPERT_MULTIPLE = 8
+TENSOR_CORE_DIM_MULTIPLE = 64
 
 
 def _forward(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
@@ -169,16 +187,22 @@ def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
     Returns:
         (T, E) logits; gradients flow to both inputs, each in its own dtype.
     """
+    if TENSOR_CORE_ROUTER and tensor_core_accepts(x_TD, _widened(weight_ED)):
+        return _tensor_core_router_logits(x_TD, _widened(weight_ED))
     if split_accepts(x_TD, weight_ED):
         return _SplitRouterLogits.apply(x_TD.contiguous(), weight_ED.contiguous())
-    # A half-precision weight (a model cast whole to bf16) is widened for the kernels: an (E, D)
-    # copy, small next to the tokens, and its gradient is narrowed back by autograd. Off CUDA the
-    # reference takes the weight as it is, so no copy is made there.
-    widen = weight_ED.is_cuda and weight_ED.dtype in (torch.bfloat16, torch.float16)
-    weight_f32 = weight_ED.float() if widen else weight_ED
+    weight_f32 = _widened(weight_ED)
     if kernels_accept(x_TD, weight_f32):
         return _kernel_router_logits(x_TD, weight_f32)
     return reference.router_logits(x_TD, weight_ED)
+
+
+def _widened(weight_ED: Tensor) -> Tensor:
+    """A half-precision CUDA weight (a model cast whole to bf16) as float32 for the kernels: an
+    (E, D) copy, small next to the tokens, whose gradient autograd narrows back. Off CUDA the
+    reference takes the weight as it is, so no copy is made there."""
+    widen = weight_ED.is_cuda and weight_ED.dtype in (torch.bfloat16, torch.float16)
+    return weight_ED.float() if widen else weight_ED
 
 
 def _kernel_router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
@@ -293,3 +317,116 @@ def _probe_float32_output_mm(device_index: int) -> bool:
         return bool(torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32)
     except (RuntimeError, TypeError):
         return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The one-launch tensor-core kernels (src_cuda/router_logits_tc.cu).
+
+
+def _aligned(t: Tensor) -> Tensor:
+    """``t``, or a copy of it where its data does not start on 16 bytes (a contiguous view at an
+    offset), which the tensor-core kernels' vector loads need."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _tc_forward(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
+    return require_extension().router_logits_tc_forward(_aligned(x_TD), _aligned(weight_ED))
+
+
+def _tc_grad_x(grad_TE: Tensor, weight_ED: Tensor) -> Tensor:
+    return require_extension().router_logits_tc_grad_x(_aligned(grad_TE), _aligned(weight_ED))
+
+
+def _tc_grad_weight(grad_TE: Tensor, x_TD: Tensor) -> Tensor:
+    return require_extension().router_logits_tc_grad_weight(_aligned(grad_TE), _aligned(x_TD))
+
+
+@torch.library.custom_op("lightning_moe::router_logits_tc", mutates_args=())
+def _router_logits_tc_cuda(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
+    return _tc_forward(x_TD, weight_ED)
+
+
+@_router_logits_tc_cuda.register_fake
+def _(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
+    return x_TD.new_empty(x_TD.shape[0], weight_ED.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("lightning_moe::router_logits_tc_grad_x", mutates_args=())
+def _router_logits_tc_grad_x_cuda(grad_TE: Tensor, weight_ED: Tensor) -> Tensor:
+    return _tc_grad_x(grad_TE, weight_ED)
+
+
+@_router_logits_tc_grad_x_cuda.register_fake
+def _(grad_TE: Tensor, weight_ED: Tensor) -> Tensor:
+    return grad_TE.new_empty(grad_TE.shape[0], weight_ED.shape[1], dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("lightning_moe::router_logits_tc_grad_weight", mutates_args=())
+def _router_logits_tc_grad_weight_cuda(grad_TE: Tensor, x_TD: Tensor) -> Tensor:
+    return _tc_grad_weight(grad_TE, x_TD)
+
+
+@_router_logits_tc_grad_weight_cuda.register_fake
+def _(grad_TE: Tensor, x_TD: Tensor) -> Tensor:
+    return grad_TE.new_empty(grad_TE.shape[1], x_TD.shape[1], dtype=torch.float32)
+
+
+def _tc_backward(ctx: Any, grad_TE: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    x_TD, weight_ED = ctx.saved_tensors
+    grad_TE = grad_TE.float().contiguous()
+    grad_x = grad_weight = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.lightning_moe.router_logits_tc_grad_x(grad_TE, weight_ED)
+    if ctx.needs_input_grad[1]:
+        grad_weight = torch.ops.lightning_moe.router_logits_tc_grad_weight(grad_TE, x_TD)
+    return grad_x, grad_weight
+
+
+_router_logits_tc_cuda.register_autograd(_tc_backward, setup_context=_setup_context)
+
+
+class _TensorCoreRouterLogits(torch.autograd.Function):
+    """The eager path of the tensor-core kernels: the custom ops' kernels, at less host time per call."""
+
+    @staticmethod
+    def forward(ctx: Any, x_TD: Tensor, weight_ED: Tensor) -> Tensor:
+        _setup_context(ctx, (x_TD, weight_ED), None)
+        return _tc_forward(x_TD, weight_ED)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_TE: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x_TD, weight_ED = ctx.saved_tensors
+        grad_TE = grad_TE.float().contiguous()
+        grad_x = _tc_grad_x(grad_TE, weight_ED) if ctx.needs_input_grad[0] else None
+        grad_weight = _tc_grad_weight(grad_TE, x_TD) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight
+
+
+def tensor_core_accepts(x_TD: Tensor, weight_ED: Tensor) -> bool:
+    """Whether the tensor-core kernels take these inputs: 2-D bf16 ``x_TD`` and a float32 (E, D)
+    ``weight_ED`` (widen a half-precision one first) with E a multiple of
+    :data:`TENSOR_CORE_EXPERT_MULTIPLE` from 8 to :data:`MAX_KERNEL_EXPERTS` and D a positive
+    multiple of :data:`TENSOR_CORE_DIM_MULTIPLE`, both on CUDA, and the extension loaded. The device
+    comes last, so CPU tensors never trigger a build."""
+    if x_TD.dim() != 2 or weight_ED.dim() != 2:
+        return False
+    num_experts, dim = weight_ED.shape
+    return (
+        x_TD.shape[1] == dim
+        and dim > 0
+        and dim % TENSOR_CORE_DIM_MULTIPLE == 0
+        and TENSOR_CORE_EXPERT_MULTIPLE <= num_experts <= MAX_KERNEL_EXPERTS
+        and num_experts % TENSOR_CORE_EXPERT_MULTIPLE == 0
+        and x_TD.dtype == torch.bfloat16
+        and weight_ED.dtype == torch.float32
+        and use_cuda_kernels(x_TD, weight_ED)
+    )
+
+
+def _tensor_core_router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
+    """The tensor-core kernels, for inputs that :func:`tensor_core_accepts`."""
+    x_TD, weight_ED = x_TD.contiguous(), weight_ED.contiguous()
+    if torch.compiler.is_compiling():
+        return torch.ops.lightning_moe.router_logits_tc(x_TD, weight_ED)
+    return _TensorCoreRouterLogits.apply(x_TD, weight_ED)

@@ -39,6 +39,13 @@ def test_opcheck_of_every_op(generator: torch.Generator) -> None:
     grad_x_args = (grad_TE, router_weight.detach(), torch.float32)
     torch.library.opcheck(torch.ops.lightning_moe.router_logits_grad_x.default, grad_x_args)
     torch.library.opcheck(torch.ops.lightning_moe.router_logits_grad_weight.default, (grad_TE, x_TD.detach()))
+    x_bf16 = torch.randn(case.num_tokens, 64, generator=generator).cuda().bfloat16().requires_grad_()
+    tc_weight = torch.randn(8, 64, generator=generator).cuda().requires_grad_()
+    tc_grad = torch.randn(case.num_tokens, 8, generator=generator).cuda()
+    torch.library.opcheck(torch.ops.lightning_moe.router_logits_tc.default, (x_bf16, tc_weight))
+    torch.library.opcheck(torch.ops.lightning_moe.router_logits_tc_grad_x.default, (tc_grad, tc_weight.detach()))
+    tc_grad_weight_args = (tc_grad, x_bf16.detach())
+    torch.library.opcheck(torch.ops.lightning_moe.router_logits_tc_grad_weight.default, tc_grad_weight_args)
     a_NF, b_NF = (torch.randn(7, 24, generator=generator).cuda().requires_grad_() for _ in range(2))
     for gate_NF, name in ((b_NF, "silu"), (None, "gelu")):
         torch.library.opcheck(torch.ops.lightning_moe.activation.default, (a_NF, gate_NF, name))

@@ -21,17 +21,71 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available() or load_extension() is None, reason="needs the CUDA extension"),
 ]
 
-# (the call, with `ext` the extension and `ids` eight int64 expert ids on the GPU; what it must say)
+# (the call, with `ext` the extension, `ids` eight int64 expert ids on the GPU and `zeros(*shape,
+# dtype=torch.float32)` a zero tensor on the GPU; what it must say)
 CASES = {
     "sort_by_expert-num_experts": ("ext.sort_by_expert(ids, 0)", "num_experts must be in [1, 8192], got 0"),
     "sort_by_expert-dims": ("ext.sort_by_expert(ids.view(2, 4), 4)", "expert_ids must have 1 dims, got shape [2, 4]"),
     "capacity_mask-shape": (
-        "ext.capacity_mask(ids, torch.zeros(7, device='cuda'), 4, 2)",
+        "ext.capacity_mask(ids, zeros(7), 4, 2)",
         "priorities must have shape [8] like expert_ids, got [7]",
     ),
     "capacity_mask-capacity": (
-        "ext.capacity_mask(ids, torch.zeros(8, device='cuda'), 4, -1)",
+        "ext.capacity_mask(ids, zeros(8), 4, -1)",
         "capacity must be >= 0, got -1",
+    ),
+    "router_logits_tc_forward-x_dtype": (
+        "ext.router_logits_tc_forward(zeros(4, 64), zeros(8, 64))",
+        "x must have dtype BFloat16, got Float",
+    ),
+    "router_logits_tc_forward-experts": (
+        "ext.router_logits_tc_forward(zeros(4, 64, dtype=bf16), zeros(12, 64))",
+        "weight's rows (experts) must be a multiple of 8 from 8 to 256 for the tensor-core router kernels, got 12",
+    ),
+    "router_logits_tc_forward-dim": (
+        "ext.router_logits_tc_forward(zeros(4, 96, dtype=bf16), zeros(8, 96))",
+        "x's columns (D) must be a positive multiple of 64 for the tensor-core router kernels, got 96",
+    ),
+    "router_logits_tc_forward-dims_differ": (
+        "ext.router_logits_tc_forward(zeros(4, 64, dtype=bf16), zeros(8, 128))",
+        "weight must have D = 64 columns like x, got 128",
+    ),
+    "router_logits_tc_forward-offset": (
+        "ext.router_logits_tc_forward(zeros(257, dtype=bf16)[1:].view(4, 64), zeros(8, 64))",
+        "x must start on a 16-byte boundary",
+    ),
+    "router_logits_tc_forward-contiguous": (
+        "ext.router_logits_tc_forward(zeros(4, 64, dtype=bf16), zeros(64, 8).t())",
+        "weight must be contiguous",
+    ),
+    "router_logits_tc_grad_x-experts_differ": (
+        "ext.router_logits_tc_grad_x(zeros(4, 8), zeros(16, 64))",
+        "weight must have E = 8 rows like grad_logits' columns, got 16",
+    ),
+    "router_logits_tc_grad_x-dim": (
+        "ext.router_logits_tc_grad_x(zeros(4, 8), zeros(8, 100))",
+        "weight's columns (D) must be a positive multiple of 64 for the tensor-core router kernels, got 100",
+    ),
+    "router_logits_tc_grad_x-grad_dims": (
+        "ext.router_logits_tc_grad_x(zeros(8), zeros(8, 64))",
+        "grad_logits must have 2 dims, got shape [8]",
+    ),
+    "router_logits_tc_grad_weight-tokens_differ": (
+        "ext.router_logits_tc_grad_weight(zeros(4, 8), zeros(5, 64, dtype=bf16))",
+        "x must have T = 4 rows like grad_logits, got 5",
+    ),
+    "router_logits_tc_grad_weight-experts": (
+        "ext.router_logits_tc_grad_weight(zeros(4, 264), zeros(4, 64, dtype=bf16))",
+        "grad_logits' columns (experts) must be a multiple of 8 from 8 to 256 for the tensor-core router kernels,"
+        " got 264",
+    ),
+    "router_logits_tc_grad_weight-x_dtype": (
+        "ext.router_logits_tc_grad_weight(zeros(4, 8), zeros(4, 64))",
+        "x must have dtype BFloat16, got Float",
+    ),
+    "router_logits_tc_grad_weight-device": (
+        "ext.router_logits_tc_grad_weight(torch.zeros(4, 8), zeros(4, 64, dtype=bf16))",
+        "grad_logits must be a CUDA tensor",
     ),
 }
 
@@ -43,6 +97,11 @@ def test_a_failed_check_raises_with_its_numbers(call: str, message: str) -> None
         from lightning_moe.ops.extension import require_extension
         ext = require_extension()
         ids = torch.zeros(8, dtype=torch.int64, device="cuda")
+
+        def zeros(*shape, dtype=torch.float32):
+            return torch.zeros(*shape, dtype=dtype, device="cuda")
+
+        bf16 = torch.bfloat16
         try:
             {call}
         except RuntimeError as error:

@@ -114,6 +114,7 @@ def test_every_kernel_source_is_compiled() -> None:
         "router_logits.cu",
         "router_logits_backward.cu",
         "router_logits_few.cu",
+        "router_logits_tc.cu",
         "sort_by_expert.cu",
         "topk_route.cu",
         "topk_route_backward.cu",

@@ -5,6 +5,7 @@ Shape legend: T tokens, D model dim, E experts.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import pytest
@@ -12,10 +13,14 @@ import torch
 from torch import Tensor
 
 from lightning_moe import ops
-from lightning_moe.ops.router_logits import router_logits, split_accepts
+from lightning_moe.ops.extension import require_extension
+from lightning_moe.ops.router_logits import router_logits, split_accepts, tensor_core_accepts
 from tests.ops.gpu_checks import DTYPE_IDS, DTYPES, GPU_MARKS, assert_close_to_gpu_oracle, poison_float_blocks
 
 pytestmark = GPU_MARKS
+
+# The module, not the function of the same name that lightning_moe.ops exports.
+router_logits_module = importlib.import_module("lightning_moe.ops.router_logits")
 
 
 ROUTER_TOKENS = [0, 1, 37, 16_384]
@@ -208,3 +213,151 @@ def test_large_bf16_routers_take_the_tensor_core_path(
     # Eager and compiled both within the tensor-core accuracy bound (inductor may fuse the part sums).
     assert_router_logits_close(x_TD, weight_ED, grad_TE)
     assert_router_logits_close(x_TD, weight_ED, grad_TE, torch.compile(router_logits, fullgraph=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# The one-launch tensor-core kernels (src_cuda/router_logits_tc.cu).
+
+TC_TOKENS = [0, 1, 37, 8192]
+TC_DIMS = [64, 1024]
+TC_EXPERTS = [8, 64, 256]
+TC_SCALES = ["router", "spread"]
+TC_KERNELS = ("tc_logits_forward_kernel", "tc_logits_grad_x_kernel", "tc_logits_grad_weight_kernel")
+
+
+def tensor_core_inputs(
+    num_tokens: int, dim: int, num_experts: int, scale: str, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """bf16 tokens, a float32 weight and logit gradient; with "spread", weight and gradient scaled by
+    powers of two spread over 24 binades, so that every element has three nonzero bf16 parts of very
+    different sizes next to its neighbours'."""
+    x_TD, weight_ED, grad_TE = router_inputs(num_tokens, dim, num_experts, torch.bfloat16, generator)
+    if scale == "spread":
+        weight_ED = weight_ED * 2.0 ** torch.randint(-4, 20, weight_ED.shape, generator=generator).cuda()
+        grad_TE = grad_TE * 2.0 ** torch.randint(-12, 12, grad_TE.shape, generator=generator).cuda()
+    return x_TD, weight_ED, grad_TE
+
+
+def assert_tensor_core_results(x_TD: Tensor, weight_ED: Tensor, grad_TE: Tensor, results: list[Tensor]) -> None:
+    """Logits, grad_x and grad_weight within the split path's bound of the float64 oracle."""
+    logits, grad_x, grad_weight = results
+    num_tokens, num_experts, dim = x_TD.shape[0], weight_ED.shape[0], x_TD.shape[1]
+    assert logits.shape == (num_tokens, num_experts) and logits.dtype == torch.float32
+    assert grad_x.shape == (num_tokens, dim) and grad_x.dtype == torch.bfloat16
+    assert grad_weight.shape == (num_experts, dim) and grad_weight.dtype == weight_ED.dtype
+    weight = weight_ED.float()
+    x64, weight64, grad64 = x_TD.double(), weight.double(), grad_TE.double()
+    check = assert_close_at_tensor_core_accumulation
+    check(logits, x_TD.float() @ weight.t(), x64 @ weight64.t(), x64.abs() @ weight64.abs().t())
+    assert_close_at_bf16_rounding(grad_x, grad64 @ weight64, grad64.abs() @ weight64.abs())
+    if weight_ED.dtype == torch.float32:
+        check(grad_weight, grad_TE.t() @ x_TD.float(), grad64.t() @ x64, grad64.abs().t() @ x64.abs())
+    if num_tokens == 0:
+        assert torch.equal(grad_weight, torch.zeros_like(grad_weight))
+
+
+def assert_close_at_bf16_rounding(got: Tensor, oracle: Tensor, terms: Tensor) -> None:
+    """bf16 ``got`` within one bf16 unit of the float64 ``oracle``, element by element, plus 2^-13 of
+    ``terms``: the float32 sum rounded once, the terms g w1, g1 w and smaller that grad_x leaves out
+    (each below 2^-14 of the terms' magnitudes) and float32 accumulation."""
+    assert not got.isnan().any(), "an output element was never written"
+    if got.numel() == 0:
+        return
+    excess = (got.double() - oracle).abs() - torch.finfo(torch.bfloat16).eps * oracle.abs() - 2.0**-13 * terms
+    assert excess.max().item() <= 0, excess.max().item()
+
+
+def tensor_core_kernels(x_TD: Tensor, weight_ED: Tensor, grad_TE: Tensor) -> list[Tensor]:
+    """The three kernels called directly, each output written into NaN-poisoned memory."""
+    ext = require_extension()
+    results = []
+    for call in (
+        lambda: ext.router_logits_tc_forward(x_TD, weight_ED),
+        lambda: ext.router_logits_tc_grad_x(grad_TE, weight_ED),
+        lambda: ext.router_logits_tc_grad_weight(grad_TE, x_TD),
+    ):
+        poison_float_blocks()
+        results.append(call())
+    return results
+
+
+@pytest.mark.parametrize("scale", TC_SCALES)
+@pytest.mark.parametrize("num_experts", TC_EXPERTS, ids=lambda e: f"E{e}")
+@pytest.mark.parametrize("dim", TC_DIMS, ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("num_tokens", TC_TOKENS, ids=lambda t: f"T{t}")
+def test_tensor_core_kernels_against_float64(
+    num_tokens: int, dim: int, num_experts: int, scale: str, generator: torch.Generator
+) -> None:
+    x_TD, weight_ED, grad_TE = tensor_core_inputs(num_tokens, dim, num_experts, scale, generator)
+    assert_tensor_core_results(x_TD, weight_ED, grad_TE, tensor_core_kernels(x_TD, weight_ED, grad_TE))
+
+
+def test_tensor_core_kernels_are_more_accurate_than_one_bf16_part(generator: torch.Generator) -> None:
+    """The second and third parts count: the logits are far closer to float64 than x @ bf16(w)."""
+    x_TD, weight_ED, _ = tensor_core_inputs(4096, 1024, 64, "router", generator)
+    oracle = x_TD.double() @ weight_ED.double().t()
+    logits = require_extension().router_logits_tc_forward(x_TD, weight_ED)
+    one_part = x_TD.float() @ weight_ED.bfloat16().float().t()
+    assert (logits.double() - oracle).abs().max() * 64 < (one_part.double() - oracle).abs().max()
+
+
+@pytest.mark.parametrize(("num_tokens", "dim", "num_experts"), [(8192, 1024, 64), (37, 64, 8), (20_000, 512, 256)])
+def test_tensor_core_kernels_are_the_same_on_every_run(
+    num_tokens: int, dim: int, num_experts: int, generator: torch.Generator
+) -> None:
+    inputs = tensor_core_inputs(num_tokens, dim, num_experts, "spread", generator)
+    for first, second in zip(tensor_core_kernels(*inputs), tensor_core_kernels(*inputs), strict=True):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize(("num_tokens", "dim", "num_experts"), [(8192, 1024, 64), (37, 64, 8), (300, 128, 256)])
+def test_router_logits_take_the_tensor_core_kernels_when_enabled(
+    num_tokens: int,
+    dim: int,
+    num_experts: int,
+    weight_dtype: torch.dtype,
+    generator: torch.Generator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With TENSOR_CORE_ROUTER set, router_logits and autograd run the three kernels and nothing else
+    of the other paths; a bf16 weight is widened and its gradient narrowed back."""
+    monkeypatch.setattr(router_logits_module, "TENSOR_CORE_ROUTER", True)
+    x_TD, weight_ED, grad_TE = tensor_core_inputs(num_tokens, dim, num_experts, "router", generator)
+    weight_ED = weight_ED.to(weight_dtype)
+    assert tensor_core_accepts(x_TD, weight_ED.float())
+    poison_float_blocks()
+    names, results = profiled_step(x_TD, weight_ED, grad_TE)
+    for kernel in TC_KERNELS:
+        assert any(kernel in name for name in names), (kernel, names)
+    assert not any("logits_forward_kernel" in name and "tc_" not in name for name in names), names
+    assert_tensor_core_results(x_TD, weight_ED, grad_TE, results)
+
+
+def test_compiled_tensor_core_router_logits_match_eager(
+    generator: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(router_logits_module, "TENSOR_CORE_ROUTER", True)
+    x_TD, weight_ED, grad_TE = tensor_core_inputs(1000, 256, 64, "router", generator)
+    compiled = torch.compile(router_logits, fullgraph=True)
+    outputs = []
+    for function in (router_logits, compiled):
+        x_in, weight_in = x_TD.clone().requires_grad_(), weight_ED.clone().requires_grad_()
+        logits = function(x_in, weight_in)
+        outputs.append([logits, *torch.autograd.grad(logits, (x_in, weight_in), grad_TE)])
+    for eager, traced in zip(*outputs, strict=True):
+        assert torch.equal(traced, eager)
+    assert_tensor_core_results(x_TD, weight_ED, grad_TE, outputs[1])
+
+
+def test_tensor_core_kernels_take_tokens_at_an_offset(generator: torch.Generator) -> None:
+    """A contiguous view that does not start on 16 bytes is copied by the wrapper, not refused."""
+    x_TD, weight_ED, grad_TE = tensor_core_inputs(65, 64, 8, "router", generator)
+    x_view = x_TD.flatten()[1 : 1 + 64 * 64].view(64, 64)
+    assert x_view.data_ptr() % 16 != 0
+    from lightning_moe.ops.router_logits import _tensor_core_router_logits
+
+    x_in, weight_in = x_view.clone().requires_grad_(), weight_ED.clone().requires_grad_()
+    logits = _tensor_core_router_logits(x_view.detach(), weight_in)
+    expected = _tensor_core_router_logits(x_in, weight_in)
+    assert torch.equal(logits, expected)

@@ -1,0 +1,614 @@
+// router_logits_tc: the router's three GEMMs on bf16 tensor cores, the float32 operand split into
+// bf16 parts inside the kernels (router_logits_tc.h states the contract).
+//
+// Every kernel runs 128 threads, 4 warps in a 2 x 2 grid over its output tile; each warp owns a
+// grid of m16n8 accumulator tiles of mma.sync.m16n8k16 (bf16 inputs, float32 accumulation, sm_80+).
+// A k tile of both operands is staged in shared memory as bf16: the bf16 operand copied as it is,
+// the float32 operand split into its parts by the threads that store it (once per block, not once
+// per warp). Tiles are double-buffered: the next k tile is loaded into registers while the current
+// one is multiplied, then split and stored into the other buffer, one barrier per k tile. Shared rows
+// are padded by 16 bytes so that each ldmatrix phase (8 rows of 16 bytes) hits 32 distinct banks.
+//
+// - forward, logits (T, E) = x (T, D) . w (E, D)^T: blocks of 64 tokens x 32 or 64 experts, k tiles
+//   of 32 along D; x . w2 and x . w1 go to one set of accumulators, x . w0 to another, added at the
+//   end: the large products are summed exactly as one bf16 GEMM would sum them, and the small ones'
+//   rounding stays 2^-8 below theirs.
+// - grad_x (T, D) = g (T, E) . w (E, D): blocks of 64 tokens x 64 columns, k tiles of 32 experts;
+//   one set of accumulators takes g1 w0, g0 w1, then g0 w0 at each k step (the result is rounded to
+//   bf16, far above the float32 rounding of the small terms).
+// - grad_weight (E, D) = g^T (E, T) . x (T, D): blocks of 32 or 64 experts x 64 columns over one chunk
+//   of tokens, k tiles of 32 tokens, g2 x and g1 x in one set of accumulators, g0 x in another, as
+//   in the forward. Each chunk writes its own slice of a float32 buffer and sum_pieces_kernel adds
+//   the slices in chunk order.
+//
+// Each accumulator receives its products in an order fixed by the shapes (k steps in order, parts in
+// a fixed order within a step), and the chunks depend on the shapes only, so every run gives the
+// same bits. No atomics, no host synchronisation.
+
+#include "router_logits_tc.h"
+
+#include "router_logits_tiles.cuh"
+
+namespace lightning_moe {
+namespace {
+
+constexpr int kTcThreads = 128;  // 4 warps, 2 x 2 over the block's output tile
+constexpr int kTcPad = 8;        // bf16 elements (16 bytes) of padding at the end of a shared row
+// Named in __launch_bounds__ so that ptxas may use up to 255 registers: with the block size alone
+// its heuristics capped the 32-expert forward at 96 registers and spilled.
+constexpr int kTcMinBlocksPerSm = 2;
+
+// ---------------------------------------------------------------------------------------------
+// Device helpers: the bf16 split of float32 values, ldmatrix and mma.
+
+// A float32 with the low 16 bits of its word cleared: its leading 8 significand bits, a bf16 value.
+__device__ __forceinline__ float leading_bf16(float value) {
+  return __uint_as_float(__float_as_uint(value) & 0xffff0000u);
+}
+
+// The leading bf16 bits (high halves of the words) of `lo` and `hi` as one bf16x2 word, `lo` in
+// the low half: the element of an mma fragment pair with the lower index.
+__device__ __forceinline__ uint32_t pack_leading_bf16(float lo, float hi) {
+  return __byte_perm(__float_as_uint(lo), __float_as_uint(hi), 0x7632);
+}
+
+// kParts bf16x2 words of two float32 values: part p is the leading 8 significand bits of what parts
+// 0 .. p-1 leave, truncated (as bf16_parts in lightning_moe/ops/router_logits.py cuts them). Each
+// subtraction is exact (the leading bits share the value's exponent), so three parts add up to the
+// value exactly for |value| >= 2^-103, where no remainder is a subnormal float.
+template <int kParts>
+__device__ __forceinline__ void split_bf16x2(float lo, float hi, uint32_t (&parts)[kParts]) {
+#pragma unroll
+  for (int p = 0; p < kParts; ++p) {
+    parts[p] = pack_leading_bf16(lo, hi);
+    lo -= leading_bf16(lo);
+    hi -= leading_bf16(hi);
+  }
+}
+
+// Four consecutive float32 values split into kParts parts; part p's four bf16 go to
+// dst + p * part_stride (8-byte aligned).
+template <int kParts>
+__device__ __forceinline__ void store_split4(uint16_t* dst, int part_stride, float4 values) {
+  uint32_t lo[kParts], hi[kParts];
+  split_bf16x2<kParts>(values.x, values.y, lo);
+  split_bf16x2<kParts>(values.z, values.w, hi);
+#pragma unroll
+  for (int p = 0; p < kParts; ++p) *reinterpret_cast<uint2*>(dst + p * part_stride) = make_uint2(lo[p], hi[p]);
+}
+
+__device__ __forceinline__ uint32_t shared_address(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// Four 8x8 bf16 matrices from shared memory: lane l gives the address of row l % 8 of matrix l / 8;
+// register i receives matrix i's row lane / 4, columns 2 (lane % 4) and 2 (lane % 4) + 1.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(row)));
+}
+
+// The same, transposed: register i receives matrix i's rows 2 (lane % 4) and 2 (lane % 4) + 1 of
+// column lane / 4.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(row)));
+}
+
+// acc += a . b for a 16x16 bf16 A fragment and a 16x8 bf16 B fragment, float32 accumulation.
+__device__ __forceinline__ void mma_bf16(float (&acc)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// The A fragment (rows m0 .. m0+15, k0 .. k0+15) of a tile stored [m][k] with rows `ld` apart.
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const uint16_t* tile, int ld, int m0, int k0, int lane) {
+  ldmatrix_x4(a, tile + (m0 + lane % 16) * ld + k0 + lane / 16 * 8);
+}
+
+// The A fragment of a tile stored [k][m] (the transpose of A): ldmatrix transposes it.
+__device__ __forceinline__ void load_a_trans(uint32_t (&a)[4], const uint16_t* tile, int ld, int m0, int k0,
+                                             int lane) {
+  ldmatrix_x4_trans(a, tile + (k0 + lane / 16 * 8 + lane % 8) * ld + m0 + lane / 8 % 2 * 8);
+}
+
+// The B fragments of two n8 tiles (n0 .. n0+7 and n0+8 .. n0+15, k0 .. k0+15) of a tile stored
+// [n][k] with rows `ld` apart.
+__device__ __forceinline__ void load_b_pair(uint32_t (&b0)[2], uint32_t (&b1)[2], const uint16_t* tile, int ld, int n0,
+                                            int k0, int lane) {
+  uint32_t r[4];
+  ldmatrix_x4(r, tile + (n0 + lane / 16 * 8 + lane % 8) * ld + k0 + lane / 8 % 2 * 8);
+  b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
+}
+
+// The same for a tile stored [k][n] (row-major B): ldmatrix transposes it.
+__device__ __forceinline__ void load_b_pair_trans(uint32_t (&b0)[2], uint32_t (&b1)[2], const uint16_t* tile, int ld,
+                                                  int n0, int k0, int lane) {
+  uint32_t r[4];
+  ldmatrix_x4_trans(r, tile + (k0 + lane / 8 % 2 * 8 + lane % 8) * ld + n0 + lane / 16 * 8);
+  b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
+}
+
+// Two float32 values rounded to nearest bf16, packed with `lo` in the low half.
+__device__ __forceinline__ uint32_t round_bf16x2(float lo, float hi) {
+  uint32_t out;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(out) : "f"(hi), "f"(lo));
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: logits = x . (w0 + w1 + w2)^T.
+
+// 64 tokens x kBN experts per block; warp (warp_m, warp_n) holds tokens 32 warp_m .. + 31 (two m16
+// tiles) x experts warp_n kBN / 2 .. + kBN / 2 - 1 (kNTiles n8 tiles).
+template <int kNTiles>
+struct ForwardTcTiles {
+  static constexpr int kBM = 64;
+  static constexpr int kBN = 2 * 8 * kNTiles;
+  static constexpr int kBK = 32;
+  static constexpr int kLd = kBK + kTcPad;
+  static constexpr int kXLoads = kBM * kBK / 8 / kTcThreads;  // 16-byte vectors of 8 bf16
+  static constexpr int kWLoads = kBN * kBK / 4 / kTcThreads;  // float4s
+  static_assert(kNTiles % 2 == 0 && kXLoads * 8 * kTcThreads == kBM * kBK && kWLoads * 4 * kTcThreads == kBN * kBK);
+};
+
+template <int kNTiles>
+__global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
+    tc_logits_forward_kernel(const uint16_t* __restrict__ x, const float* __restrict__ weight,
+                             float* __restrict__ logits, int64_t num_tokens, int64_t num_experts, int64_t dim) {
+  using Tiles = ForwardTcTiles<kNTiles>;
+  constexpr int kBM = Tiles::kBM, kBN = Tiles::kBN, kBK = Tiles::kBK, kLd = Tiles::kLd;
+  __shared__ __align__(16) uint16_t x_tile[2][kBM * kLd];     // [buffer][token][k]
+  __shared__ __align__(16) uint16_t w_tile[2][3][kBN * kLd];  // [buffer][part][expert][k]
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int warp_m = warp % 2, warp_n = warp / 2;
+  // Expert tiles vary fastest, so the blocks that read the same tokens run together (L2 hits).
+  const int64_t expert_tiles = ceil_div(num_experts, kBN);
+  const int64_t e0 = static_cast<int64_t>(blockIdx.x) % expert_tiles * kBN;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) / expert_tiles * kBM;
+
+  uint4 x_next[Tiles::kXLoads];
+  float4 w_next[Tiles::kWLoads];
+  auto fetch = [&](int64_t k0) {
+#pragma unroll
+    for (int i = 0; i < Tiles::kXLoads; ++i) {
+      const int v = tid + i * kTcThreads, row = v / (kBK / 8), col = v % (kBK / 8) * 8;
+      const int64_t t = t0 + row;
+      x_next[i] = t < num_tokens ? *reinterpret_cast<const uint4*>(x + t * dim + k0 + col) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int i = 0; i < Tiles::kWLoads; ++i) {
+      const int v = tid + i * kTcThreads, row = v / (kBK / 4), col = v % (kBK / 4) * 4;
+      const int64_t e = e0 + row;
+      w_next[i] = e < num_experts ? *reinterpret_cast<const float4*>(weight + e * dim + k0 + col)
+                                  : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  };
+  auto stage = [&](int buffer) {
+#pragma unroll
+    for (int i = 0; i < Tiles::kXLoads; ++i) {
+      const int v = tid + i * kTcThreads, row = v / (kBK / 8), col = v % (kBK / 8) * 8;
+      *reinterpret_cast<uint4*>(x_tile[buffer] + row * kLd + col) = x_next[i];
+    }
+#pragma unroll
+    for (int i = 0; i < Tiles::kWLoads; ++i) {
+      const int v = tid + i * kTcThreads, row = v / (kBK / 4), col = v % (kBK / 4) * 4;
+      store_split4<3>(w_tile[buffer][0] + row * kLd + col, kBN * kLd, w_next[i]);
+    }
+  };
+
+  float acc_lead[2][kNTiles][4] = {};  // x . w0
+  float acc_rest[2][kNTiles][4] = {};  // x . w2 + x . w1
+  const int m_base = warp_m * 32, n_base = warp_n * (kBN / 2);
+  const bool warp_has_experts = e0 + n_base < num_experts;  // else its tiles are all zero weights
+  const int64_t k_tiles = dim / kBK;
+  fetch(0);
+  stage(0);
+  __syncthreads();
+  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    const int buffer = static_cast<int>(kt % 2);
+    const bool more = kt + 1 < k_tiles;
+    if (more) fetch((kt + 1) * kBK);
+    if (warp_has_experts) {
+#pragma unroll
+      for (int ks = 0; ks < kBK; ks += 16) {
+        uint32_t a[2][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) load_a(a[mi], x_tile[buffer], kLd, m_base + mi * 16, ks, lane);
+#pragma unroll
+        for (int p = 2; p >= 0; --p) {  // the smallest part first
+          uint32_t b[kNTiles][2];
+#pragma unroll
+          for (int j = 0; j < kNTiles; j += 2) load_b_pair(b[j], b[j + 1], w_tile[buffer][p], kLd, n_base + j * 8, ks, lane);
+          auto& acc = p == 0 ? acc_lead : acc_rest;
+#pragma unroll
+          for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+            for (int ni = 0; ni < kNTiles; ++ni) mma_bf16(acc[mi][ni], a[mi], b[ni]);
+          }
+        }
+      }
+    }
+    if (more) stage(buffer ^ 1);
+    __syncthreads();
+  }
+
+  // Accumulator c of an m16n8 tile: row lane / 4 (+ 8 for c = 2, 3), columns 2 (lane % 4) + c % 2.
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int ni = 0; ni < kNTiles; ++ni) {
+      const int64_t e = e0 + n_base + ni * 8 + 2 * (lane % 4);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t t = t0 + m_base + mi * 16 + lane / 4 + 8 * half;
+        if (t < num_tokens && e < num_experts) {
+          const float2 out = make_float2(acc_lead[mi][ni][2 * half] + acc_rest[mi][ni][2 * half],
+                                         acc_lead[mi][ni][2 * half + 1] + acc_rest[mi][ni][2 * half + 1]);
+          *reinterpret_cast<float2*>(logits + t * num_experts + e) = out;
+        }
+      }
+    }
+  }
+}
+
+template <int kNTiles>
+void launch_tc_forward(const at::Tensor& x, const at::Tensor& weight, at::Tensor& logits, cudaStream_t stream) {
+  using Tiles = ForwardTcTiles<kNTiles>;
+  const int64_t num_tokens = x.size(0), dim = x.size(1), num_experts = weight.size(0);
+  const int64_t blocks = ceil_div(num_tokens, Tiles::kBM) * ceil_div(num_experts, Tiles::kBN);
+  tc_logits_forward_kernel<kNTiles><<<static_cast<unsigned>(blocks), kTcThreads, 0, stream>>>(
+      reinterpret_cast<const uint16_t*>(x.data_ptr()), weight.data_ptr<float>(), logits.data_ptr<float>(), num_tokens,
+      num_experts, dim);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---------------------------------------------------------------------------------------------
+// grad_x = g0 w0 + g0 w1 + g1 w0.
+
+// 64 tokens x 64 columns per block, k tiles of 32 experts; warp (warp_m, warp_n) holds tokens
+// 32 warp_m .. + 31 (two m16 tiles) x columns 32 warp_n .. + 31 (four n8 tiles).
+struct GradXTcTiles {
+  static constexpr int kBM = 64;
+  static constexpr int kBN = 64;
+  static constexpr int kBK = 32;
+  static constexpr int kGLd = kBK + kTcPad;
+  static constexpr int kWLd = kBN + kTcPad;
+  static constexpr int kGLoads = kBM * kBK / 4 / kTcThreads;  // float4s
+  static constexpr int kWLoads = kBK * kBN / 4 / kTcThreads;  // float4s
+};
+
+__global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
+    tc_logits_grad_x_kernel(const float* __restrict__ grad, const float* __restrict__ weight,
+                            uint16_t* __restrict__ grad_x, int64_t num_tokens, int64_t num_experts, int64_t dim) {
+  using Tiles = GradXTcTiles;
+  constexpr int kBM = Tiles::kBM, kBN = Tiles::kBN, kBK = Tiles::kBK, kGLd = Tiles::kGLd, kWLd = Tiles::kWLd;
+  __shared__ __align__(16) uint16_t g_tile[2][2][kBM * kGLd];  // [buffer][part][token][expert]
+  __shared__ __align__(16) uint16_t w_tile[2][2][kBK * kWLd];  // [buffer][part][expert][column]
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int warp_m = warp % 2, warp_n = warp / 2;
+  const int64_t column_tiles = dim / kBN;
+  const int64_t d0 = static_cast<int64_t>(blockIdx.x) % column_tiles * kBN;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) / column_tiles * kBM;
+
+  float4 g_next[Tiles::kGLoads];
+  float4 w_next[Tiles::kWLoads];
+  auto fetch = [&](int64_t k0) {
+#pragma unroll
+    for (int i = 0; i < Tiles::kGLoads; ++i) {
+      const int v = tid + i * kTcThreads, row = v / (kBK / 4), col = v % (kBK / 4) * 4;
+      const int64_t t = t0 + row, e = k0 + col;
+      g_next[i] = t < num_tokens && e < num_experts ? *reinterpret_cast<const float4*>(grad + t * num_experts + e)
+                                                    : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int i = 0; i < Tiles::kWLoads; ++i) {
+      const int v = tid + i * kTcThreads, row = v / (kBN / 4), col = v % (kBN / 4) * 4;
+      const int64_t e = k0 + row;
+      w_next[i] = e < num_experts ? *reinterpret_cast<const float4*>(weight + e * dim + d0 + col)
+                                  : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  };
+  auto stage = [&](int buffer) {
+#pragma unroll
+    for (int i = 0; i < Tiles::kGLoads; ++i) {
+      const int v = tid + i * kTcThreads, row = v / (kBK / 4), col = v % (kBK / 4) * 4;
+      store_split4<2>(g_tile[buffer][0] + row * kGLd + col, kBM * kGLd, g_next[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < Tiles::kWLoads; ++i) {
+      const int v = tid + i * kTcThreads, row = v / (kBN / 4), col = v % (kBN / 4) * 4;
+      store_split4<2>(w_tile[buffer][0] + row * kWLd + col, kBK * kWLd, w_next[i]);
+    }
+  };
+
+  float acc[2][4][4] = {};
+  const int m_base = warp_m * 32, n_base = warp_n * 32;
+  const int64_t k_tiles = ceil_div(num_experts, kBK);
+  fetch(0);
+  stage(0);
+  __syncthreads();
+  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    const int buffer = static_cast<int>(kt % 2);
+    const bool more = kt + 1 < k_tiles;
+    if (more) fetch((kt + 1) * kBK);
+#pragma unroll
+    for (int ks = 0; ks < kBK; ks += 16) {
+      if (kt * kBK + ks >= num_experts) break;  // E a multiple of 8: the last k tile may hold 8 to 24
+      uint32_t a[2][2][4];                      // [part][m16 tile]
+      uint32_t b[2][4][2];                      // [part][n8 tile]
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) load_a(a[p][mi], g_tile[buffer][p], kGLd, m_base + mi * 16, ks, lane);
+#pragma unroll
+        for (int j = 0; j < 4; j += 2) load_b_pair_trans(b[p][j], b[p][j + 1], w_tile[buffer][p], kWLd, n_base + j * 8, ks, lane);
+      }
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {  // the smaller terms first
+          mma_bf16(acc[mi][ni], a[1][mi], b[0][ni]);
+          mma_bf16(acc[mi][ni], a[0][mi], b[1][ni]);
+          mma_bf16(acc[mi][ni], a[0][mi], b[0][ni]);
+        }
+      }
+    }
+    if (more) stage(buffer ^ 1);
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni) {
+      const int64_t d = d0 + n_base + ni * 8 + 2 * (lane % 4);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t t = t0 + m_base + mi * 16 + lane / 4 + 8 * half;
+        if (t < num_tokens) {
+          *reinterpret_cast<uint32_t*>(grad_x + t * dim + d) = round_bf16x2(acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// grad_weight = (g0 + g1 + g2)^T . x.
+
+// kBM experts x 64 columns per block over one chunk of tokens, k tiles of 32 tokens; warp
+// (warp_m, warp_n) holds experts kBM / 2 warp_m .. (kMTiles m16 tiles) x columns 32 warp_n .. + 31
+// (four n8 tiles).
+template <int kMTiles>
+struct GradWeightTcTiles {
+  static constexpr int kBM = 2 * 16 * kMTiles;
+  static constexpr int kBN = 64;
+  static constexpr int kBK = 32;
+  static constexpr int kGLd = kBM + kTcPad;
+  static constexpr int kXLd = kBN + kTcPad;
+  static constexpr int kGLoads = kBK * kBM / 4 / kTcThreads;  // float4s
+  static constexpr int kXLoads = kBK * kBN / 8 / kTcThreads;  // 16-byte vectors of 8 bf16
+  // Resident blocks per SM the chunks are sized for (36 KiB of shared memory a block at most).
+  static constexpr int kBlocksPerSm = 2;
+};
+
+template <int kMTiles>
+__global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
+    tc_logits_grad_weight_kernel(const float* __restrict__ grad, const uint16_t* __restrict__ x,
+                                 float* __restrict__ out, int64_t num_tokens, int64_t num_experts, int64_t dim,
+                                 int64_t tokens_per_chunk) {
+  using Tiles = GradWeightTcTiles<kMTiles>;
+  constexpr int kBM = Tiles::kBM, kBN = Tiles::kBN, kBK = Tiles::kBK, kGLd = Tiles::kGLd, kXLd = Tiles::kXLd;
+  __shared__ __align__(16) uint16_t g_tile[2][3][kBK * kGLd];  // [buffer][part][token][expert]
+  __shared__ __align__(16) uint16_t x_tile[2][kBK * kXLd];     // [buffer][token][column]
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int warp_m = warp % 2, warp_n = warp / 2;
+  // Expert tiles vary fastest, so the blocks that read the same tokens run together (L2 hits).
+  const int64_t expert_tiles = ceil_div(num_experts, kBM);
+  const int64_t e0 = static_cast<int64_t>(blockIdx.x) % expert_tiles * kBM;
+  const int64_t d0 = static_cast<int64_t>(blockIdx.x) / expert_tiles * kBN;
+  const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * tokens_per_chunk;
+  const int64_t t_end = std::min(num_tokens, t_begin + tokens_per_chunk);
+
+  float4 g_next[Tiles::kGLoads];
+  uint4 x_next[Tiles::kXLoads];
+  auto fetch = [&](int64_t k0) {
+#pragma unroll
+    for (int i = 0; i < Tiles::kGLoads; ++i) {
+      const int v = tid + i * kTcThreads, row = v / (kBM / 4), col = v % (kBM / 4) * 4;
+      const int64_t t = k0 + row, e = e0 + col;
+      g_next[i] = t < t_end && e < num_experts ? *reinterpret_cast<const float4*>(grad + t * num_experts + e)
+                                               : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int i = 0; i < Tiles::kXLoads; ++i) {
+      const int v = tid + i * kTcThreads, row = v / (kBN / 8), col = v % (kBN / 8) * 8;
+      const int64_t t = k0 + row;
+      x_next[i] = t < t_end ? *reinterpret_cast<const uint4*>(x + t * dim + d0 + col) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  auto stage = [&](int buffer) {
+#pragma unroll
+    for (int i = 0; i < Tiles::kGLoads; ++i) {
+      const int v = tid + i * kTcThreads, row = v / (kBM / 4), col = v % (kBM / 4) * 4;
+      store_split4<3>(g_tile[buffer][0] + row * kGLd + col, kBK * kGLd, g_next[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < Tiles::kXLoads; ++i) {
+      const int v = tid + i * kTcThreads, row = v / (kBN / 8), col = v % (kBN / 8) * 8;
+      *reinterpret_cast<uint4*>(x_tile[buffer] + row * kXLd + col) = x_next[i];
+    }
+  };
+
+  float acc_lead[kMTiles][4][4] = {};  // g0 . x
+  float acc_rest[kMTiles][4][4] = {};  // g2 . x + g1 . x
+  const int m_base = warp_m * (kBM / 2), n_base = warp_n * 32;
+  const bool warp_has_experts = e0 + m_base < num_experts;  // else its tiles are all zero gradients
+  const int64_t k_tiles = ceil_div(t_end - t_begin, kBK);
+  fetch(t_begin);
+  stage(0);
+  __syncthreads();
+  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    const int buffer = static_cast<int>(kt % 2);
+    const bool more = kt + 1 < k_tiles;
+    if (more) fetch(t_begin + (kt + 1) * kBK);
+#pragma unroll
+    for (int ks = 0; ks < kBK; ks += 16) {
+      // Past the chunk's last token the tiles hold zeros: skip whole k16 steps of them.
+      if (!warp_has_experts || t_begin + kt * kBK + ks >= t_end) break;
+      uint32_t b[4][2];
+#pragma unroll
+      for (int j = 0; j < 4; j += 2) load_b_pair_trans(b[j], b[j + 1], x_tile[buffer], kXLd, n_base + j * 8, ks, lane);
+#pragma unroll
+      for (int p = 2; p >= 0; --p) {  // the smallest part first
+        uint32_t a[kMTiles][4];
+#pragma unroll
+        for (int mi = 0; mi < kMTiles; ++mi) load_a_trans(a[mi], g_tile[buffer][p], kGLd, m_base + mi * 16, ks, lane);
+        auto& acc = p == 0 ? acc_lead : acc_rest;
+#pragma unroll
+        for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+          for (int ni = 0; ni < 4; ++ni) mma_bf16(acc[mi][ni], a[mi], b[ni]);
+        }
+      }
+    }
+    if (more) stage(buffer ^ 1);
+    __syncthreads();
+  }
+
+  float* chunk_out = out + static_cast<int64_t>(blockIdx.y) * num_experts * dim;
+#pragma unroll
+  for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni) {
+      const int64_t d = d0 + n_base + ni * 8 + 2 * (lane % 4);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t e = e0 + m_base + mi * 16 + lane / 4 + 8 * half;
+        if (e < num_experts) {
+          const float2 sums = make_float2(acc_lead[mi][ni][2 * half] + acc_rest[mi][ni][2 * half],
+                                          acc_lead[mi][ni][2 * half + 1] + acc_rest[mi][ni][2 * half + 1]);
+          *reinterpret_cast<float2*>(chunk_out + e * dim + d) = sums;
+        }
+      }
+    }
+  }
+}
+
+template <int kMTiles>
+void launch_tc_grad_weight(const at::Tensor& grad_logits, const at::Tensor& x, at::Tensor& grad_weight,
+                           cudaStream_t stream) {
+  using Tiles = GradWeightTcTiles<kMTiles>;
+  const int64_t num_tokens = x.size(0), dim = x.size(1), num_experts = grad_logits.size(1);
+  const int64_t tiles = ceil_div(num_experts, Tiles::kBM) * (dim / Tiles::kBN);
+  // Chunks of at least 4 k tiles, at most 64 of them; chosen from the shapes alone.
+  const int64_t max_chunks = std::clamp<int64_t>(num_tokens / (4 * Tiles::kBK), 1, 64);
+  const int64_t chosen = choose_pieces(tiles, kNominalSms * Tiles::kBlocksPerSm, max_chunks);
+  const int64_t tokens_per_chunk = ceil_div(ceil_div(num_tokens, chosen), Tiles::kBK) * Tiles::kBK;
+  const int64_t chunks = ceil_div(num_tokens, tokens_per_chunk);
+  at::Tensor buffer;
+  float* out = pieces_output(grad_weight, chunks, buffer);
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks));
+  tc_logits_grad_weight_kernel<kMTiles><<<grid, kTcThreads, 0, stream>>>(
+      grad_logits.data_ptr<float>(), reinterpret_cast<const uint16_t*>(x.data_ptr()), out, num_tokens, num_experts,
+      dim, tokens_per_chunk);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (chunks > 1) launch_sum_pieces(out, grad_weight.data_ptr<float>(), num_experts * dim, chunks, stream);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host checks.
+
+void check_tc_experts(int64_t num_experts, const char* what) {
+  TORCH_CHECK(num_experts >= kTensorCoreMinExperts && num_experts <= kTensorCoreMaxExperts &&
+                  num_experts % kTensorCoreExpertMultiple == 0,
+              what, " (experts) must be a multiple of ", text(kTensorCoreExpertMultiple), " from ",
+              text(kTensorCoreMinExperts), " to ", text(kTensorCoreMaxExperts),
+              " for the tensor-core router kernels, got ", text(num_experts));
+}
+
+void check_tc_dim(int64_t dim, const char* what) {
+  TORCH_CHECK(dim > 0 && dim % kTensorCoreDimMultiple == 0, what, " (D) must be a positive multiple of ",
+              text(kTensorCoreDimMultiple), " for the tensor-core router kernels, got ", text(dim));
+}
+
+// A contiguous 2-D CUDA tensor of `dtype` whose data starts on 16 bytes (the kernels' vector loads).
+void check_tc_operand(const at::Tensor& t, at::ScalarType dtype, const char* name) {
+  check_cuda_contiguous(t, name);
+  check_dtype(t, dtype, name);
+  check_dim(t, 2, name);
+  TORCH_CHECK(aligned16(t.data_ptr()), name,
+              " must start on a 16-byte boundary for the tensor-core router kernels (a view at an offset may "
+              "not; pass a copy)");
+}
+
+}  // namespace
+
+at::Tensor router_logits_tc_forward(const at::Tensor& x, const at::Tensor& weight) {
+  check_tc_operand(x, at::kBFloat16, "x");
+  check_tc_operand(weight, at::kFloat, "weight");
+  check_same_device(weight, x, "weight");
+  TORCH_CHECK(weight.size(1) == x.size(1), "weight must have D = ", text(x.size(1)), " columns like x, got ",
+              text(weight.size(1)));
+  check_tc_experts(weight.size(0), "weight's rows");
+  check_tc_dim(x.size(1), "x's columns");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t num_tokens = x.size(0), num_experts = weight.size(0);
+  at::Tensor logits = at::empty({num_tokens, num_experts}, weight.options());
+  if (num_tokens == 0) return logits;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (num_experts <= 32) {
+    launch_tc_forward<2>(x, weight, logits, stream);
+  } else {
+    launch_tc_forward<4>(x, weight, logits, stream);
+  }
+  return logits;
+}
+
+at::Tensor router_logits_tc_grad_x(const at::Tensor& grad_logits, const at::Tensor& weight) {
+  check_tc_operand(grad_logits, at::kFloat, "grad_logits");
+  check_tc_operand(weight, at::kFloat, "weight");
+  check_same_device(weight, grad_logits, "weight");
+  TORCH_CHECK(weight.size(0) == grad_logits.size(1), "weight must have E = ", text(grad_logits.size(1)),
+              " rows like grad_logits' columns, got ", text(weight.size(0)));
+  check_tc_experts(weight.size(0), "weight's rows");
+  check_tc_dim(weight.size(1), "weight's columns");
+  const c10::cuda::CUDAGuard guard(grad_logits.device());
+  const int64_t num_tokens = grad_logits.size(0), num_experts = weight.size(0), dim = weight.size(1);
+  at::Tensor grad_x = at::empty({num_tokens, dim}, weight.options().dtype(at::kBFloat16));
+  if (num_tokens == 0) return grad_x;
+  const int64_t blocks = ceil_div(num_tokens, GradXTcTiles::kBM) * (dim / GradXTcTiles::kBN);
+  tc_logits_grad_x_kernel<<<static_cast<unsigned>(blocks), kTcThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      grad_logits.data_ptr<float>(), weight.data_ptr<float>(), reinterpret_cast<uint16_t*>(grad_x.data_ptr()),
+      num_tokens, num_experts, dim);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grad_x;
+}
+
+at::Tensor router_logits_tc_grad_weight(const at::Tensor& grad_logits, const at::Tensor& x) {
+  check_tc_operand(grad_logits, at::kFloat, "grad_logits");
+  check_tc_operand(x, at::kBFloat16, "x");
+  check_same_device(x, grad_logits, "x");
+  TORCH_CHECK(x.size(0) == grad_logits.size(0), "x must have T = ", text(grad_logits.size(0)),
+              " rows like grad_logits, got ", text(x.size(0)));
+  check_tc_experts(grad_logits.size(1), "grad_logits' columns");
+  check_tc_dim(x.size(1), "x's columns");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t num_tokens = x.size(0), num_experts = grad_logits.size(1), dim = x.size(1);
+  if (num_tokens == 0) return at::zeros({num_experts, dim}, grad_logits.options());
+  at::Tensor grad_weight = at::empty({num_experts, dim}, grad_logits.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (num_experts <= 32) {
+    launch_tc_grad_weight<1>(grad_logits, x, grad_weight, stream);
+  } else {
+    launch_tc_grad_weight<2>(grad_logits, x, grad_weight, stream);
+  }
+  return grad_weight;
+}
+
+}  // namespace lightning_moe
