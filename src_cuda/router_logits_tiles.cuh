@@ -133,7 +133,7 @@ void check_weight(const at::Tensor& weight, const at::Tensor& ref, const char* n
   check_dtype(weight, at::kFloat, name);
   check_dim(weight, 2, name);
   TORCH_CHECK(weight.size(0) >= 1 && weight.size(0) <= kRouterLogitsMaxExperts, name, " must have 1 to ",
-              kRouterLogitsMaxExperts, " rows (experts), got ", weight.size(0));
+              text(kRouterLogitsMaxExperts), " rows (experts), got ", text(weight.size(0)));
 }
 
 }  // namespace

@@ -34,6 +34,10 @@ CASES = {
         "ext.capacity_mask(ids, zeros(8), 4, -1)",
         "capacity must be >= 0, got -1",
     ),
+    "router_logits_forward-experts": (
+        "ext.router_logits_forward(zeros(4, 8), zeros(300, 8))",
+        "weight must have 1 to 256 rows (experts), got 300",
+    ),
     "router_logits_tc_forward-x_dtype": (
         "ext.router_logits_tc_forward(zeros(4, 64), zeros(8, 64))",
         "x must have dtype BFloat16, got Float",
