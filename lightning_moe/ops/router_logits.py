@@ -187,8 +187,10 @@ def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
     Returns:
         (T, E) logits; gradients flow to both inputs, each in its own dtype.
     """
-    if TENSOR_CORE_ROUTER and tensor_core_accepts(x_TD, _widened(weight_ED)):
-        return _tensor_core_router_logits(x_TD, _widened(weight_ED))
+    if TENSOR_CORE_ROUTER:
+        weight_f32 = _widened(weight_ED)
+        if tensor_core_accepts(x_TD, weight_f32):
+            return _tensor_core_router_logits(x_TD, weight_f32)
     if split_accepts(x_TD, weight_ED):
         return _SplitRouterLogits.apply(x_TD.contiguous(), weight_ED.contiguous())
     weight_f32 = _widened(weight_ED)
