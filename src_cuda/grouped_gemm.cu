@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
     mbarrier_wait(full_bar + pipe.stage * 8, pipe.phase);
     const TileInfo info = ring[count % kRing];
     if (info.group < 0) break;
-    int previous = -1;
+    ConsumerStages<kStages> stages{pipe, empty_bar, ctid};
     for (int step = 0; step < k_steps; ++step) {
       if (step > 0) mbarrier_wait(full_bar + pipe.stage * 8, pipe.phase);
       const uint32_t tile_a = base + pipe.stage * kStageBytes;
@@ -232,30 +232,16 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
         }
       }
       wgmma_commit();
-      // The previous step's products are done once at most this step's group is in flight.
-      wgmma_wait<1>(all_acc);
-      if (previous >= 0 && ctid == 0) mbarrier_arrive(empty_bar + previous * 8);
-      previous = pipe.stage;
-      pipe.advance();
+      stages.next(all_acc);
     }
-    wgmma_wait<0>(all_acc);
-    if (ctid == 0) mbarrier_arrive(empty_bar + previous * 8);
+    stages.finish(all_acc);
 
-    // Stage this warpgroup's 64 rows as bf16, 128 columns at a time (warp w holds rows 16w + lane / 4
-    // and that + 8, two adjacent columns per 8-column chunk), then write 16-byte row vectors of the
-    // group's rows.
+    // This warpgroup's 64 rows of the tile, those inside the group.
     const int row_base = info.row0 + half * 64;
-#pragma unroll
-    for (int h = 0; h < S::kHalves; ++h) {
-      named_barrier(1 + half, 128);  // the previous rows have left the staging buffer
-      stage_accumulators(acc[h], staging, ctid);
-      named_barrier(1 + half, 128);
-      for_each_staged_vector(staging, ctid, [&](int row, int chunk, uint4 value) {
-        if (row_base + row >= info.group_rows) return;
-        *reinterpret_cast<uint4*>(p.out + static_cast<int64_t>(info.group_start + row_base + row) * p.n + info.n0 +
-                                  h * 128 + chunk * 8) = value;
-      });
-    }
+    const int64_t tile_offset = static_cast<int64_t>(info.group_start + row_base) * p.n + info.n0;
+    store_rows(acc, staging, ctid, 1 + half, info.group_rows - row_base, [&](int row, int column, uint4 value) {
+      *reinterpret_cast<uint4*>(p.out + tile_offset + static_cast<int64_t>(row) * p.n + column) = value;
+    });
   }
 #else
   __trap();  // built without sm_90a: grouped_gemm_available() reports false and no caller launches this

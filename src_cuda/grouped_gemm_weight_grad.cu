@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
       }
       continue;
     }
-    int previous = -1;
+    ConsumerStages<kStages> stages{pipe, empty_bar, ctid};
     for (int step = 0; step < steps; ++step) {
       if (step > 0) mbarrier_wait(full_bar + pipe.stage * 8, pipe.phase);
       const uint32_t tile_a = base + pipe.stage * S::kStageBytes;
@@ -210,24 +210,13 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
       wgmma_fence();
       multiply<kBN, kBK / 16>(acc, tile_a, tile_b, half, step == 0);
       wgmma_commit();
-      wgmma_wait<1>(all_acc);
-      if (previous >= 0 && ctid == 0) mbarrier_arrive(empty_bar + previous * 8);
-      previous = pipe.stage;
-      pipe.advance();
+      stages.next(all_acc);
     }
-    wgmma_wait<0>(all_acc);
-    if (ctid == 0) mbarrier_arrive(empty_bar + previous * 8);
+    stages.finish(all_acc);
 
-    // The warpgroup's 64 rows through the staging buffer, 128 columns at a time.
-#pragma unroll
-    for (int h = 0; h < S::kHalves; ++h) {
-      named_barrier(1 + half, 128);  // the previous rows have left the staging buffer
-      stage_accumulators(acc[h], staging, ctid);
-      named_barrier(1 + half, 128);
-      for_each_staged_vector(staging, ctid, [&](int row, int chunk, uint4 value) {
-        *reinterpret_cast<uint4*>(out_rows + static_cast<int64_t>(row) * p.n + h * 128 + chunk * 8) = value;
-      });
-    }
+    store_rows(acc, staging, ctid, 1 + half, 64, [&](int row, int column, uint4 value) {
+      *reinterpret_cast<uint4*>(out_rows + static_cast<int64_t>(row) * p.n + column) = value;
+    });
   }
 #else
   __trap();  // built without sm_90a: grouped_gemm_available() reports false and no caller launches this

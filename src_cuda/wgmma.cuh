@@ -135,19 +135,56 @@ __device__ __forceinline__ void stage_accumulators(const float (&acc)[64], __nv_
   }
 }
 
-// The staged 64 x 128 rows as 16-byte vectors: store(row, chunk, value) for each (8 per thread).
-template <class Store>
-__device__ __forceinline__ void for_each_staged_vector(const __nv_bfloat16* staging, int ctid, Store store) {
+// A consumer warpgroup's finished tile, kHalves x 128 columns of its 64 rows, out through its
+// staging buffer (128 columns at a time) as 16-byte vectors of 8 bf16: store(row, column, vector)
+// for each vector of the rows below `rows`, column the vector's first column in the tile.
+// `barrier` is a named barrier of the warpgroup's own.
+template <int kHalves, class Store>
+__device__ __forceinline__ void store_rows(const float (&acc)[kHalves][64], __nv_bfloat16* staging, int ctid,
+                                           int barrier, int rows, Store store) {
 #pragma unroll
-  for (int it = 0; it < 64 * 16 / 128; ++it) {
-    const int i = it * 128 + ctid;
-    const int row = i / 16, chunk = i % 16;
-    store(row, chunk, *reinterpret_cast<const uint4*>(staging + row * kStagingPitch + chunk * 8));
+  for (int h = 0; h < kHalves; ++h) {
+    named_barrier(barrier, 128);  // the previous rows have left the staging buffer
+    stage_accumulators(acc[h], staging, ctid);
+    named_barrier(barrier, 128);
+#pragma unroll
+    for (int it = 0; it < 64 * 16 / 128; ++it) {
+      const int i = it * 128 + ctid;
+      const int row = i / 16, chunk = i % 16;
+      if (row < rows) {
+        store(row, h * 128 + chunk * 8, *reinterpret_cast<const uint4*>(staging + row * kStagingPitch + chunk * 8));
+      }
+    }
   }
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+
+// A consumer warpgroup's stage bookkeeping: after committing the wgmma group of `pipe`'s stage,
+// next() waits until at most that group is in flight, so the previous stage's products are done,
+// hands that stage back on its "empty" mbarrier (one arrival per warpgroup) and moves on; finish()
+// waits for the last group and hands its stage back.
+template <int kStages>
+struct ConsumerStages {
+  StageRing<kStages>& pipe;
+  uint32_t empty_bar;
+  int ctid;
+  int previous = -1;
+
+  template <int kCount>
+  __device__ __forceinline__ void next(float (&acc)[kCount]) {
+    wgmma_wait<1>(acc);
+    if (previous >= 0 && ctid == 0) mbarrier_arrive(empty_bar + previous * 8);
+    previous = pipe.stage;
+    pipe.advance();
+  }
+  template <int kCount>
+  __device__ __forceinline__ void finish(float (&acc)[kCount]) {
+    wgmma_wait<0>(acc);
+    if (ctid == 0) mbarrier_arrive(empty_bar + previous * 8);
+  }
+};
 #endif  // LIGHTNING_MOE_WGMMA
 
 }  // namespace
