@@ -17,6 +17,8 @@ For each config (T, D, F, E, K) it times, with CUDA events (warm-up, then the me
 - MoE-128: the layer with those kernels' 128-column tiles instead of 256.
 - MoE-all: the layer with those kernels at any number of rows per expert (not only up to
   ``lightning_moe.ops.grouped_linear.MAX_ROWS_PER_EXPERT``).
+- MoE-simt-router: the layer with its router logits on the SIMT kernels rather than the tensor-core
+  ones (``lightning_moe.ops.router_logits.TENSOR_CORE_ROUTER`` off).
 
 ``--activation swiglu`` gives the experts of ops and MoE a third projection, gated by the fused
 ``ops.glu``; loop and grouped_mm are GELU only. FLOPs counted: 3 (fwd + bwd) x 2 GEMMs (3 for
@@ -52,6 +54,7 @@ from lightning_moe.layers.experts import GroupedExperts
 
 # The module, not the function of the same name that lightning_moe.ops exports.
 grouped_linear_module = importlib.import_module("lightning_moe.ops.grouped_linear")
+router_logits_module = importlib.import_module("lightning_moe.ops.router_logits")
 
 ACTIVATIONS = ("gelu", "swiglu")
 # The implementations that take --activation swiglu; the others are GELU only.
@@ -62,6 +65,7 @@ GATED_IMPLEMENTATIONS = (
     "MoE-torch-gemm",
     "MoE-128",
     "MoE-all",
+    "MoE-simt-router",
 )
 
 
@@ -215,25 +219,27 @@ class _Settings(torch.autograd.Function):
 
 
 class KernelChoice(nn.Module):
-    """lightning_moe's layer with ``lightning_moe.ops.grouped_linear``'s globals set to ``settings``
-    for its forward and its backward."""
+    """lightning_moe's layer with module ``target``'s globals (by default
+    ``lightning_moe.ops.grouped_linear``'s) set to ``settings`` for its forward and its backward."""
 
-    def __init__(self, config: Config, activation: str = "gelu", **settings: Any) -> None:
+    def __init__(
+        self, config: Config, activation: str = "gelu", target: Any = grouped_linear_module, **settings: Any
+    ) -> None:
         super().__init__()
         self.moe = lightning_moe_layer(config, activation)
-        self.settings = settings
+        self.target, self.settings = target, settings
 
     def forward(self, x_TD: Tensor) -> Tensor:
-        saved = {name: getattr(grouped_linear_module, name) for name in self.settings}
+        saved = {name: getattr(self.target, name) for name in self.settings}
         for name, value in self.settings.items():
-            setattr(grouped_linear_module, name, value)
+            setattr(self.target, name, value)
         try:
             # Backward runs the output's _Settings first (ours) and the input's last (restore).
-            y_TD = self.moe(_Settings.apply(x_TD, grouped_linear_module, saved))
+            y_TD = self.moe(_Settings.apply(x_TD, self.target, saved))
         finally:
             for name, value in saved.items():
-                setattr(grouped_linear_module, name, value)
-        return _Settings.apply(y_TD, grouped_linear_module, self.settings)
+                setattr(self.target, name, value)
+        return _Settings.apply(y_TD, self.target, self.settings)
 
 
 ALL_ROWS = 1 << 30
@@ -246,6 +252,7 @@ IMPLEMENTATIONS: dict[str, Callable[..., nn.Module]] = {
     "MoE-torch-gemm": functools.partial(KernelChoice, MAX_ROWS_PER_EXPERT=0),
     "MoE-128": functools.partial(KernelChoice, TILE_N=128),
     "MoE-all": functools.partial(KernelChoice, MAX_ROWS_PER_EXPERT=ALL_ROWS),
+    "MoE-simt-router": functools.partial(KernelChoice, target=router_logits_module, TENSOR_CORE_ROUTER=False),
 }
 
 

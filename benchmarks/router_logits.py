@@ -99,11 +99,11 @@ def measure_passes(num_tokens: int, dim: int, num_experts: int, iters: int, gene
         (lambda: ext.router_logits_grad_weight(grad_TE, x), lambda: ext.router_logits_tc_grad_weight(grad_TE, x)),
     ]
     cells = [f"{1000 * time_ms(simt, iters):6.1f} {1000 * time_ms(tc, iters):6.1f}" for simt, tc in passes]
-    both = []
+    both, default = [], router_logits_module.TENSOR_CORE_ROUTER
     for enabled in (False, True):
         router_logits_module.TENSOR_CORE_ROUTER = enabled
         both.append(time_ms(functools.partial(forward_backward, ops.router_logits, x_TD, weight_ED, grad_TE), iters))
-    router_logits_module.TENSOR_CORE_ROUTER = False
+    router_logits_module.TENSOR_CORE_ROUTER = default
     return f"{config:>20} | {' | '.join(cells)} | {1000 * both[0]:8.1f} {1000 * both[1]:8.1f}"
 
 

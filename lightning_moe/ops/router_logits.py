@@ -45,8 +45,13 @@ three parts of g like the forward, each in an order fixed by the shapes. It take
 float32 weight (a half-precision one widened first) with E a multiple of 8 from 8 to
 :data:`MAX_KERNEL_EXPERTS` and D a multiple of 64 (:func:`tensor_core_accepts`). It is meant for the
 mid-size routers where the SIMT kernels are compute-bound and the split GEMMs pay their host time,
-e.g. (T, D, E) = (8192, 1024, 64); :func:`router_logits` takes it only while
-:data:`TENSOR_CORE_ROUTER` is set, off until it has been timed against the other paths on a GPU.
+e.g. (T, D, E) = (8192, 1024, 64), where on an H200 the three passes took 31, 36 and 36 us against
+the SIMT kernels' 62, 52 and 60. :func:`router_logits` takes it, below :data:`SPLIT_MIN_WORK`, for
+:data:`TENSOR_CORE_MIN_EXPERTS` experts or more while :data:`TENSOR_CORE_ROUTER` is set (the
+default); with 8 experts the few-expert SIMT kernels are faster.
+
+In all, for bf16 tokens on CUDA: the split GEMMs from :data:`SPLIT_MIN_WORK` multiply-adds, else the
+tensor-core kernels from :data:`TENSOR_CORE_MIN_EXPERTS` experts, else the SIMT kernels.
 """
 
 from __future__ import annotations
@@ -70,9 +75,14 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SPLIT_MIN_WORK = 1 << 30
 # bf16 parts of a float32 value: 3 x 8 significand bits cover float32's 24.
 FLOAT32_PARTS = 3
-# Whether router_logits takes the one-launch tensor-core kernels for the inputs that
-# tensor_core_accepts. Off until they are timed on a GPU against the SIMT kernels and the split GEMMs.
-TENSOR_CORE_ROUTER = False
+# Whether router_logits takes the one-launch tensor-core kernels, below SPLIT_MIN_WORK, for inputs
+# of at least TENSOR_CORE_MIN_EXPERTS experts that tensor_core_accepts. Measured on an H200 at
+# (T, D, E) = (8192, 1024, 64), forward, grad_x, grad_weight: 31, 36, 36 us against the SIMT
+# kernels' 62, 52, 60.
+TENSOR_CORE_ROUTER = True
+# With 8 experts the SIMT kernels hold the weight in shared memory and stream x once: at
+# (16384, 1024, 8) grad_x took 40 us on the tensor cores against their 27.
+TENSOR_CORE_MIN_EXPERTS = 16
 # What those kernels take (kTensorCore* in src_cuda/router_logits_tc.h): E a multiple of 8 from 8 to
 # MAX_KERNEL_EXPERTS, D a positive multiple of 64.
 TENSOR_CORE_EXPERT_MULTIPLE = 8
@@ -187,16 +197,24 @@ def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
     Returns:
         (T, E) logits; gradients flow to both inputs, each in its own dtype.
     """
-    if TENSOR_CORE_ROUTER:
-        weight_f32 = _widened(weight_ED)
-        if tensor_core_accepts(x_TD, weight_f32):
-            return _tensor_core_router_logits(x_TD, weight_f32)
     if split_accepts(x_TD, weight_ED):
         return _SplitRouterLogits.apply(x_TD.contiguous(), weight_ED.contiguous())
     weight_f32 = _widened(weight_ED)
+    if _takes_tensor_cores(x_TD, weight_f32):
+        return _tensor_core_router_logits(x_TD, weight_f32)
     if kernels_accept(x_TD, weight_f32):
         return _kernel_router_logits(x_TD, weight_f32)
     return reference.router_logits(x_TD, weight_ED)
+
+
+def takes_tensor_cores(x_TD: Tensor, weight_ED: Tensor) -> bool:
+    """Whether :func:`router_logits` runs these inputs on the one-launch tensor-core kernels."""
+    return not split_accepts(x_TD, weight_ED) and _takes_tensor_cores(x_TD, _widened(weight_ED))
+
+
+def _takes_tensor_cores(x_TD: Tensor, weight_ED: Tensor) -> bool:
+    """:func:`takes_tensor_cores` for inputs the split GEMMs do not take, the weight widened."""
+    return TENSOR_CORE_ROUTER and tensor_core_accepts(x_TD, weight_ED) and weight_ED.shape[0] >= TENSOR_CORE_MIN_EXPERTS
 
 
 def _widened(weight_ED: Tensor) -> Tensor:

@@ -92,10 +92,6 @@ def test_cpu_tensors_never_take_the_tensor_core_kernels() -> None:
     assert not tensor_core_accepts(torch.randn(4, 64).bfloat16(), torch.randn(8, 64))
 
 
-def test_the_tensor_core_router_is_off_by_default() -> None:
-    assert router_logits_module.TENSOR_CORE_ROUTER is False
-
-
 def test_with_the_tensor_core_router_on_cpu_tensors_take_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(router_logits_module, "TENSOR_CORE_ROUTER", True)
     x = torch.randn(5, 64).bfloat16()

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lightning_moe import ops
 from lightning_moe.ops.extension import require_extension
-from lightning_moe.ops.router_logits import router_logits, split_accepts, tensor_core_accepts
+from lightning_moe.ops.router_logits import router_logits, split_accepts, takes_tensor_cores, tensor_core_accepts
 from tests.ops.gpu_checks import DTYPE_IDS, DTYPES, GPU_MARKS, assert_close_to_gpu_oracle, poison_float_blocks
 
 pytestmark = GPU_MARKS
@@ -48,6 +48,9 @@ def assert_router_logits_close(
     poison_float_blocks()
     grad_x, grad_weight = torch.autograd.grad(logits, (x_TD, weight_ED), grad_TE)
     assert logits.dtype == torch.float32 and grad_weight.dtype == torch.float32 and grad_x.dtype == x_TD.dtype
+    if takes_tensor_cores(x_TD, weight_ED):
+        assert_tensor_core_results(x_TD.detach(), weight_ED.detach(), grad_TE, [logits, grad_x, grad_weight])
+        return
     x32, weight = x_TD.detach().float(), weight_ED.detach()
     x64, weight64, grad64 = x32.double(), weight.double(), grad_TE.double()
     if split_accepts(x_TD, weight_ED):
@@ -311,27 +314,43 @@ def test_tensor_core_kernels_are_the_same_on_every_run(
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize(("num_tokens", "dim", "num_experts"), [(8192, 1024, 64), (37, 64, 8), (300, 128, 256)])
-def test_router_logits_take_the_tensor_core_kernels_when_enabled(
+@pytest.mark.parametrize(("num_tokens", "dim", "num_experts"), [(8192, 1024, 64), (37, 64, 16), (300, 128, 256)])
+def test_router_logits_take_the_tensor_core_kernels_by_default(
     num_tokens: int,
     dim: int,
     num_experts: int,
     weight_dtype: torch.dtype,
     generator: torch.Generator,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With TENSOR_CORE_ROUTER set, router_logits and autograd run the three kernels and nothing else
-    of the other paths; a bf16 weight is widened and its gradient narrowed back."""
-    monkeypatch.setattr(router_logits_module, "TENSOR_CORE_ROUTER", True)
+    """Below SPLIT_MIN_WORK, from TENSOR_CORE_MIN_EXPERTS experts, router_logits and autograd run the
+    three kernels and nothing else of the other paths; a bf16 weight is widened and its gradient
+    narrowed back."""
     x_TD, weight_ED, grad_TE = tensor_core_inputs(num_tokens, dim, num_experts, "router", generator)
     weight_ED = weight_ED.to(weight_dtype)
-    assert tensor_core_accepts(x_TD, weight_ED.float())
+    assert tensor_core_accepts(x_TD, weight_ED.float()) and not split_accepts(x_TD, weight_ED)
+    assert takes_tensor_cores(x_TD, weight_ED)
     poison_float_blocks()
     names, results = profiled_step(x_TD, weight_ED, grad_TE)
     for kernel in TC_KERNELS:
         assert any(kernel in name for name in names), (kernel, names)
     assert not any("logits_forward_kernel" in name and "tc_" not in name for name in names), names
     assert_tensor_core_results(x_TD, weight_ED, grad_TE, results)
+
+
+@pytest.mark.parametrize(("num_tokens", "dim", "num_experts"), [(4096, 1024, 8), (8192, 1024, 64), (300, 128, 256)])
+def test_router_logits_take_the_simt_kernels_without_the_tensor_core_router(
+    num_tokens: int, dim: int, num_experts: int, generator: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 8 experts (by default) or with TENSOR_CORE_ROUTER off, bf16 tokens take the SIMT kernels,
+    within twice PyTorch's float32 error."""
+    if num_experts >= router_logits_module.TENSOR_CORE_MIN_EXPERTS:
+        monkeypatch.setattr(router_logits_module, "TENSOR_CORE_ROUTER", False)
+    x_TD, weight_ED, grad_TE = router_inputs(num_tokens, dim, num_experts, torch.bfloat16, generator)
+    assert not takes_tensor_cores(x_TD, weight_ED) and not split_accepts(x_TD, weight_ED)
+    names, _ = profiled_step(x_TD, weight_ED, grad_TE)
+    assert not any("tc_logits" in name for name in names), names
+    assert any("logits_forward_kernel" in name for name in names), names
+    assert_router_logits_close(x_TD, weight_ED, grad_TE)
 
 
 def test_compiled_tensor_core_router_logits_match_eager(
