@@ -133,6 +133,37 @@ __device__ __forceinline__ void load_b_pair_trans(uint32_t (&b0)[2], uint32_t (&
   b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
 }
 
+// Calls f(i, row, col) for the kLoads vectors of kVec elements that thread `tid` moves of a tile
+// with kColumns columns: vector tid + i * kTcThreads, row by row.
+template <int kLoads, int kColumns, int kVec, typename F>
+__device__ __forceinline__ void for_each_vector(int tid, F&& f) {
+  static_assert(kColumns % kVec == 0);
+#pragma unroll
+  for (int i = 0; i < kLoads; ++i) {
+    const int v = tid + i * kTcThreads;
+    f(i, v / (kColumns / kVec), v % (kColumns / kVec) * kVec);
+  }
+}
+
+// The k loop of every kernel, over k tiles double-buffered in shared memory: fetch(kt) loads k
+// tile kt into registers, stage(buffer) stores (splits) them into that buffer, multiply(buffer, kt)
+// multiplies the tile held there. Tile kt + 1 is loaded while tile kt is multiplied, then stored
+// into the other buffer; one barrier per tile.
+template <typename Fetch, typename Stage, typename Multiply>
+__device__ __forceinline__ void double_buffered(int64_t k_tiles, Fetch&& fetch, Stage&& stage, Multiply&& multiply) {
+  fetch(0);
+  stage(0);
+  __syncthreads();
+  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    const int buffer = static_cast<int>(kt % 2);
+    const bool more = kt + 1 < k_tiles;
+    if (more) fetch(kt + 1);
+    multiply(buffer, kt);
+    if (more) stage(buffer ^ 1);
+    __syncthreads();
+  }
+}
+
 // Two float32 values rounded to nearest bf16, packed with `lo` in the low half.
 __device__ __forceinline__ uint32_t round_bf16x2(float lo, float hi) {
   uint32_t out;
@@ -173,32 +204,25 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
 
   uint4 x_next[Tiles::kXLoads];
   float4 w_next[Tiles::kWLoads];
-  auto fetch = [&](int64_t k0) {
-#pragma unroll
-    for (int i = 0; i < Tiles::kXLoads; ++i) {
-      const int v = tid + i * kTcThreads, row = v / (kBK / 8), col = v % (kBK / 8) * 8;
+  auto fetch = [&](int64_t kt) {
+    const int64_t k0 = kt * kBK;
+    for_each_vector<Tiles::kXLoads, kBK, 8>(tid, [&](int i, int row, int col) {
       const int64_t t = t0 + row;
       x_next[i] = t < num_tokens ? *reinterpret_cast<const uint4*>(x + t * dim + k0 + col) : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int i = 0; i < Tiles::kWLoads; ++i) {
-      const int v = tid + i * kTcThreads, row = v / (kBK / 4), col = v % (kBK / 4) * 4;
+    });
+    for_each_vector<Tiles::kWLoads, kBK, 4>(tid, [&](int i, int row, int col) {
       const int64_t e = e0 + row;
       w_next[i] = e < num_experts ? *reinterpret_cast<const float4*>(weight + e * dim + k0 + col)
                                   : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
+    });
   };
   auto stage = [&](int buffer) {
-#pragma unroll
-    for (int i = 0; i < Tiles::kXLoads; ++i) {
-      const int v = tid + i * kTcThreads, row = v / (kBK / 8), col = v % (kBK / 8) * 8;
+    for_each_vector<Tiles::kXLoads, kBK, 8>(tid, [&](int i, int row, int col) {
       *reinterpret_cast<uint4*>(x_tile[buffer] + row * kLd + col) = x_next[i];
-    }
-#pragma unroll
-    for (int i = 0; i < Tiles::kWLoads; ++i) {
-      const int v = tid + i * kTcThreads, row = v / (kBK / 4), col = v % (kBK / 4) * 4;
+    });
+    for_each_vector<Tiles::kWLoads, kBK, 4>(tid, [&](int i, int row, int col) {
       store_split4<3>(w_tile[buffer][0] + row * kLd + col, kBN * kLd, w_next[i]);
-    }
+    });
   };
 
   float acc_lead[2][kNTiles][4] = {};  // x . w0
@@ -206,13 +230,7 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
   const int m_base = warp_m * 32, n_base = warp_n * (kBN / 2);
   const bool warp_has_experts = e0 + n_base < num_experts;  // else its tiles are all zero weights
   const int64_t k_tiles = dim / kBK;
-  fetch(0);
-  stage(0);
-  __syncthreads();
-  for (int64_t kt = 0; kt < k_tiles; ++kt) {
-    const int buffer = static_cast<int>(kt % 2);
-    const bool more = kt + 1 < k_tiles;
-    if (more) fetch((kt + 1) * kBK);
+  double_buffered(k_tiles, fetch, stage, [&](int buffer, int64_t kt) {
     if (warp_has_experts) {
 #pragma unroll
       for (int ks = 0; ks < kBK; ks += 16) {
@@ -233,9 +251,7 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
         }
       }
     }
-    if (more) stage(buffer ^ 1);
-    __syncthreads();
-  }
+  });
 
   // Accumulator c of an m16n8 tile: row lane / 4 (+ 8 for c = 2, 3), columns 2 (lane % 4) + c % 2.
 #pragma unroll
@@ -297,45 +313,32 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
 
   float4 g_next[Tiles::kGLoads];
   float4 w_next[Tiles::kWLoads];
-  auto fetch = [&](int64_t k0) {
-#pragma unroll
-    for (int i = 0; i < Tiles::kGLoads; ++i) {
-      const int v = tid + i * kTcThreads, row = v / (kBK / 4), col = v % (kBK / 4) * 4;
+  auto fetch = [&](int64_t kt) {
+    const int64_t k0 = kt * kBK;
+    for_each_vector<Tiles::kGLoads, kBK, 4>(tid, [&](int i, int row, int col) {
       const int64_t t = t0 + row, e = k0 + col;
       g_next[i] = t < num_tokens && e < num_experts ? *reinterpret_cast<const float4*>(grad + t * num_experts + e)
                                                     : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
-#pragma unroll
-    for (int i = 0; i < Tiles::kWLoads; ++i) {
-      const int v = tid + i * kTcThreads, row = v / (kBN / 4), col = v % (kBN / 4) * 4;
+    });
+    for_each_vector<Tiles::kWLoads, kBN, 4>(tid, [&](int i, int row, int col) {
       const int64_t e = k0 + row;
       w_next[i] = e < num_experts ? *reinterpret_cast<const float4*>(weight + e * dim + d0 + col)
                                   : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
+    });
   };
   auto stage = [&](int buffer) {
-#pragma unroll
-    for (int i = 0; i < Tiles::kGLoads; ++i) {
-      const int v = tid + i * kTcThreads, row = v / (kBK / 4), col = v % (kBK / 4) * 4;
+    for_each_vector<Tiles::kGLoads, kBK, 4>(tid, [&](int i, int row, int col) {
       store_split4<2>(g_tile[buffer][0] + row * kGLd + col, kBM * kGLd, g_next[i]);
-    }
-#pragma unroll
-    for (int i = 0; i < Tiles::kWLoads; ++i) {
-      const int v = tid + i * kTcThreads, row = v / (kBN / 4), col = v % (kBN / 4) * 4;
+    });
+    for_each_vector<Tiles::kWLoads, kBN, 4>(tid, [&](int i, int row, int col) {
       store_split4<2>(w_tile[buffer][0] + row * kWLd + col, kBK * kWLd, w_next[i]);
-    }
+    });
   };
 
   float acc[2][4][4] = {};
   const int m_base = warp_m * 32, n_base = warp_n * 32;
   const int64_t k_tiles = ceil_div(num_experts, kBK);
-  fetch(0);
-  stage(0);
-  __syncthreads();
-  for (int64_t kt = 0; kt < k_tiles; ++kt) {
-    const int buffer = static_cast<int>(kt % 2);
-    const bool more = kt + 1 < k_tiles;
-    if (more) fetch((kt + 1) * kBK);
+  double_buffered(k_tiles, fetch, stage, [&](int buffer, int64_t kt) {
 #pragma unroll
     for (int ks = 0; ks < kBK; ks += 16) {
       if (kt * kBK + ks >= num_experts) break;  // E a multiple of 8: the last k tile may hold 8 to 24
@@ -358,9 +361,7 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
         }
       }
     }
-    if (more) stage(buffer ^ 1);
-    __syncthreads();
-  }
+  });
 
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi) {
@@ -417,32 +418,25 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
 
   float4 g_next[Tiles::kGLoads];
   uint4 x_next[Tiles::kXLoads];
-  auto fetch = [&](int64_t k0) {
-#pragma unroll
-    for (int i = 0; i < Tiles::kGLoads; ++i) {
-      const int v = tid + i * kTcThreads, row = v / (kBM / 4), col = v % (kBM / 4) * 4;
+  auto fetch = [&](int64_t kt) {  // the tokens of k tile kt
+    const int64_t k0 = t_begin + kt * kBK;
+    for_each_vector<Tiles::kGLoads, kBM, 4>(tid, [&](int i, int row, int col) {
       const int64_t t = k0 + row, e = e0 + col;
       g_next[i] = t < t_end && e < num_experts ? *reinterpret_cast<const float4*>(grad + t * num_experts + e)
                                                : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
-#pragma unroll
-    for (int i = 0; i < Tiles::kXLoads; ++i) {
-      const int v = tid + i * kTcThreads, row = v / (kBN / 8), col = v % (kBN / 8) * 8;
+    });
+    for_each_vector<Tiles::kXLoads, kBN, 8>(tid, [&](int i, int row, int col) {
       const int64_t t = k0 + row;
       x_next[i] = t < t_end ? *reinterpret_cast<const uint4*>(x + t * dim + d0 + col) : make_uint4(0, 0, 0, 0);
-    }
+    });
   };
   auto stage = [&](int buffer) {
-#pragma unroll
-    for (int i = 0; i < Tiles::kGLoads; ++i) {
-      const int v = tid + i * kTcThreads, row = v / (kBM / 4), col = v % (kBM / 4) * 4;
+    for_each_vector<Tiles::kGLoads, kBM, 4>(tid, [&](int i, int row, int col) {
       store_split4<3>(g_tile[buffer][0] + row * kGLd + col, kBK * kGLd, g_next[i]);
-    }
-#pragma unroll
-    for (int i = 0; i < Tiles::kXLoads; ++i) {
-      const int v = tid + i * kTcThreads, row = v / (kBN / 8), col = v % (kBN / 8) * 8;
+    });
+    for_each_vector<Tiles::kXLoads, kBN, 8>(tid, [&](int i, int row, int col) {
       *reinterpret_cast<uint4*>(x_tile[buffer] + row * kXLd + col) = x_next[i];
-    }
+    });
   };
 
   float acc_lead[kMTiles][4][4] = {};  // g0 . x
@@ -450,13 +444,7 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
   const int m_base = warp_m * (kBM / 2), n_base = warp_n * 32;
   const bool warp_has_experts = e0 + m_base < num_experts;  // else its tiles are all zero gradients
   const int64_t k_tiles = ceil_div(t_end - t_begin, kBK);
-  fetch(t_begin);
-  stage(0);
-  __syncthreads();
-  for (int64_t kt = 0; kt < k_tiles; ++kt) {
-    const int buffer = static_cast<int>(kt % 2);
-    const bool more = kt + 1 < k_tiles;
-    if (more) fetch(t_begin + (kt + 1) * kBK);
+  double_buffered(k_tiles, fetch, stage, [&](int buffer, int64_t kt) {
 #pragma unroll
     for (int ks = 0; ks < kBK; ks += 16) {
       // Past the chunk's last token the tiles hold zeros: skip whole k16 steps of them.
@@ -477,9 +465,7 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
         }
       }
     }
-    if (more) stage(buffer ^ 1);
-    __syncthreads();
-  }
+  });
 
   float* chunk_out = out + static_cast<int64_t>(blockIdx.y) * num_experts * dim;
 #pragma unroll

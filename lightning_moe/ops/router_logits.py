@@ -57,6 +57,7 @@ tensor-core kernels from :data:`TENSOR_CORE_MIN_EXPERTS` experts, else the SIMT 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -135,36 +136,52 @@ def _setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: Tensor | Non
     ctx.save_for_backward(*inputs)  # x in its own dtype: no float32 copy is kept
 
 
-def _backward(ctx: Any, grad_TE: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    x_TD, weight_ED = ctx.saved_tensors
-    grad_TE = grad_TE.float().contiguous()
-    grad_x = grad_weight = None
-    if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.lightning_moe.router_logits_grad_x(grad_TE, weight_ED, x_TD.dtype)
-    if ctx.needs_input_grad[1]:
-        grad_weight = torch.ops.lightning_moe.router_logits_grad_weight(grad_TE, x_TD)
-    return grad_x, grad_weight
+_GradX = Callable[[Tensor, Tensor, torch.dtype], Tensor]  # (grad_TE, weight_ED, x's dtype) -> grad_x
+_GradWeight = Callable[[Tensor, Tensor], Tensor]  # (grad_TE, x_TD) -> grad_weight
+_Backward = Callable[[Any, Tensor], tuple[Tensor | None, Tensor | None]]
 
 
-_router_logits_cuda.register_autograd(_backward, setup_context=_setup_context)
+def _backward_through(grad_x: _GradX, grad_weight: _GradWeight) -> _Backward:
+    """The backward of the logits ``x_TD @ weight_ED.T`` saved by :func:`_setup_context`, with
+    these two gradient kernels (called for the inputs that need a gradient)."""
 
-
-class _RouterLogitsFunction(torch.autograd.Function):
-    """The eager path: the same kernels as the custom op, at less host time per call."""
-
-    @staticmethod
-    def forward(ctx: Any, x_TD: Tensor, weight_ED: Tensor) -> Tensor:
-        _setup_context(ctx, (x_TD, weight_ED), None)
-        return _forward(x_TD, weight_ED)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_TE: Tensor) -> tuple[Tensor | None, Tensor | None]:
         x_TD, weight_ED = ctx.saved_tensors
         grad_TE = grad_TE.float().contiguous()
-        grad_x = _grad_x(grad_TE, weight_ED, x_TD.dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = _grad_weight(grad_TE, x_TD) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_weight
+        grad_x_TD = grad_x(grad_TE, weight_ED, x_TD.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight_ED = grad_weight(grad_TE, x_TD) if ctx.needs_input_grad[1] else None
+        return grad_x_TD, grad_weight_ED
+
+    return backward
+
+
+def _eager_function(name: str, forward: Callable[[Tensor, Tensor], Tensor], backward: _Backward) -> Any:
+    """A plain ``autograd.Function`` running the kernels of a custom op: the eager path, the same
+    kernels at less host time per call than going through the op's dispatch."""
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x_TD: Tensor, weight_ED: Tensor) -> Tensor:
+            _setup_context(ctx, (x_TD, weight_ED), None)
+            return forward(x_TD, weight_ED)
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx: Any, grad_TE: Tensor) -> tuple[Tensor | None, Tensor | None]:
+            return backward(ctx, grad_TE)
+
+    Function.__name__ = Function.__qualname__ = name
+    return Function
+
+
+_router_logits_cuda.register_autograd(
+    _backward_through(
+        lambda grad_TE, weight_ED, x_dtype: torch.ops.lightning_moe.router_logits_grad_x(grad_TE, weight_ED, x_dtype),
+        lambda grad_TE, x_TD: torch.ops.lightning_moe.router_logits_grad_weight(grad_TE, x_TD),
+    ),
+    setup_context=_setup_context,
+)
+_RouterLogitsFunction = _eager_function("_RouterLogitsFunction", _forward, _backward_through(_grad_x, _grad_weight))
 
 
 def kernels_accept(x_TD: Tensor, weight_ED: Tensor) -> bool:
@@ -391,36 +408,19 @@ def _(grad_TE: Tensor, x_TD: Tensor) -> Tensor:
     return grad_TE.new_empty(grad_TE.shape[1], x_TD.shape[1], dtype=torch.float32)
 
 
-def _tc_backward(ctx: Any, grad_TE: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    x_TD, weight_ED = ctx.saved_tensors
-    grad_TE = grad_TE.float().contiguous()
-    grad_x = grad_weight = None
-    if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.lightning_moe.router_logits_tc_grad_x(grad_TE, weight_ED)
-    if ctx.needs_input_grad[1]:
-        grad_weight = torch.ops.lightning_moe.router_logits_tc_grad_weight(grad_TE, x_TD)
-    return grad_x, grad_weight
-
-
-_router_logits_tc_cuda.register_autograd(_tc_backward, setup_context=_setup_context)
-
-
-class _TensorCoreRouterLogits(torch.autograd.Function):
-    """The eager path of the tensor-core kernels: the custom ops' kernels, at less host time per call."""
-
-    @staticmethod
-    def forward(ctx: Any, x_TD: Tensor, weight_ED: Tensor) -> Tensor:
-        _setup_context(ctx, (x_TD, weight_ED), None)
-        return _tc_forward(x_TD, weight_ED)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_TE: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        x_TD, weight_ED = ctx.saved_tensors
-        grad_TE = grad_TE.float().contiguous()
-        grad_x = _tc_grad_x(grad_TE, weight_ED) if ctx.needs_input_grad[0] else None
-        grad_weight = _tc_grad_weight(grad_TE, x_TD) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_weight
+# grad_x of the tensor-core kernels is bf16, the only token dtype they take.
+_router_logits_tc_cuda.register_autograd(
+    _backward_through(
+        lambda grad_TE, weight_ED, _: torch.ops.lightning_moe.router_logits_tc_grad_x(grad_TE, weight_ED),
+        lambda grad_TE, x_TD: torch.ops.lightning_moe.router_logits_tc_grad_weight(grad_TE, x_TD),
+    ),
+    setup_context=_setup_context,
+)
+_TensorCoreRouterLogits = _eager_function(
+    "_TensorCoreRouterLogits",
+    _tc_forward,
+    _backward_through(lambda grad_TE, weight_ED, _: _tc_grad_x(grad_TE, weight_ED), _tc_grad_weight),
+)
 
 
 def tensor_core_accepts(x_TD: Tensor, weight_ED: Tensor) -> bool:

@@ -8,9 +8,11 @@ Shape legend: T tokens, D model dim, E experts.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import pytest
 import torch
+from torch import Tensor
 
 from lightning_moe.ops.router_logits import MAX_KERNEL_EXPERTS, kernels_accept, router_logits, tensor_core_accepts
 
@@ -35,22 +37,6 @@ ACCEPTANCE = [
 ]
 
 
-@pytest.mark.parametrize(("x_shape", "x_dtype", "weight_shape", "weight_dtype", "accepted"), ACCEPTANCE)
-def test_kernels_accept_the_documented_inputs(
-    x_shape: tuple[int, ...],
-    x_dtype: torch.dtype,
-    weight_shape: tuple[int, int],
-    weight_dtype: torch.dtype,
-    accepted: bool,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # As if the tensors were on a GPU with the extension loaded: only shapes and dtypes decide.
-    monkeypatch.setattr(router_logits_module, "use_cuda_kernels", lambda *tensors: True)
-    x = torch.zeros(x_shape, dtype=x_dtype)
-    weight = torch.zeros(weight_shape, dtype=weight_dtype)
-    assert kernels_accept(x, weight) is accepted
-
-
 def test_cpu_tensors_are_never_accepted() -> None:
     assert not kernels_accept(torch.randn(4, 8).bfloat16(), torch.randn(2, 8))
 
@@ -72,8 +58,13 @@ TENSOR_CORE_ACCEPTANCE = [
 ]
 
 
-@pytest.mark.parametrize(("x_shape", "x_dtype", "weight_shape", "weight_dtype", "accepted"), TENSOR_CORE_ACCEPTANCE)
-def test_tensor_core_kernels_accept_the_documented_inputs(
+@pytest.mark.parametrize(
+    ("accepts", "x_shape", "x_dtype", "weight_shape", "weight_dtype", "accepted"),
+    [pytest.param(kernels_accept, *case.values, id=f"simt-{case.id}") for case in ACCEPTANCE]
+    + [pytest.param(tensor_core_accepts, *case.values, id=f"tc-{case.id}") for case in TENSOR_CORE_ACCEPTANCE],
+)
+def test_kernels_accept_the_documented_inputs(
+    accepts: Callable[[Tensor, Tensor], bool],
     x_shape: tuple[int, ...],
     x_dtype: torch.dtype,
     weight_shape: tuple[int, int],
@@ -85,7 +76,7 @@ def test_tensor_core_kernels_accept_the_documented_inputs(
     monkeypatch.setattr(router_logits_module, "use_cuda_kernels", lambda *tensors: True)
     x = torch.zeros(x_shape, dtype=x_dtype)
     weight = torch.zeros(weight_shape, dtype=weight_dtype)
-    assert tensor_core_accepts(x, weight) is accepted
+    assert accepts(x, weight) is accepted
 
 
 def test_cpu_tensors_never_take_the_tensor_core_kernels() -> None:

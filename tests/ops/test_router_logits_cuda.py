@@ -168,8 +168,10 @@ def test_router_logits_do_not_synchronise_with_the_host(generator: torch.Generat
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_compiled_router_logits_match_eager(generator: torch.Generator) -> None:
-    x_TD, weight_ED, grad_TE = router_inputs(1000, 256, 8, torch.bfloat16, generator)
+@pytest.mark.parametrize("num_experts", [8, 64], ids=["simt", "tensor_cores"])
+def test_compiled_router_logits_match_eager(num_experts: int, generator: torch.Generator) -> None:
+    x_TD, weight_ED, grad_TE = router_inputs(1000, 256, num_experts, torch.bfloat16, generator)
+    assert takes_tensor_cores(x_TD, weight_ED) is (num_experts == 64)
     compiled = torch.compile(router_logits, fullgraph=True)
     outputs = []
     for function in (router_logits, compiled):
@@ -178,6 +180,7 @@ def test_compiled_router_logits_match_eager(generator: torch.Generator) -> None:
         outputs.append([logits, *torch.autograd.grad(logits, (x_in, weight_in), grad_TE)])
     for eager, traced in zip(*outputs, strict=True):
         assert torch.equal(traced, eager)
+    assert_router_logits_close(x_TD, weight_ED, grad_TE, compiled)
 
 
 def test_router_logits_ignore_autocast(generator: torch.Generator) -> None:
@@ -351,22 +354,6 @@ def test_router_logits_take_the_simt_kernels_without_the_tensor_core_router(
     assert not any("tc_logits" in name for name in names), names
     assert any("logits_forward_kernel" in name for name in names), names
     assert_router_logits_close(x_TD, weight_ED, grad_TE)
-
-
-def test_compiled_tensor_core_router_logits_match_eager(
-    generator: torch.Generator, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(router_logits_module, "TENSOR_CORE_ROUTER", True)
-    x_TD, weight_ED, grad_TE = tensor_core_inputs(1000, 256, 64, "router", generator)
-    compiled = torch.compile(router_logits, fullgraph=True)
-    outputs = []
-    for function in (router_logits, compiled):
-        x_in, weight_in = x_TD.clone().requires_grad_(), weight_ED.clone().requires_grad_()
-        logits = function(x_in, weight_in)
-        outputs.append([logits, *torch.autograd.grad(logits, (x_in, weight_in), grad_TE)])
-    for eager, traced in zip(*outputs, strict=True):
-        assert torch.equal(traced, eager)
-    assert_tensor_core_results(x_TD, weight_ED, grad_TE, outputs[1])
 
 
 def test_tensor_core_kernels_take_tokens_at_an_offset(generator: torch.Generator) -> None:
