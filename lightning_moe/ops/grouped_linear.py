@@ -147,11 +147,11 @@ def _setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tens
     ctx.save_for_backward(*inputs)
 
 
-Gradient = Callable[[Tensor, Tensor, Tensor], Tensor]
+_Gradient = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def _gradients(
-    ctx: Any, grad_NM: Tensor, input_grad: Gradient, weight_grad: Gradient
+    ctx: Any, grad_NM: Tensor, input_grad: _Gradient, weight_grad: _Gradient
 ) -> tuple[Tensor | None, Tensor | None, None]:
     """The gradients of x and w, computed by ``input_grad`` and ``weight_grad`` (ops or kernel calls)."""
     x_NK, w_EMK, ends_E = ctx.saved_tensors
