@@ -39,7 +39,6 @@ constexpr int kBM = 128;            // output rows per tile: two consumer warpgr
 constexpr int kBK = 64;             // K per stage (128 bytes of bf16: the swizzle span)
 constexpr int kThreads = 384;       // producer warpgroup + two consumer warpgroups
 constexpr int kTileABytes = kBM * kBK * 2;
-constexpr int kStagingBytes = 64 * kStagingPitch * 2;  // one consumer warpgroup's 64 rows, 128 columns
 constexpr int kRing = 8;            // tiles whose description the producer may have posted ahead
 static_assert(kBK == 64, "check_operands' messages name the tile sizes");
 
@@ -47,12 +46,13 @@ static_assert(kBK == 64, "check_operands' messages name the tile sizes");
 template <int kBN>
 struct Shape {
   static constexpr int kHalves = kBN / 128;  // wgmma n128 products per k16 step
-  static constexpr int kStages = kBN == 128 ? 5 : 3;
+  static constexpr int kStages = kBN == 128 ? 6 : 4;
   static constexpr int kTileBBytes = kBN * kBK * 2;
   static constexpr int kStageBytes = kTileABytes + kTileBBytes;
   static constexpr int kBarriersBytes = 2 * kStages * 8;
   static constexpr int kRingBytes = kRing * 20;  // sizeof(TileInfo)
   static constexpr int kSharedBytes = 1024 + kStages * kStageBytes + 2 * kStagingBytes + kBarriersBytes + kRingBytes;
+  static_assert(kSharedBytes <= kMaxSharedBytes, "more shared memory than a Hopper CTA may have");
   static_assert(kRing > kStages, "the producer runs at most kStages stages, so kStages tiles, ahead");
 };
 

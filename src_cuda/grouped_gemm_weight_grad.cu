@@ -35,15 +35,15 @@ constexpr int kBK = 64;                       // expert rows per stage
 constexpr int kThreads = 384;                 // producer warpgroup + two consumer warpgroups
 constexpr int kBoxBytes = kBK * kRowBytes;    // one 64-column box of kBK rows
 constexpr int kTileABytes = 2 * kBoxBytes;
-constexpr int kStagingBytes = 64 * kStagingPitch * 2;
 constexpr int kRing = 8;
 
 template <int kBN>
 struct Shape {
   static constexpr int kHalves = kBN / 128;
-  static constexpr int kStages = kBN == 128 ? 5 : 3;
+  static constexpr int kStages = kBN == 128 ? 6 : 4;
   static constexpr int kStageBytes = kTileABytes + (kBN / 64) * kBoxBytes;
   static constexpr int kSharedBytes = 1024 + kStages * kStageBytes + 2 * kStagingBytes + 2 * kStages * 8 + kRing * 20;
+  static_assert(kSharedBytes <= kMaxSharedBytes, "more shared memory than a Hopper CTA may have");
   static_assert(kRing > kStages, "the producer runs at most kStages stages, so kStages tiles, ahead");
 };
 
