@@ -42,6 +42,10 @@ MAX_ROWS_PER_EXPERT = 160
 # tiles number fewer than the SMs (benchmarks/RESULTS.md, tenth session).
 TILE_N = 256
 TILE_N_MIN_WAVES = 2
+# CTAs per SM of the weight-gradient kernel: 1 (two consumer warpgroups share a tile, TILE_N wide
+# where tile_columns says so), or 2 (each CTA one consumer of a whole 128 x 128 tile, so that one
+# CTA's stores run while the other multiplies). 1 until 2 is measured on a GPU.
+WEIGHT_GRAD_CTAS_PER_SM = 1
 
 
 def grouped_linear_usable(
@@ -108,9 +112,11 @@ def _input_grad(grad_NM: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
 
 def _weight_grad(grad_NM: Tensor, x_NK: Tensor, ends_E: Tensor) -> Tensor:
     # grad_w[e] = grad[rows e].T @ x[rows e], ragged along the contraction: tiles of 128 rows of M.
+    if WEIGHT_GRAD_CTAS_PER_SM == 2:
+        return require_extension().grouped_gemm_weight_grad(grad_NM, x_NK, ends_E, FEATURE_MULTIPLE, 2)
     row_tiles = ends_E.shape[0] * (grad_NM.shape[1] // 128)
     tile_n = tile_columns(row_tiles, x_NK.shape[1], _num_sms(x_NK.device.index))
-    return require_extension().grouped_gemm_weight_grad(grad_NM, x_NK, ends_E, tile_n)
+    return require_extension().grouped_gemm_weight_grad(grad_NM, x_NK, ends_E, tile_n, 1)
 
 
 @torch.library.custom_op("lightning_moe::grouped_linear", mutates_args=())

@@ -81,10 +81,18 @@ def test_row_kernel_matches_the_oracle(
     assert_close_to_gpu_oracle(got_NM, torch_NM, oracle_NM)
 
 
+# (tile_n, ctas_per_sm): the one-CTA-per-SM kernel at both tile widths, and two CTAs per SM.
+WEIGHT_GRAD_KERNELS = {"tile128": (128, 1), "tile256": (256, 1), "two_ctas": (128, 2)}
+
+
 @pytest.mark.parametrize("split", SPLITS.values(), ids=SPLITS.keys())
-@pytest.mark.parametrize(("tile_n", "k"), [(128, 384), (256, 512)], ids=["tile128", "tile256"])
+@pytest.mark.parametrize(
+    ("tile_n", "ctas_per_sm", "k"),
+    [(128, 1, 384), (256, 1, 512), (128, 2, 384)],
+    ids=["tile128", "tile256", "two_ctas"],
+)
 def test_weight_grad_kernel_matches_the_oracle(
-    split: list[int], tile_n: int, k: int, generator: torch.Generator
+    split: list[int], tile_n: int, ctas_per_sm: int, k: int, generator: torch.Generator
 ) -> None:
     # Experts of 1, 5, 127-130 and 300 rows: stages that run past an expert into the next one's rows.
     rows = sum(split)
@@ -92,7 +100,7 @@ def test_weight_grad_kernel_matches_the_oracle(
     b_NK = torch.randn(rows, k, generator=generator).to("cuda", torch.bfloat16)
     ends_E = torch.tensor(split).cumsum(0).to("cuda", torch.int32)
     poison_float_blocks()
-    got_EMK = require_extension().grouped_gemm_weight_grad(a_NM, b_NK, ends_E, tile_n)
+    got_EMK = require_extension().grouped_gemm_weight_grad(a_NM, b_NK, ends_E, tile_n, ctas_per_sm)
     starts = [0, *ends_E.tolist()]
     blocks = [(a_NM[s:e].double().t() @ b_NK[s:e].double()) for s, e in zip(starts[:-1], starts[1:], strict=True)]
     oracle_EMK = torch.stack(blocks)
@@ -104,14 +112,16 @@ def test_weight_grad_kernel_matches_the_oracle(
     assert_close_to_gpu_oracle(got_EMK, torch_EMK, oracle_EMK)
 
 
-@pytest.mark.parametrize("tile_n", [128, 256])
-def test_weight_grad_kernel_keeps_each_expert_to_its_rows(tile_n: int, generator: torch.Generator) -> None:
+@pytest.mark.parametrize(("tile_n", "ctas_per_sm"), WEIGHT_GRAD_KERNELS.values(), ids=WEIGHT_GRAD_KERNELS.keys())
+def test_weight_grad_kernel_keeps_each_expert_to_its_rows(
+    tile_n: int, ctas_per_sm: int, generator: torch.Generator
+) -> None:
     # Expert 0's 3 rows share a 64-row stage with expert 1's, which hold infinities.
     a_NM = torch.randn(8, 128, generator=generator).to("cuda", torch.bfloat16)
     b_NK = torch.randn(8, 256, generator=generator).to("cuda", torch.bfloat16)
     a_NM[3:], b_NK[3:] = float("inf"), float("inf")
     ends_E = torch.tensor([3, 8], dtype=torch.int32, device="cuda")
-    got_EMK = require_extension().grouped_gemm_weight_grad(a_NM, b_NK, ends_E, tile_n)
+    got_EMK = require_extension().grouped_gemm_weight_grad(a_NM, b_NK, ends_E, tile_n, ctas_per_sm)
     expected_MK = (a_NM[:3].double().t() @ b_NK[:3].double()).to(torch.bfloat16)
     torch.testing.assert_close(got_EMK[0], expected_MK, rtol=1e-2, atol=1e-2)
     assert got_EMK[1].isinf().all()
