@@ -12,7 +12,8 @@ events (median of --iters calls after a warm-up), ours (``src_cuda/grouped_gemm*
 
 It prints microseconds per GEMM, torch's time over ours, and checks that both agree.
 
-    python benchmarks/grouped_gemm.py [--rows 128,512,1536,4096] [--iters 20] [--tile-n 128] [--wgrad-ctas 1]
+    python benchmarks/grouped_gemm.py [--rows 128,512,1536,4096] [--iters 20] [--tile-n 128]
+        [--row-ctas 1] [--wgrad-ctas 1]
 """
 
 from __future__ import annotations
@@ -31,17 +32,24 @@ CONFIGS = ((1024, 4096, 64), (2048, 1408, 64), (1024, 4096, 8))
 
 
 def gemms(
-    x_ND: Tensor, h_NF: Tensor, w1_EFD: Tensor, w2_EDF: Tensor, ends_E: Tensor, tile_n: int, wgrad_ctas: int
+    x_ND: Tensor,
+    h_NF: Tensor,
+    w1_EFD: Tensor,
+    w2_EDF: Tensor,
+    ends_E: Tensor,
+    tile_n: int,
+    row_ctas: int,
+    wgrad_ctas: int,
 ) -> list[tuple[str, Callable[[], Tensor], Callable[[], Tensor]]]:
     """(name, ours, torch's) for the four row-grouped GEMMs and the two weight gradients; ours with
-    ``tile_n``-column tiles where that divides the output's columns, else 128, and the weight
-    gradients on ``wgrad_ctas`` CTAs per SM (128-column tiles with 2)."""
+    ``tile_n``-column tiles where that divides the output's columns, else 128, the row GEMMs on
+    ``row_ctas`` and the weight gradients on ``wgrad_ctas`` CTAs per SM (128-column tiles with 2)."""
     grouped_mm = torch._grouped_mm
 
     def rows_gemm(a: Tensor, b: Tensor, b_is_kn: bool) -> Tensor:
         columns = b.shape[2] if b_is_kn else b.shape[1]
-        tile = tile_n if columns % tile_n == 0 else 128
-        return require_extension().grouped_gemm_rows(a, b, ends_E, b_is_kn, tile)
+        tile = tile_n if columns % tile_n == 0 and row_ctas == 1 else 128
+        return require_extension().grouped_gemm_rows(a, b, ends_E, b_is_kn, tile, row_ctas)
 
     def weight_grad(a: Tensor, b: Tensor) -> Tensor:
         tile = tile_n if b.shape[1] % tile_n == 0 and wgrad_ctas == 1 else 128
@@ -66,7 +74,14 @@ def gemms(
 
 
 def run(
-    d_model: int, d_hidden: int, num_experts: int, rows_per_expert: int, iters: int, tile_n: int, wgrad_ctas: int
+    d_model: int,
+    d_hidden: int,
+    num_experts: int,
+    rows_per_expert: int,
+    iters: int,
+    tile_n: int,
+    row_ctas: int,
+    wgrad_ctas: int,
 ) -> None:
     num_rows = rows_per_expert * num_experts
     expert_of_row = torch.randint(0, num_experts, (num_rows,), device="cuda")
@@ -76,7 +91,7 @@ def run(
     w1_EFD = torch.randn(num_experts, d_hidden, d_model, device="cuda", dtype=torch.bfloat16) / d_model**0.5
     w2_EDF = torch.randn(num_experts, d_model, d_hidden, device="cuda", dtype=torch.bfloat16) / d_hidden**0.5
     total_ours = total_torch = 0.0
-    for name, ours, theirs in gemms(x_ND, h_NF, w1_EFD, w2_EDF, ends_E, tile_n, wgrad_ctas):
+    for name, ours, theirs in gemms(x_ND, h_NF, w1_EFD, w2_EDF, ends_E, tile_n, row_ctas, wgrad_ctas):
         expected = theirs().float()
         error = ((ours().float() - expected).norm() / expected.norm()).item()
         ours_us, torch_us = 1e3 * time_ms(ours, iters), 1e3 * time_ms(theirs, iters)
@@ -96,6 +111,7 @@ def main() -> None:
     parser.add_argument("--rows", default="128,512,1536,4096", help="average rows per expert, comma-separated")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--tile-n", type=int, default=128, choices=(128, 256), help="our kernel's tile width")
+    parser.add_argument("--row-ctas", type=int, default=1, choices=(1, 2), help="CTAs per SM of our row kernel")
     parser.add_argument(
         "--wgrad-ctas", type=int, default=1, choices=(1, 2), help="CTAs per SM of our weight-gradient kernel"
     )
@@ -108,7 +124,16 @@ def main() -> None:
     for d_model, d_hidden, num_experts in CONFIGS:
         for rows_per_expert in (int(r) for r in args.rows.split(",")):
             print(f"D={d_model} F={d_hidden} E={num_experts}, {rows_per_expert} rows per expert:")
-            run(d_model, d_hidden, num_experts, rows_per_expert, args.iters, args.tile_n, args.wgrad_ctas)
+            run(
+                d_model,
+                d_hidden,
+                num_experts,
+                rows_per_expert,
+                args.iters,
+                args.tile_n,
+                args.row_ctas,
+                args.wgrad_ctas,
+            )
 
 
 if __name__ == "__main__":

@@ -42,9 +42,11 @@ MAX_ROWS_PER_EXPERT = 160
 # tiles number fewer than the SMs (benchmarks/RESULTS.md, tenth session).
 TILE_N = 256
 TILE_N_MIN_WAVES = 2
-# CTAs per SM of the weight-gradient kernel: 1 (two consumer warpgroups share a tile, TILE_N wide
-# where tile_columns says so), or 2 (each CTA one consumer of a whole 128 x 128 tile, so that one
-# CTA's stores run while the other multiplies). 1 until 2 is measured on a GPU.
+# CTAs per SM of the row kernel (forward and input gradient) and of the weight-gradient kernel: 1
+# (two consumer warpgroups share a tile, TILE_N wide where tile_columns says so), or 2 (each CTA one
+# consumer of a whole 128 x 128 tile, so that one CTA's stores run while the other multiplies). 1
+# until 2 is measured on a GPU.
+ROW_CTAS_PER_SM = 1
 WEIGHT_GRAD_CTAS_PER_SM = 1
 
 
@@ -100,14 +102,19 @@ def _rows_tile_n(rows_NK: Tensor, num_experts: int, columns: int) -> int:
     return tile_columns(row_tiles, columns, _num_sms(rows_NK.device.index))
 
 
+def _rows_gemm(a_NK: Tensor, w_EMK: Tensor, ends_E: Tensor, b_is_kn: bool) -> Tensor:
+    if ROW_CTAS_PER_SM == 2:
+        return require_extension().grouped_gemm_rows(a_NK, w_EMK, ends_E, b_is_kn, FEATURE_MULTIPLE, 2)
+    tile_n = _rows_tile_n(a_NK, w_EMK.shape[0], w_EMK.shape[2 if b_is_kn else 1])
+    return require_extension().grouped_gemm_rows(a_NK, w_EMK, ends_E, b_is_kn, tile_n, 1)
+
+
 def _forward(x_NK: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
-    tile_n = _rows_tile_n(x_NK, w_EMK.shape[0], w_EMK.shape[1])
-    return require_extension().grouped_gemm_rows(x_NK, w_EMK, ends_E, False, tile_n)
+    return _rows_gemm(x_NK, w_EMK, ends_E, False)
 
 
 def _input_grad(grad_NM: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
-    tile_n = _rows_tile_n(grad_NM, w_EMK.shape[0], w_EMK.shape[2])
-    return require_extension().grouped_gemm_rows(grad_NM, w_EMK, ends_E, True, tile_n)
+    return _rows_gemm(grad_NM, w_EMK, ends_E, True)
 
 
 def _weight_grad(grad_NM: Tensor, x_NK: Tensor, ends_E: Tensor) -> Tensor:
