@@ -44,10 +44,11 @@ TILE_N = 256
 TILE_N_MIN_WAVES = 2
 # CTAs per SM of the row kernel (forward and input gradient) and of the weight-gradient kernel: 1
 # (two consumer warpgroups share a tile, TILE_N wide where tile_columns says so), or 2 (each CTA one
-# consumer of a whole 128 x 128 tile, so that one CTA's stores run while the other multiplies). 1
-# until 2 is measured on a GPU.
+# consumer of a whole 128 x 128 tile, so that one CTA's stores run while the other multiplies). On
+# an H200 two CTAs made the weight gradients 12-20% faster at 128 rows per expert over 64 experts,
+# and the row kernel faster on some GEMMs, slower on others (benchmarks/RESULTS.md, twelfth session).
 ROW_CTAS_PER_SM = 1
-WEIGHT_GRAD_CTAS_PER_SM = 1
+WEIGHT_GRAD_CTAS_PER_SM = 2
 
 
 def grouped_linear_usable(
