@@ -19,6 +19,10 @@ For each config (T, D, F, E, K) it times, with CUDA events (warm-up, then the me
   ``lightning_moe.ops.grouped_linear.MAX_ROWS_PER_EXPERT``).
 - MoE-simt-router: the layer with its router logits on the SIMT kernels rather than the tensor-core
   ones (``lightning_moe.ops.router_logits.TENSOR_CORE_ROUTER`` off).
+- MoE-wgrad-1cta: the layer with its weight gradients on one CTA per SM rather than two
+  (``lightning_moe.ops.grouped_linear.WEIGHT_GRAD_CTAS_PER_SM = 1``).
+- MoE-2cta: the layer with its forward GEMMs and input gradients on two CTAs per SM too
+  (``ROW_CTAS_PER_SM = 2``).
 
 ``--activation swiglu`` gives the experts of ops and MoE a third projection, gated by the fused
 ``ops.glu``; loop and grouped_mm are GELU only. FLOPs counted: 3 (fwd + bwd) x 2 GEMMs (3 for
@@ -66,6 +70,8 @@ GATED_IMPLEMENTATIONS = (
     "MoE-128",
     "MoE-all",
     "MoE-simt-router",
+    "MoE-wgrad-2cta",
+    "MoE-2cta",
 )
 
 
@@ -253,6 +259,8 @@ IMPLEMENTATIONS: dict[str, Callable[..., nn.Module]] = {
     "MoE-128": functools.partial(KernelChoice, TILE_N=128),
     "MoE-all": functools.partial(KernelChoice, MAX_ROWS_PER_EXPERT=ALL_ROWS),
     "MoE-simt-router": functools.partial(KernelChoice, target=router_logits_module, TENSOR_CORE_ROUTER=False),
+    "MoE-wgrad-1cta": functools.partial(KernelChoice, WEIGHT_GRAD_CTAS_PER_SM=1),
+    "MoE-2cta": functools.partial(KernelChoice, ROW_CTAS_PER_SM=2),
 }
 
 

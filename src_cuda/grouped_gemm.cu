@@ -35,24 +35,33 @@
 namespace lightning_moe {
 namespace {
 
-constexpr int kBM = 128;            // output rows per tile: two consumer warpgroups of 64
+constexpr int kBM = 128;            // output rows per tile: two halves of 64, one per wgmma m64
 constexpr int kBK = 64;             // K per stage (128 bytes of bf16: the swizzle span)
-constexpr int kThreads = 384;       // producer warpgroup + two consumer warpgroups
 constexpr int kTileABytes = kBM * kBK * 2;
-constexpr int kStagingBytes = 64 * kStagingPitch * 2;  // one consumer warpgroup's 64 rows, 128 columns
 constexpr int kRing = 8;            // tiles whose description the producer may have posted ahead
 static_assert(kBK == 64, "check_operands' messages name the tile sizes");
 
-// The constants of a tile kBN columns wide (128, or 256 for many rows per group).
-template <int kBN>
+// The constants of a CTA with kConsumers consumer warpgroups (2: one CTA per SM, each consumer
+// taking 64 of the tile's 128 rows; 1: two CTAs per SM, the one consumer taking all 128 rows, so
+// that one CTA's epilogue runs while the other multiplies) and tiles kBN columns wide (128, or 256
+// for many rows per group).
+template <int kBN, int kConsumers>
 struct Shape {
-  static constexpr int kHalves = kBN / 128;  // wgmma n128 products per k16 step
-  static constexpr int kStages = kBN == 128 ? 5 : 3;
+  static_assert(kConsumers == 2 || (kConsumers == 1 && kBN == 128), "two CTAs per SM hold 128-column tiles");
+  static constexpr int kThreads = 128 * (1 + kConsumers);  // producer warpgroup + consumers
+  static constexpr int kCtasPerSm = 3 - kConsumers;
+  static constexpr int kRowHalves = 2 / kConsumers;  // 64-row halves of the tile per consumer
+  static constexpr int kHalves = kBN / 128;          // wgmma n128 products per k16 step
+  static constexpr int kStages = kConsumers == 1 ? 3 : kBN == 128 ? 6 : 4;
   static constexpr int kTileBBytes = kBN * kBK * 2;
   static constexpr int kStageBytes = kTileABytes + kTileBBytes;
   static constexpr int kBarriersBytes = 2 * kStages * 8;
   static constexpr int kRingBytes = kRing * 20;  // sizeof(TileInfo)
-  static constexpr int kSharedBytes = 1024 + kStages * kStageBytes + 2 * kStagingBytes + kBarriersBytes + kRingBytes;
+  static constexpr int kSharedBytes =
+      1024 + kStages * kStageBytes + kConsumers * kStagingBytes + kBarriersBytes + kRingBytes;
+  // An SM has 228 KiB of shared memory, of which each resident CTA leaves 1 KiB to the system.
+  static_assert(kSharedBytes <= kMaxSharedBytes && kCtasPerSm * (kSharedBytes + 1024) <= 228 * 1024,
+                "more shared memory than the CTAs of an SM may have");
   static_assert(kRing > kStages, "the producer runs at most kStages stages, so kStages tiles, ahead");
 };
 
@@ -127,11 +136,12 @@ __device__ TileInfo locate(const Problem& p, int tile, int lane) {
 #endif  // LIGHTNING_MOE_WGMMA
 
 // kBKN: b is (E, K, N) (MN-major B tiles, 64-column boxes) rather than (E, N, K). kBN: output
-// columns per tile.
-template <bool kBKN, int kBN>
-__global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_constant__ Params params) {
+// columns per tile. kConsumers: consumer warpgroups per CTA (see Shape).
+template <bool kBKN, int kBN, int kConsumers>
+__global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, kConsumers>::kCtasPerSm)
+    grouped_gemm_kernel(const __grid_constant__ Params params) {
 #ifdef LIGHTNING_MOE_WGMMA
-  using S = Shape<kBN>;
+  using S = Shape<kBN, kConsumers>;
   constexpr int kStages = S::kStages;
   constexpr int kStageBytes = S::kStageBytes;
   const Problem& p = params.p;
@@ -141,9 +151,9 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
   const uint32_t base = (raw_address + 1023u) & ~1023u;
   uint8_t* const shared = shared_raw + (base - raw_address);
   const uint32_t staging_address = base + kStages * kStageBytes;
-  const uint32_t full_bar = staging_address + 2 * kStagingBytes;  // kStages full, then kStages empty
+  const uint32_t full_bar = staging_address + kConsumers * kStagingBytes;  // kStages full, then kStages empty
   const uint32_t empty_bar = full_bar + kStages * 8;
-  TileInfo* const ring = reinterpret_cast<TileInfo*>(shared + kStages * kStageBytes + 2 * kStagingBytes +
+  TileInfo* const ring = reinterpret_cast<TileInfo*>(shared + kStages * kStageBytes + kConsumers * kStagingBytes +
                                                      S::kBarriersBytes);
 
   const int tid = threadIdx.x;
@@ -151,7 +161,7 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(full_bar + s * 8, 1);   // the producer's arrival (+ the TMA bytes)
-      mbarrier_init(empty_bar + s * 8, 2);  // one arrival per consumer warpgroup
+      mbarrier_init(empty_bar + s * 8, kConsumers);  // one arrival per consumer warpgroup
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -159,9 +169,9 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
   const int k_steps = p.k / kBK;
 
   if (warpgroup == 0) {
-    // 128 x 256 tiles need more registers than 384 threads get by default: the producer gives
-    // its share to the consumers.
-    if constexpr (kBN == 256) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    // 128 x 256 tiles, and 128 x 128 tiles of one consumer, need more registers than the consumers
+    // get by default: the producer gives its share to them.
+    if constexpr (kBN == 256 || kConsumers == 1) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (tid >= 32) return;  // one producer warp
     const int lane = tid;
     StageRing<kStages> pipe;
@@ -201,13 +211,16 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
     }
   }
 
-  // Consumers: warpgroup 1 takes rows 0-63 of each tile, warpgroup 2 rows 64-127.
-  if constexpr (kBN == 256) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  // Consumers: with two, warpgroup 1 takes rows 0-63 of each tile and warpgroup 2 rows 64-127;
+  // with one (two CTAs per SM, 128 registers a thread at launch), it takes all 128.
+  if constexpr (kConsumers == 1) asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n" ::: "memory");
+  if constexpr (kConsumers == 2 && kBN == 256) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
   const int half = warpgroup - 1;
   const int ctid = tid % 128;
   __nv_bfloat16* const staging = reinterpret_cast<__nv_bfloat16*>(shared + kStages * kStageBytes + half * kStagingBytes);
-  float acc[S::kHalves][64];
-  float(&all_acc)[S::kHalves * 64] = reinterpret_cast<float(&)[S::kHalves * 64]>(acc);
+  float acc[S::kRowHalves][S::kHalves][64];
+  float(&all_acc)[S::kRowHalves * S::kHalves * 64] =
+      reinterpret_cast<float(&)[S::kRowHalves * S::kHalves * 64]>(acc);
   StageRing<kStages> pipe;
   for (int count = 0;; ++count) {
     mbarrier_wait(full_bar + pipe.stage * 8, pipe.phase);
@@ -221,14 +234,18 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kBK / 16; ++kk) {
-        const uint64_t desc_a = descriptor(tile_a + half * 64 * kRowBytes + kk * 32, 16, 1024);
 #pragma unroll
-        for (int h = 0; h < S::kHalves; ++h) {
-          // Columns 128h on: K-major, B's rows 128h on; MN-major, its 64-column boxes 2h on.
-          const uint64_t desc_b =
-              kBKN ? descriptor(tile_b + h * 2 * kBK * kRowBytes + kk * 16 * kRowBytes, kBK * kRowBytes, 1024)
-                   : descriptor(tile_b + h * 128 * kRowBytes + kk * 32, 16, 1024);
-          wgmma_m64n128k16<0, kBKN ? 1 : 0>(acc[h], desc_a, desc_b, step > 0 || kk > 0 ? 1 : 0);
+        for (int r = 0; r < S::kRowHalves; ++r) {
+          const int rows64 = half * S::kRowHalves + r;  // the tile's 64-row half this product fills
+          const uint64_t desc_a = descriptor(tile_a + rows64 * 64 * kRowBytes + kk * 32, 16, 1024);
+#pragma unroll
+          for (int h = 0; h < S::kHalves; ++h) {
+            // Columns 128h on: K-major, B's rows 128h on; MN-major, its 64-column boxes 2h on.
+            const uint64_t desc_b =
+                kBKN ? descriptor(tile_b + h * 2 * kBK * kRowBytes + kk * 16 * kRowBytes, kBK * kRowBytes, 1024)
+                     : descriptor(tile_b + h * 128 * kRowBytes + kk * 32, 16, 1024);
+            wgmma_m64n128k16<0, kBKN ? 1 : 0>(acc[r][h], desc_a, desc_b, step > 0 || kk > 0 ? 1 : 0);
+          }
         }
       }
       wgmma_commit();
@@ -236,12 +253,15 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
     }
     stages.finish(all_acc);
 
-    // This warpgroup's 64 rows of the tile, those inside the group.
-    const int row_base = info.row0 + half * 64;
-    const int64_t tile_offset = static_cast<int64_t>(info.group_start + row_base) * p.n + info.n0;
-    store_rows(acc, staging, ctid, 1 + half, info.group_rows - row_base, [&](int row, int column, uint4 value) {
-      *reinterpret_cast<uint4*>(p.out + tile_offset + static_cast<int64_t>(row) * p.n + column) = value;
-    });
+    // This warpgroup's rows of the tile, 64 at a time, those inside the group.
+#pragma unroll
+    for (int r = 0; r < S::kRowHalves; ++r) {
+      const int row_base = info.row0 + (half * S::kRowHalves + r) * 64;
+      const int64_t tile_offset = static_cast<int64_t>(info.group_start + row_base) * p.n + info.n0;
+      store_rows(acc[r], staging, ctid, 1 + half, info.group_rows - row_base, [&](int row, int column, uint4 value) {
+        *reinterpret_cast<uint4*>(p.out + tile_offset + static_cast<int64_t>(row) * p.n + column) = value;
+      });
+    }
   }
 #else
   __trap();  // built without sm_90a: grouped_gemm_available() reports false and no caller launches this
@@ -300,9 +320,10 @@ bool grouped_gemm_available() {
 
 namespace {
 
-template <bool kBKN, int kBN>
+template <bool kBKN, int kBN, int kConsumers>
 void launch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, const at::Tensor& out, int64_t k,
             int64_t n) {
+  using S = Shape<kBN, kConsumers>;
   const int64_t groups = ends.size(0), rows = a.size(0);
   // At most floor(R / BM) + E row tiles: each group adds at most one partial tile.
   const int64_t slots = rows / kBM + groups;
@@ -323,28 +344,31 @@ void launch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, co
                       static_cast<int>(tiles_bound)};
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.device().index()));
-  const unsigned ctas = static_cast<unsigned>(std::min<int64_t>(tiles_bound, sms));
-  const void* kernel = reinterpret_cast<const void*>(grouped_gemm_kernel<kBKN, kBN>);
-  constexpr int kSharedBytes = Shape<kBN>::kSharedBytes;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes));
+  const unsigned ctas = static_cast<unsigned>(std::min<int64_t>(tiles_bound, int64_t{sms} * S::kCtasPerSm));
+  const void* kernel = reinterpret_cast<const void*>(grouped_gemm_kernel<kBKN, kBN, kConsumers>);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSharedBytes));
   void* args[] = {params.get()};
-  C10_CUDA_CHECK(cudaLaunchKernel(kernel, dim3(ctas), dim3(kThreads), args, kSharedBytes,
+  C10_CUDA_CHECK(cudaLaunchKernel(kernel, dim3(ctas), dim3(S::kThreads), args, S::kSharedBytes,
                                   c10::cuda::getCurrentCUDAStream()));
 }
 
 }  // namespace
 
 at::Tensor grouped_gemm_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, bool b_is_kn,
-                             int64_t tile_n) {
+                             int64_t tile_n, int64_t ctas_per_sm) {
   const auto [k, n] = check_operands(a, b, ends, b_is_kn, tile_n);
+  TORCH_CHECK(ctas_per_sm == 1 || (ctas_per_sm == 2 && tile_n == 128),
+              "ctas_per_sm must be 1, or 2 with tile_n 128, got ", text(ctas_per_sm));
   const c10::cuda::CUDAGuard guard(a.device());
   auto out = at::empty({a.size(0), n}, a.options());
   if (a.size(0) == 0) return out;
   bind_context(a.device().index());
-  if (b_is_kn) {
-    tile_n == 256 ? launch<true, 256>(a, b, ends, out, k, n) : launch<true, 128>(a, b, ends, out, k, n);
+  if (ctas_per_sm == 2) {
+    b_is_kn ? launch<true, 128, 1>(a, b, ends, out, k, n) : launch<false, 128, 1>(a, b, ends, out, k, n);
+  } else if (b_is_kn) {
+    tile_n == 256 ? launch<true, 256, 2>(a, b, ends, out, k, n) : launch<true, 128, 2>(a, b, ends, out, k, n);
   } else {
-    tile_n == 256 ? launch<false, 256>(a, b, ends, out, k, n) : launch<false, 128>(a, b, ends, out, k, n);
+    tile_n == 256 ? launch<false, 256, 2>(a, b, ends, out, k, n) : launch<false, 128, 2>(a, b, ends, out, k, n);
   }
   return out;
 }

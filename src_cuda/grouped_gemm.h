@@ -26,10 +26,12 @@ bool grouped_gemm_available();
 //   b_is_kn: the layout of b, above.
 //   tile_n: output columns per tile, 128 or 256 (N a multiple of 256); 256 suits many rows per
 //     group.
+//   ctas_per_sm: 1, or 2 (tile_n 128): two CTAs of one consumer warpgroup each per SM, so that one
+//     CTA's stores run while the other multiplies.
 //
 // Returns:
 //   (R, N) bfloat16; rows at or past ends[E - 1] are left unwritten.
 at::Tensor grouped_gemm_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, bool b_is_kn,
-                             int64_t tile_n = 128);
+                             int64_t tile_n = 128, int64_t ctas_per_sm = 1);
 
 }  // namespace lightning_moe

@@ -8,6 +8,10 @@
 //
 // A stage may run past the expert's last row into the next expert's rows: the consumers zero
 // those rows of the stage before multiplying. An expert without rows gets a zero tile.
+//
+// With two CTAs per SM (128-column tiles), each CTA has one consumer warpgroup, which takes all
+// 128 rows of a tile (both of a's boxes): one CTA's epilogue stores then run while the other
+// multiplies, where with one CTA per SM the SM's tensor cores wait for the stores.
 #include "grouped_gemm_weight_grad.h"
 
 #include <algorithm>
@@ -32,18 +36,27 @@ namespace {
 
 constexpr int kBM = 128;                      // output rows (of M) per tile
 constexpr int kBK = 64;                       // expert rows per stage
-constexpr int kThreads = 384;                 // producer warpgroup + two consumer warpgroups
 constexpr int kBoxBytes = kBK * kRowBytes;    // one 64-column box of kBK rows
 constexpr int kTileABytes = 2 * kBoxBytes;
-constexpr int kStagingBytes = 64 * kStagingPitch * 2;
 constexpr int kRing = 8;
 
-template <int kBN>
+// The constants of a CTA with kConsumers consumer warpgroups (2: one CTA per SM, each consumer
+// taking 64 of the tile's 128 rows; 1: two CTAs per SM, the one consumer taking all 128 rows, so
+// that one CTA's epilogue runs while the other multiplies) and tiles kBN columns wide.
+template <int kBN, int kConsumers>
 struct Shape {
+  static_assert(kConsumers == 2 || (kConsumers == 1 && kBN == 128), "two CTAs per SM hold 128-column tiles");
+  static constexpr int kThreads = 128 * (1 + kConsumers);  // producer warpgroup + consumers
+  static constexpr int kCtasPerSm = 3 - kConsumers;
+  static constexpr int kBoxes = 2 / kConsumers;  // a's 64-column boxes (64 output rows) per consumer
   static constexpr int kHalves = kBN / 128;
-  static constexpr int kStages = kBN == 128 ? 5 : 3;
+  static constexpr int kStages = kConsumers == 1 ? 3 : kBN == 128 ? 6 : 4;
   static constexpr int kStageBytes = kTileABytes + (kBN / 64) * kBoxBytes;
-  static constexpr int kSharedBytes = 1024 + kStages * kStageBytes + 2 * kStagingBytes + 2 * kStages * 8 + kRing * 20;
+  static constexpr int kSharedBytes =
+      1024 + kStages * kStageBytes + kConsumers * kStagingBytes + 2 * kStages * 8 + kRing * 20;
+  // An SM has 228 KiB of shared memory, of which each resident CTA leaves 1 KiB to the system.
+  static_assert(kSharedBytes <= kMaxSharedBytes && kCtasPerSm * (kSharedBytes + 1024) <= 228 * 1024,
+                "more shared memory than the CTAs of an SM may have");
   static_assert(kRing > kStages, "the producer runs at most kStages stages, so kStages tiles, ahead");
 };
 
@@ -82,50 +95,56 @@ __device__ __forceinline__ TileInfo decode(const Problem& p, int tile) {
   return TileInfo{group, row_start, p.ends[group] - row_start, (rest % p.m_tiles) * kBM, (tile % p.n_tiles) * kBN};
 }
 
-// kSlices k16 slices of one stage into the accumulators of warpgroup `half` (a's box `half`).
-template <int kBN, int kSlices>
-__device__ __forceinline__ void multiply(float (&acc)[kBN / 128][64], uint32_t tile_a, uint32_t tile_b, int half,
-                                         bool first) {
+// kSlices k16 slices of one stage into the accumulators of consumer `half`, which owns a's boxes
+// kBoxes * half on (64 output rows each).
+template <int kBN, int kBoxes, int kSlices>
+__device__ __forceinline__ void multiply(float (&acc)[kBoxes][kBN / 128][64], uint32_t tile_a, uint32_t tile_b,
+                                         int half, bool first) {
 #pragma unroll
   for (int kk = 0; kk < kSlices; ++kk) {
-    const uint64_t desc_a = descriptor(tile_a + half * kBoxBytes + kk * 16 * kRowBytes, kBoxBytes, 1024);
 #pragma unroll
-    for (int h = 0; h < kBN / 128; ++h) {
-      const uint64_t desc_b = descriptor(tile_b + h * 2 * kBoxBytes + kk * 16 * kRowBytes, kBoxBytes, 1024);
-      wgmma_m64n128k16<1, 1>(acc[h], desc_a, desc_b, first && kk == 0 ? 0 : 1);
+    for (int bx = 0; bx < kBoxes; ++bx) {
+      const uint64_t desc_a =
+          descriptor(tile_a + (half * kBoxes + bx) * kBoxBytes + kk * 16 * kRowBytes, kBoxBytes, 1024);
+#pragma unroll
+      for (int h = 0; h < kBN / 128; ++h) {
+        const uint64_t desc_b = descriptor(tile_b + h * 2 * kBoxBytes + kk * 16 * kRowBytes, kBoxBytes, 1024);
+        wgmma_m64n128k16<1, 1>(acc[bx][h], desc_a, desc_b, first && kk == 0 ? 0 : 1);
+      }
     }
   }
 }
 #endif  // LIGHTNING_MOE_WGMMA
 
-template <int kBN>
-__global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_constant__ Params params) {
+template <int kBN, int kConsumers>
+__global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, kConsumers>::kCtasPerSm)
+    weight_grad_kernel(const __grid_constant__ Params params) {
 #ifdef LIGHTNING_MOE_WGMMA
-  using S = Shape<kBN>;
+  using S = Shape<kBN, kConsumers>;
   constexpr int kStages = S::kStages;
   const Problem& p = params.p;
   extern __shared__ uint8_t shared_raw[];
   const uint32_t raw_address = shared_address(shared_raw);
   const uint32_t base = (raw_address + 1023u) & ~1023u;  // the swizzle reads address bits 4-9
   uint8_t* const shared = shared_raw + (base - raw_address);
-  const uint32_t full_bar = base + kStages * S::kStageBytes + 2 * kStagingBytes;
+  const uint32_t full_bar = base + kStages * S::kStageBytes + kConsumers * kStagingBytes;
   const uint32_t empty_bar = full_bar + kStages * 8;
   TileInfo* const ring =
-      reinterpret_cast<TileInfo*>(shared + kStages * S::kStageBytes + 2 * kStagingBytes + 2 * kStages * 8);
+      reinterpret_cast<TileInfo*>(shared + kStages * S::kStageBytes + kConsumers * kStagingBytes + 2 * kStages * 8);
 
   const int tid = threadIdx.x;
   const int warpgroup = tid / 128;
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(full_bar + s * 8, 1);
-      mbarrier_init(empty_bar + s * 8, 2);
+      mbarrier_init(empty_bar + s * 8, kConsumers);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
 
   if (warpgroup == 0) {
-    if constexpr (kBN == 256) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if constexpr (kBN == 256 || kConsumers == 1) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (tid != 0) return;  // one producer thread
     StageRing<kStages> pipe;
     TileInfo upcoming = decode<kBN>(p, blockIdx.x);
@@ -160,13 +179,15 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
     }
   }
 
-  if constexpr (kBN == 256) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  // Two CTAs per SM start at 128 registers a thread: the producer's 88 spare go to the consumer.
+  if constexpr (kConsumers == 1) asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n" ::: "memory");
+  if constexpr (kConsumers == 2 && kBN == 256) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
   const int half = warpgroup - 1;
   const int ctid = tid % 128;
   __nv_bfloat16* const staging =
       reinterpret_cast<__nv_bfloat16*>(shared + kStages * S::kStageBytes + half * kStagingBytes);
-  float acc[S::kHalves][64];
-  float(&all_acc)[S::kHalves * 64] = reinterpret_cast<float(&)[S::kHalves * 64]>(acc);
+  float acc[S::kBoxes][S::kHalves][64];
+  float(&all_acc)[S::kBoxes * S::kHalves * 64] = reinterpret_cast<float(&)[S::kBoxes * S::kHalves * 64]>(acc);
   StageRing<kStages> pipe;
   for (int count = 0;; ++count) {
     mbarrier_wait(full_bar + pipe.stage * 8, pipe.phase);
@@ -174,11 +195,11 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
     if (info.group < 0) break;
     const int steps = (info.rows + kBK - 1) / kBK;
     __nv_bfloat16* const out_rows =
-        p.out + (static_cast<int64_t>(info.group) * p.m + info.m0 + half * 64) * p.n + info.n0;
+        p.out + (static_cast<int64_t>(info.group) * p.m + info.m0 + half * 64 * S::kBoxes) * p.n + info.n0;
     if (steps == 0) {
       if (ctid == 0) mbarrier_arrive(empty_bar + pipe.stage * 8);
       pipe.advance();
-      for (int i = ctid; i < 64 * (kBN / 8); i += 128) {
+      for (int i = ctid; i < 64 * S::kBoxes * (kBN / 8); i += 128) {
         *reinterpret_cast<uint4*>(out_rows + static_cast<int64_t>(i / (kBN / 8)) * p.n + (i % (kBN / 8)) * 8) =
             make_uint4(0, 0, 0, 0);
       }
@@ -193,30 +214,34 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
       if (valid < kBK) {
         // Rows past the expert (the next expert's, or TMA's zero fill): zero them in every box of
         // a and b, so that not even an infinity there reaches this sum. Whole 128-byte rows (the
-        // swizzle only permutes chunks within a row); warpgroup g takes the boxes g, g + 2, ...
+        // swizzle only permutes chunks within a row); consumer g takes the boxes g, g + kConsumers, ...
         uint8_t* const stage = shared + (tile_a - base);
-        for (int box = half; box < 2 + kBN / 64; box += 2) {
+        for (int box = half; box < 2 + kBN / 64; box += kConsumers) {
           for (int i = ctid; i < (kBK - valid) * 8; i += 128) {
             *reinterpret_cast<uint4*>(stage + box * kBoxBytes + (valid + i / 8) * kRowBytes + (i % 8) * 16) =
                 make_uint4(0, 0, 0, 0);
           }
         }
-        // Hand the zeros to the async proxy that wgmma reads through; both warpgroups read b.
+        // Hand the zeros to the async proxy that wgmma reads through; every consumer reads b.
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        named_barrier(3, 256);
+        named_barrier(3, 128 * kConsumers);
       }
       // All four k16 slices, zeros included: skipping them by a run-time count makes ptxas
       // serialise the wgmma instructions.
       wgmma_fence();
-      multiply<kBN, kBK / 16>(acc, tile_a, tile_b, half, step == 0);
+      multiply<kBN, S::kBoxes, kBK / 16>(acc, tile_a, tile_b, half, step == 0);
       wgmma_commit();
       stages.next(all_acc);
     }
     stages.finish(all_acc);
 
-    store_rows(acc, staging, ctid, 1 + half, 64, [&](int row, int column, uint4 value) {
-      *reinterpret_cast<uint4*>(out_rows + static_cast<int64_t>(row) * p.n + column) = value;
-    });
+#pragma unroll
+    for (int bx = 0; bx < S::kBoxes; ++bx) {
+      __nv_bfloat16* const box_rows = out_rows + static_cast<int64_t>(bx) * 64 * p.n;
+      store_rows(acc[bx], staging, ctid, 1 + half, 64, [&](int row, int column, uint4 value) {
+        *reinterpret_cast<uint4*>(box_rows + static_cast<int64_t>(row) * p.n + column) = value;
+      });
+    }
   }
 #else
   __trap();  // built without sm_90a: grouped_gemm_available() reports false and no caller launches this
@@ -225,7 +250,7 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
 
 // Validates the operands; returns (M, N).
 std::pair<int64_t, int64_t> check_operands(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends,
-                                           int64_t tile_n) {
+                                           int64_t tile_n, int64_t ctas_per_sm) {
   check_grouped_gemm_operands(a, b, ends, 2);
   TORCH_CHECK(b.size(0) == a.size(0), "a and b must have the same rows, got ", text(a.sizes()), " and ",
               text(b.sizes()));
@@ -233,13 +258,16 @@ std::pair<int64_t, int64_t> check_operands(const at::Tensor& a, const at::Tensor
   TORCH_CHECK(m % 128 == 0 && m > 0, "a's columns must be a positive multiple of 128, got ", text(m));
   TORCH_CHECK(n % 128 == 0 && n > 0, "b's columns must be a positive multiple of 128, got ", text(n));
   TORCH_CHECK(tile_n == 128 || (tile_n == 256 && n % 256 == 0), "tile_n must be 128, or 256 dividing b's columns");
+  TORCH_CHECK(ctas_per_sm == 1 || (ctas_per_sm == 2 && tile_n == 128),
+              "ctas_per_sm must be 1, or 2 with tile_n 128, got ", text(ctas_per_sm));
   TORCH_CHECK(ends.size(0) * (m / 128) * (n / 128) < (int64_t{1} << 30), "too many output tiles");
   TORCH_CHECK(grouped_gemm_available(), "the grouped GEMM kernels need a compute capability 9.0 GPU and an sm_90a build");
   return {m, n};
 }
 
-template <int kBN>
+template <int kBN, int kConsumers>
 void launch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, const at::Tensor& out) {
+  using S = Shape<kBN, kConsumers>;
   const int64_t groups = ends.size(0), rows = a.size(0), m = a.size(1), n = b.size(1);
   auto params = std::make_unique<Params>();
   encode_tensor_map(&params->map_a, a.data_ptr(), rows, m, kBK);
@@ -254,24 +282,28 @@ void launch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, co
                       static_cast<int>(tiles)};
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.device().index()));
-  const unsigned ctas = static_cast<unsigned>(std::min<int64_t>(tiles, sms));
-  const void* kernel = reinterpret_cast<const void*>(weight_grad_kernel<kBN>);
-  constexpr int kSharedBytes = Shape<kBN>::kSharedBytes;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes));
+  const unsigned ctas = static_cast<unsigned>(std::min<int64_t>(tiles, int64_t{sms} * S::kCtasPerSm));
+  const void* kernel = reinterpret_cast<const void*>(weight_grad_kernel<kBN, kConsumers>);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSharedBytes));
   void* args[] = {params.get()};
-  C10_CUDA_CHECK(cudaLaunchKernel(kernel, dim3(ctas), dim3(kThreads), args, kSharedBytes,
+  C10_CUDA_CHECK(cudaLaunchKernel(kernel, dim3(ctas), dim3(S::kThreads), args, S::kSharedBytes,
                                   c10::cuda::getCurrentCUDAStream()));
 }
 
 }  // namespace
 
-at::Tensor grouped_gemm_weight_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, int64_t tile_n) {
-  const auto [m, n] = check_operands(a, b, ends, tile_n);
+at::Tensor grouped_gemm_weight_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, int64_t tile_n,
+                                    int64_t ctas_per_sm) {
+  const auto [m, n] = check_operands(a, b, ends, tile_n, ctas_per_sm);
   const c10::cuda::CUDAGuard guard(a.device());
   if (a.size(0) == 0) return at::zeros({ends.size(0), m, n}, a.options());
   auto out = at::empty({ends.size(0), m, n}, a.options());
   bind_context(a.device().index());
-  tile_n == 256 ? launch<256>(a, b, ends, out) : launch<128>(a, b, ends, out);
+  if (ctas_per_sm == 2) {
+    launch<128, 1>(a, b, ends, out);
+  } else {
+    tile_n == 256 ? launch<256, 2>(a, b, ends, out) : launch<128, 2>(a, b, ends, out);
+  }
   return out;
 }
 

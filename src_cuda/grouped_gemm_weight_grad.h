@@ -14,10 +14,12 @@ namespace lightning_moe {
 //   b: (R, N) bfloat16, contiguous, N a multiple of 128.
 //   ends: (E,) int32 cumulative row counts, non-decreasing, ends[E - 1] <= R.
 //   tile_n: output columns per tile, 128 or 256 (N a multiple of 256).
+//   ctas_per_sm: 1, or 2 (tile_n 128): two CTAs of one consumer warpgroup each per SM, so that one
+//     CTA's stores run while the other multiplies.
 //
 // Returns:
 //   (E, M, N) bfloat16, each element summed in float32 in a fixed order.
 at::Tensor grouped_gemm_weight_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends,
-                                    int64_t tile_n = 128);
+                                    int64_t tile_n = 128, int64_t ctas_per_sm = 1);
 
 }  // namespace lightning_moe

@@ -548,7 +548,10 @@ at::Tensor router_logits_tc_forward(const at::Tensor& x, const at::Tensor& weigh
   at::Tensor logits = at::empty({num_tokens, num_experts}, weight.options());
   if (num_tokens == 0) return logits;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (num_experts <= 32) {
+  // 32-expert tiles up to 32 experts, and wherever 64-expert tiles would give fewer than two
+  // blocks per SM (one block of 4 warps cannot hide its loads: (8192, 1024, 64) took 33 us).
+  const int64_t wide_blocks = ceil_div(num_tokens, ForwardTcTiles<4>::kBM) * ceil_div(num_experts, int64_t{64});
+  if (num_experts <= 32 || wide_blocks < 2 * kNominalSms) {
     launch_tc_forward<2>(x, weight, logits, stream);
   } else {
     launch_tc_forward<4>(x, weight, logits, stream);

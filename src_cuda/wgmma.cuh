@@ -17,9 +17,14 @@ namespace lightning_moe {
 namespace {
 
 [[maybe_unused]] constexpr int kRowBytes = 128;  // one swizzled shared-memory row: 64 bf16
-// Row pitch (elements) of a warpgroup's 64 x 128 output staging buffer: 16-byte aligned rows,
-// conflict-free fragment stores.
-[[maybe_unused]] constexpr int kStagingPitch = 128 + 8;
+// A consumer warpgroup's output staging buffer: 64 rows of kStagingColumns columns, pitch
+// kStagingPitch elements (16-byte aligned rows, conflict-free fragment stores). Narrower than a
+// tile, so that its shared memory goes to pipeline stages instead.
+[[maybe_unused]] constexpr int kStagingColumns = 64;
+[[maybe_unused]] constexpr int kStagingPitch = kStagingColumns + 8;
+[[maybe_unused]] constexpr int kStagingBytes = 64 * kStagingPitch * 2;
+// The most dynamic shared memory a CTA may have on compute capability 9.0 (227 KiB).
+[[maybe_unused]] constexpr int kMaxSharedBytes = 227 * 1024;
 
 #ifdef LIGHTNING_MOE_WGMMA
 __device__ __forceinline__ uint32_t shared_address(const void* ptr) {
@@ -120,39 +125,45 @@ struct StageRing {
   }
 };
 
-// A warpgroup's 64 x 128 accumulators (thread `ctid` of it; warp w holds rows 16w + lane / 4 and
-// that + 8, two adjacent columns per 8-column chunk) to bf16 rows of `staging`.
-__device__ __forceinline__ void stage_accumulators(const float (&acc)[64], __nv_bfloat16* staging, int ctid) {
+// Columns 64q to 64q + 63 of a warpgroup's 64 x 128 accumulators (thread `ctid` of it; warp w holds
+// rows 16w + lane / 4 and that + 8, two adjacent columns per 8-column chunk) to bf16 rows of
+// `staging`.
+__device__ __forceinline__ void stage_accumulators(const float (&acc)[64], int q, __nv_bfloat16* staging, int ctid) {
   const int warp = ctid / 32, lane = ctid % 32;
   const int row = warp * 16 + lane / 4;
 #pragma unroll
-  for (int j = 0; j < 16; ++j) {
+  for (int j = 0; j < kStagingColumns / 8; ++j) {
     const int col = j * 8 + (lane % 4) * 2;
-    *reinterpret_cast<__nv_bfloat162*>(staging + row * kStagingPitch + col) =
-        __floats2bfloat162_rn(acc[4 * j], acc[4 * j + 1]);
+    const int a = 4 * (q * kStagingColumns / 8 + j);
+    *reinterpret_cast<__nv_bfloat162*>(staging + row * kStagingPitch + col) = __floats2bfloat162_rn(acc[a], acc[a + 1]);
     *reinterpret_cast<__nv_bfloat162*>(staging + (row + 8) * kStagingPitch + col) =
-        __floats2bfloat162_rn(acc[4 * j + 2], acc[4 * j + 3]);
+        __floats2bfloat162_rn(acc[a + 2], acc[a + 3]);
   }
 }
 
 // A consumer warpgroup's finished tile, kHalves x 128 columns of its 64 rows, out through its
-// staging buffer (128 columns at a time) as 16-byte vectors of 8 bf16: store(row, column, vector)
-// for each vector of the rows below `rows`, column the vector's first column in the tile.
+// staging buffer (kStagingColumns at a time) as 16-byte vectors of 8 bf16: store(row, column,
+// vector) for each vector of the rows below `rows`, column the vector's first column in the tile.
 // `barrier` is a named barrier of the warpgroup's own.
 template <int kHalves, class Store>
 __device__ __forceinline__ void store_rows(const float (&acc)[kHalves][64], __nv_bfloat16* staging, int ctid,
                                            int barrier, int rows, Store store) {
+  constexpr int kChunks = kStagingColumns / 8;  // 16-byte vectors per staged row
 #pragma unroll
   for (int h = 0; h < kHalves; ++h) {
-    named_barrier(barrier, 128);  // the previous rows have left the staging buffer
-    stage_accumulators(acc[h], staging, ctid);
-    named_barrier(barrier, 128);
 #pragma unroll
-    for (int it = 0; it < 64 * 16 / 128; ++it) {
-      const int i = it * 128 + ctid;
-      const int row = i / 16, chunk = i % 16;
-      if (row < rows) {
-        store(row, h * 128 + chunk * 8, *reinterpret_cast<const uint4*>(staging + row * kStagingPitch + chunk * 8));
+    for (int q = 0; q < 128 / kStagingColumns; ++q) {
+      named_barrier(barrier, 128);  // the previous columns have left the staging buffer
+      stage_accumulators(acc[h], q, staging, ctid);
+      named_barrier(barrier, 128);
+#pragma unroll
+      for (int it = 0; it < 64 * kChunks / 128; ++it) {
+        const int i = it * 128 + ctid;
+        const int row = i / kChunks, chunk = i % kChunks;
+        if (row < rows) {
+          store(row, h * 128 + q * kStagingColumns + chunk * 8,
+                *reinterpret_cast<const uint4*>(staging + row * kStagingPitch + chunk * 8));
+        }
       }
     }
   }

@@ -42,6 +42,13 @@ MAX_ROWS_PER_EXPERT = 160
 # tiles number fewer than the SMs (benchmarks/RESULTS.md, tenth session).
 TILE_N = 256
 TILE_N_MIN_WAVES = 2
+# CTAs per SM of the row kernel (forward and input gradient) and of the weight-gradient kernel: 1
+# (two consumer warpgroups share a tile, TILE_N wide where tile_columns says so), or 2 (each CTA one
+# consumer of a whole 128 x 128 tile, so that one CTA's stores run while the other multiplies). On
+# an H200 two CTAs made the weight gradients 12-20% faster at 128 rows per expert over 64 experts,
+# and the row kernel faster on some GEMMs, slower on others (benchmarks/RESULTS.md, twelfth session).
+ROW_CTAS_PER_SM = 1
+WEIGHT_GRAD_CTAS_PER_SM = 2
 
 
 def grouped_linear_usable(
@@ -96,21 +103,28 @@ def _rows_tile_n(rows_NK: Tensor, num_experts: int, columns: int) -> int:
     return tile_columns(row_tiles, columns, _num_sms(rows_NK.device.index))
 
 
+def _rows_gemm(a_NK: Tensor, w_EMK: Tensor, ends_E: Tensor, b_is_kn: bool) -> Tensor:
+    if ROW_CTAS_PER_SM == 2:
+        return require_extension().grouped_gemm_rows(a_NK, w_EMK, ends_E, b_is_kn, FEATURE_MULTIPLE, 2)
+    tile_n = _rows_tile_n(a_NK, w_EMK.shape[0], w_EMK.shape[2 if b_is_kn else 1])
+    return require_extension().grouped_gemm_rows(a_NK, w_EMK, ends_E, b_is_kn, tile_n, 1)
+
+
 def _forward(x_NK: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
-    tile_n = _rows_tile_n(x_NK, w_EMK.shape[0], w_EMK.shape[1])
-    return require_extension().grouped_gemm_rows(x_NK, w_EMK, ends_E, False, tile_n)
+    return _rows_gemm(x_NK, w_EMK, ends_E, False)
 
 
 def _input_grad(grad_NM: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
-    tile_n = _rows_tile_n(grad_NM, w_EMK.shape[0], w_EMK.shape[2])
-    return require_extension().grouped_gemm_rows(grad_NM, w_EMK, ends_E, True, tile_n)
+    return _rows_gemm(grad_NM, w_EMK, ends_E, True)
 
 
 def _weight_grad(grad_NM: Tensor, x_NK: Tensor, ends_E: Tensor) -> Tensor:
     # grad_w[e] = grad[rows e].T @ x[rows e], ragged along the contraction: tiles of 128 rows of M.
+    if WEIGHT_GRAD_CTAS_PER_SM == 2:
+        return require_extension().grouped_gemm_weight_grad(grad_NM, x_NK, ends_E, FEATURE_MULTIPLE, 2)
     row_tiles = ends_E.shape[0] * (grad_NM.shape[1] // 128)
     tile_n = tile_columns(row_tiles, x_NK.shape[1], _num_sms(x_NK.device.index))
-    return require_extension().grouped_gemm_weight_grad(grad_NM, x_NK, ends_E, tile_n)
+    return require_extension().grouped_gemm_weight_grad(grad_NM, x_NK, ends_E, tile_n, 1)
 
 
 @torch.library.custom_op("lightning_moe::grouped_linear", mutates_args=())

@@ -1,7 +1,8 @@
 """The CUDA ops' own input checks raise a RuntimeError naming the bad value; they do not crash.
 
-Each call runs in a child process, so a check that brought the process down (as a message that
-streamed an integer once did on the GPU machine) fails this test rather than the test session.
+The calls run in one child process, so a check that brought the process down (as a message that
+streamed an integer once did on the GPU machine) fails its case, and those after it, rather than
+the test session.
 """
 
 from __future__ import annotations
@@ -94,9 +95,14 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize(("call", "message"), CASES.values(), ids=CASES.keys())
-def test_a_failed_check_raises_with_its_numbers(call: str, message: str) -> None:
-    script = textwrap.dedent(f"""
+@pytest.fixture(scope="module")
+def outcomes() -> tuple[dict[str, str], str]:
+    """Every case's call, in order, in one child process: the first line of what each raised (or
+    "no error"), by case name, and the child's stderr. The child loads the extension once for all
+    of them; a call that brings it down leaves that case and the ones after it without an outcome."""
+    calls = "".join(f"run({name!r}, lambda: {call})\n" for name, (call, _) in CASES.items())
+    script = (
+        textwrap.dedent("""
         import torch
         from lightning_moe.ops.extension import require_extension
         ext = require_extension()
@@ -106,13 +112,25 @@ def test_a_failed_check_raises_with_its_numbers(call: str, message: str) -> None
             return torch.zeros(*shape, dtype=dtype, device="cuda")
 
         bf16 = torch.bfloat16
-        try:
-            {call}
-        except RuntimeError as error:
-            print(str(error).splitlines()[0])
-        else:
-            print("no error")
+
+        def run(name, call):
+            try:
+                call()
+            except RuntimeError as error:
+                outcome = str(error).splitlines()[0]
+            else:
+                outcome = "no error"
+            print(name, outcome, sep="\t", flush=True)
     """)
+        + calls
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"the check crashed the process (exit {done.returncode}): {done.stderr[-2000:]}"
-    assert message in done.stdout, done.stdout
+    results = dict(line.split("\t", 1) for line in done.stdout.splitlines() if "\t" in line)
+    return results, f"exit {done.returncode}: {done.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize("name", CASES.keys())
+def test_a_failed_check_raises_with_its_numbers(name: str, outcomes: tuple[dict[str, str], str]) -> None:
+    results, child = outcomes
+    assert name in results, f"the process died at or before this check ({child})"
+    assert CASES[name][1] in results[name], results[name]

@@ -6,6 +6,7 @@ Shape legend: N rows (sorted by expert), K input features, M output features, E 
 
 from __future__ import annotations
 
+import importlib
 import threading
 
 import pytest
@@ -17,6 +18,11 @@ from lightning_moe.ops import reference
 from lightning_moe.ops.extension import require_extension
 from lightning_moe.ops.grouped_linear import grouped_linear, grouped_linear_usable
 from tests.ops.gpu_checks import GPU_MARKS, assert_close_to_gpu_oracle, poison_float_blocks
+
+# The module, not the function of the same name that lightning_moe.ops exports.
+grouped_linear_module = importlib.import_module("lightning_moe.ops.grouped_linear")
+# (tile_n, ctas_per_sm) of the kernels: one CTA per SM at both tile widths, and two CTAs per SM.
+KERNEL_CHOICES = {"tile128": (128, 1), "tile256": (256, 1), "two_ctas": (128, 2)}
 
 
 def _kernels_here() -> bool:
@@ -66,15 +72,15 @@ def test_grouped_linear_matches_the_oracle(split: list[int], k: int, m: int, gen
 
 @pytest.mark.parametrize("split", SPLITS.values(), ids=SPLITS.keys())
 @pytest.mark.parametrize("b_is_kn", [False, True], ids=["b-nk", "b-kn"])
-@pytest.mark.parametrize("tile_n", [128, 256])
+@pytest.mark.parametrize(("tile_n", "ctas_per_sm"), KERNEL_CHOICES.values(), ids=KERNEL_CHOICES.keys())
 def test_row_kernel_matches_the_oracle(
-    split: list[int], b_is_kn: bool, tile_n: int, generator: torch.Generator
+    split: list[int], b_is_kn: bool, tile_n: int, ctas_per_sm: int, generator: torch.Generator
 ) -> None:
     # K = 192: three K stages; 256 output columns: two 128-column tiles or one 256-column tile.
     x_NK, w_EMK, ends_E, _ = make_inputs(split, 192, 256, generator)
     b = w_EMK.transpose(1, 2).contiguous() if b_is_kn else w_EMK
     poison_float_blocks()
-    got_NM = require_extension().grouped_gemm_rows(x_NK, b, ends_E, b_is_kn, tile_n)
+    got_NM = require_extension().grouped_gemm_rows(x_NK, b, ends_E, b_is_kn, tile_n, ctas_per_sm)
     torch_NM = reference.grouped_linear(x_NK, w_EMK, ends_E)
     oracle_NM = reference.grouped_linear(x_NK.double(), w_EMK.double(), ends_E)
     assert got_NM.shape == (sum(split), 256)
@@ -82,9 +88,13 @@ def test_row_kernel_matches_the_oracle(
 
 
 @pytest.mark.parametrize("split", SPLITS.values(), ids=SPLITS.keys())
-@pytest.mark.parametrize(("tile_n", "k"), [(128, 384), (256, 512)], ids=["tile128", "tile256"])
+@pytest.mark.parametrize(
+    ("tile_n", "ctas_per_sm", "k"),
+    [(128, 1, 384), (256, 1, 512), (128, 2, 384)],
+    ids=["tile128", "tile256", "two_ctas"],
+)
 def test_weight_grad_kernel_matches_the_oracle(
-    split: list[int], tile_n: int, k: int, generator: torch.Generator
+    split: list[int], tile_n: int, ctas_per_sm: int, k: int, generator: torch.Generator
 ) -> None:
     # Experts of 1, 5, 127-130 and 300 rows: stages that run past an expert into the next one's rows.
     rows = sum(split)
@@ -92,7 +102,7 @@ def test_weight_grad_kernel_matches_the_oracle(
     b_NK = torch.randn(rows, k, generator=generator).to("cuda", torch.bfloat16)
     ends_E = torch.tensor(split).cumsum(0).to("cuda", torch.int32)
     poison_float_blocks()
-    got_EMK = require_extension().grouped_gemm_weight_grad(a_NM, b_NK, ends_E, tile_n)
+    got_EMK = require_extension().grouped_gemm_weight_grad(a_NM, b_NK, ends_E, tile_n, ctas_per_sm)
     starts = [0, *ends_E.tolist()]
     blocks = [(a_NM[s:e].double().t() @ b_NK[s:e].double()) for s, e in zip(starts[:-1], starts[1:], strict=True)]
     oracle_EMK = torch.stack(blocks)
@@ -104,14 +114,16 @@ def test_weight_grad_kernel_matches_the_oracle(
     assert_close_to_gpu_oracle(got_EMK, torch_EMK, oracle_EMK)
 
 
-@pytest.mark.parametrize("tile_n", [128, 256])
-def test_weight_grad_kernel_keeps_each_expert_to_its_rows(tile_n: int, generator: torch.Generator) -> None:
+@pytest.mark.parametrize(("tile_n", "ctas_per_sm"), KERNEL_CHOICES.values(), ids=KERNEL_CHOICES.keys())
+def test_weight_grad_kernel_keeps_each_expert_to_its_rows(
+    tile_n: int, ctas_per_sm: int, generator: torch.Generator
+) -> None:
     # Expert 0's 3 rows share a 64-row stage with expert 1's, which hold infinities.
     a_NM = torch.randn(8, 128, generator=generator).to("cuda", torch.bfloat16)
     b_NK = torch.randn(8, 256, generator=generator).to("cuda", torch.bfloat16)
     a_NM[3:], b_NK[3:] = float("inf"), float("inf")
     ends_E = torch.tensor([3, 8], dtype=torch.int32, device="cuda")
-    got_EMK = require_extension().grouped_gemm_weight_grad(a_NM, b_NK, ends_E, tile_n)
+    got_EMK = require_extension().grouped_gemm_weight_grad(a_NM, b_NK, ends_E, tile_n, ctas_per_sm)
     expected_MK = (a_NM[:3].double().t() @ b_NK[:3].double()).to(torch.bfloat16)
     torch.testing.assert_close(got_EMK[0], expected_MK, rtol=1e-2, atol=1e-2)
     assert got_EMK[1].isinf().all()
@@ -170,10 +182,13 @@ def test_grouped_linear_rejects_bad_input_by_name(change: str, message: str, gen
         grouped_linear(x_NK, w_EMK, ends_E)
 
 
+@pytest.mark.parametrize("ctas_per_sm", [1, 2])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_experts_with_few_rows_each_take_the_kernels_and_match_the_loop(
-    activation: str, generator: torch.Generator
+    activation: str, ctas_per_sm: int, generator: torch.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(grouped_linear_module, "ROW_CTAS_PER_SM", ctas_per_sm)
+    monkeypatch.setattr(grouped_linear_module, "WEIGHT_GRAD_CTAS_PER_SM", ctas_per_sm)
     experts = GroupedExperts(16, 128, 256, activation=activation, seed=3).to("cuda", torch.bfloat16)
     tokens_per_expert = torch.randint(0, 40, (16,), generator=generator).cuda()
     tokens_per_expert[3] = 0
