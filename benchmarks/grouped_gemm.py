@@ -11,10 +11,13 @@ events (median of --iters calls after a warm-up), ours (``src_cuda/grouped_gemm*
 - ``wgrad w2``: (N, D)^T x (N, F) -> (E, D, F)     - ``wgrad w1``: (N, F)^T x (N, D) -> (E, F, D)
 
 It prints microseconds per GEMM, torch's time over ours, the bytes each GEMM must move (inputs read
-once, output written once) over our time, and checks that both agree.
+once, output written once) over our time, and checks that both agree. ``--even`` gives every expert
+exactly the average rows instead (no expert then needs a second, partly filled 128-row tile);
+``--bandwidth`` first prints what a plain copy, read and write of 1 GiB reach on the GPU, the
+scale for the GB/s column.
 
     python benchmarks/grouped_gemm.py [--rows 128,512,1536,4096] [--iters 20] [--tile-n 128]
-        [--row-ctas 1] [--wgrad-ctas 1]
+        [--row-ctas 1] [--wgrad-ctas 1] [--even] [--bandwidth]
 """
 
 from __future__ import annotations
@@ -110,10 +113,14 @@ def run(
     tile_n: int,
     row_ctas: int,
     wgrad_ctas: int,
+    even: bool,
 ) -> None:
     num_rows = rows_per_expert * num_experts
-    expert_of_row = torch.randint(0, num_experts, (num_rows,), device="cuda")
-    ends_E = torch.bincount(expert_of_row, minlength=num_experts).cumsum(0).to(torch.int32)
+    if even:
+        ends_E = torch.arange(1, num_experts + 1, device="cuda", dtype=torch.int32) * rows_per_expert
+    else:
+        expert_of_row = torch.randint(0, num_experts, (num_rows,), device="cuda")
+        ends_E = torch.bincount(expert_of_row, minlength=num_experts).cumsum(0).to(torch.int32)
     x_ND = torch.randn(num_rows, d_model, device="cuda", dtype=torch.bfloat16)
     h_NF = torch.randn(num_rows, d_hidden, device="cuda", dtype=torch.bfloat16)
     w1_EFD = torch.randn(num_experts, d_hidden, d_model, device="cuda", dtype=torch.bfloat16) / d_model**0.5
@@ -143,6 +150,18 @@ def gb_per_s(nbytes: int, microseconds: float) -> float:
     return nbytes / microseconds / 1e3
 
 
+def print_bandwidth() -> None:
+    """GB/s of a copy (bytes read + written), a sum (read) and a fill (written) of 1 GiB of bf16."""
+    a = torch.randn(2**29, device="cuda", dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    nbytes = a.numel() * a.element_size()
+    copy_us, read_us, write_us = (1e3 * time_ms(step, 20) for step in (lambda: b.copy_(a), a.sum, lambda: b.fill_(1)))
+    print(
+        f"memory: copy {gb_per_s(2 * nbytes, copy_us):.0f} GB/s, read {gb_per_s(nbytes, read_us):.0f} GB/s, "
+        f"write {gb_per_s(nbytes, write_us):.0f} GB/s"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="128,512,1536,4096", help="average rows per expert, comma-separated")
@@ -152,15 +171,20 @@ def main() -> None:
     parser.add_argument(
         "--wgrad-ctas", type=int, default=1, choices=(1, 2), help="CTAs per SM of our weight-gradient kernel"
     )
+    parser.add_argument("--even", action="store_true", help="exactly --rows rows for every expert")
+    parser.add_argument("--bandwidth", action="store_true", help="first print the GPU's plain copy/read/write GB/s")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not require_extension().grouped_gemm_available():
         raise SystemExit(
             "needs a compute capability 9.0 GPU and the CUDA extension (python -m lightning_moe.ops build)"
         )
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if args.bandwidth:
+        print_bandwidth()
     for d_model, d_hidden, num_experts in CONFIGS:
         for rows_per_expert in (int(r) for r in args.rows.split(",")):
-            print(f"D={d_model} F={d_hidden} E={num_experts}, {rows_per_expert} rows per expert:")
+            spread = "exactly" if args.even else "on average"
+            print(f"D={d_model} F={d_hidden} E={num_experts}, {rows_per_expert} rows per expert {spread}:")
             run(
                 d_model,
                 d_hidden,
@@ -170,6 +194,7 @@ def main() -> None:
                 args.tile_n,
                 args.row_ctas,
                 args.wgrad_ctas,
+                args.even,
             )
 
 
