@@ -45,6 +45,7 @@ import functools
 import gc
 import importlib
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -270,8 +271,15 @@ class Result:
     peak_gib: float
 
 
-def measure(module: nn.Module, x: Tensor, grad: Tensor, warmup: int, iters: int) -> Result:
-    """Median fwd+bwd time over ``iters`` steps after ``warmup``, and one step's peak extra memory."""
+# Batches of timed steps at most, per implementation, while they add up to under --min-ms.
+MAX_BATCHES = 50
+
+
+def measure(module: nn.Module, x: Tensor, grad: Tensor, warmup: int, iters: int, min_ms: float) -> Result:
+    """Median fwd+bwd time over at least ``iters`` steps, and over at least ``min_ms`` of steps, after
+    at least ``warmup`` steps and ``min_ms`` of them; and one step's peak extra memory. The
+    time-based minimums keep short steps (a millisecond or two) from being timed before the GPU's
+    clocks settle, or over too few steps for their median to hold still."""
     params = list(module.parameters())
 
     def step() -> None:
@@ -282,6 +290,11 @@ def measure(module: nn.Module, x: Tensor, grad: Tensor, warmup: int, iters: int)
 
     for _ in range(warmup):
         step()
+    torch.cuda.synchronize()
+    warmup_start = time.perf_counter()
+    while (time.perf_counter() - warmup_start) * 1e3 < min_ms:
+        step()
+        torch.cuda.synchronize()
     for param in params:
         param.grad = None
     x.grad = None
@@ -292,19 +305,26 @@ def measure(module: nn.Module, x: Tensor, grad: Tensor, warmup: int, iters: int)
     step()
     torch.cuda.synchronize()
     peak_gib = (torch.cuda.max_memory_allocated() - before) / 2**30
-    # Steps are queued back to back, as in training, with one sync at the end: each step's time is
-    # what the GPU spends on it, including any wait for the host to launch its kernels.
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for start, end in events:
-        start.record()
-        step()
-        end.record()
-    torch.cuda.synchronize()
-    times = [start.elapsed_time(end) for start, end in events]
+    # Steps are queued back to back, as in training, with one sync at the end of each batch of
+    # ``iters``: each step's time is what the GPU spends on it, including any wait for the host to
+    # launch its kernels.
+    times: list[float] = []
+    for _ in range(MAX_BATCHES):
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+        torch.cuda.synchronize()
+        times += [start.elapsed_time(end) for start, end in events]
+        if sum(times) >= min_ms:
+            break
     return Result(statistics.median(times), peak_gib)
 
 
-def run_config(config: Config, names: list[str], warmup: int, iters: int, activation: str) -> dict[str, Result]:
+def run_config(
+    config: Config, names: list[str], warmup: int, iters: int, min_ms: float, activation: str
+) -> dict[str, Result]:
     results = {}
     for name in names:
         torch.manual_seed(0)
@@ -315,7 +335,7 @@ def run_config(config: Config, names: list[str], warmup: int, iters: int, activa
         # Fresh random inputs (never zeros: they run faster than real data).
         x = torch.randn(rows, config.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         grad = torch.randn_like(x)
-        results[name] = measure(module, x, grad, warmup, iters)
+        results[name] = measure(module, x, grad, warmup, iters, min_ms)
         del module, x, grad
         gc.collect()
         torch.cuda.empty_cache()
@@ -355,11 +375,19 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10, help="timed steps per implementation (median)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument(
+        "--min-ms",
+        type=float,
+        default=50.0,
+        help="warm up, and time, for at least this many milliseconds of steps too (default 50)",
+    )
+    parser.add_argument(
         "--rounds", type=int, default=1, help="measure every implementation this many times, in turn (median)"
     )
     args = parser.parse_args()
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be at least 1, got {args.rounds}.")
+    if args.iters < 1 or args.min_ms < 0:
+        raise SystemExit(f"--iters must be at least 1 and --min-ms not negative, got {args.iters} and {args.min_ms}.")
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/moe_layer.py needs a CUDA GPU.")
     chosen = CONFIGS if args.configs == "all" else [CONFIGS[int(i) - 1] for i in args.configs.split(",")]
@@ -371,7 +399,9 @@ def main() -> None:
         raise SystemExit(f"--impls {sorted(unknown)} not with --activation {args.activation}; choose from {choices}")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA kernels: {ops.cuda_kernels_available()}")
     for config in chosen:
-        rounds = [run_config(config, names, args.warmup, args.iters, args.activation) for _ in range(args.rounds)]
+        rounds = [
+            run_config(config, names, args.warmup, args.iters, args.min_ms, args.activation) for _ in range(args.rounds)
+        ]
         print_table(config, rounds, args.activation)
 
 
