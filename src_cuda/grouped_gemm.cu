@@ -41,27 +41,21 @@ constexpr int kTileABytes = kBM * kBK * 2;
 constexpr int kRing = 8;            // tiles whose description the producer may have posted ahead
 static_assert(kBK == 64, "check_operands' messages name the tile sizes");
 
-// The constants of a CTA with kConsumers consumer warpgroups (2: one CTA per SM, each consumer
-// taking 64 of the tile's 128 rows; 1: two CTAs per SM, the one consumer taking all 128 rows, so
-// that one CTA's epilogue runs while the other multiplies) and tiles kBN columns wide (128, or 256
-// for many rows per group).
+// The constants of a CTA (CtaLayout) over tiles kBN columns wide (128, or 256 for many rows per
+// group).
 template <int kBN, int kConsumers>
-struct Shape {
-  static_assert(kConsumers == 2 || (kConsumers == 1 && kBN == 128), "two CTAs per SM hold 128-column tiles");
-  static constexpr int kThreads = 128 * (1 + kConsumers);  // producer warpgroup + consumers
-  static constexpr int kCtasPerSm = 3 - kConsumers;
+struct Shape : CtaLayout<kBN, kConsumers> {
+  using Layout = CtaLayout<kBN, kConsumers>;
+  static constexpr int kStages = Layout::kStages;
   static constexpr int kRowHalves = 2 / kConsumers;  // 64-row halves of the tile per consumer
   static constexpr int kHalves = kBN / 128;          // wgmma n128 products per k16 step
-  static constexpr int kStages = kConsumers == 1 ? 3 : kBN == 128 ? 6 : 4;
   static constexpr int kTileBBytes = kBN * kBK * 2;
   static constexpr int kStageBytes = kTileABytes + kTileBBytes;
   static constexpr int kBarriersBytes = 2 * kStages * 8;
   static constexpr int kRingBytes = kRing * 20;  // sizeof(TileInfo)
   static constexpr int kSharedBytes =
       1024 + kStages * kStageBytes + kConsumers * kStagingBytes + kBarriersBytes + kRingBytes;
-  // An SM has 228 KiB of shared memory, of which each resident CTA leaves 1 KiB to the system.
-  static_assert(kSharedBytes <= kMaxSharedBytes && kCtasPerSm * (kSharedBytes + 1024) <= 228 * 1024,
-                "more shared memory than the CTAs of an SM may have");
+  static_assert(Layout::fits(kSharedBytes), "more shared memory than the CTAs of an SM may have");
   static_assert(kRing > kStages, "the producer runs at most kStages stages, so kStages tiles, ahead");
 };
 
@@ -169,9 +163,7 @@ __global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, k
   const int k_steps = p.k / kBK;
 
   if (warpgroup == 0) {
-    // 128 x 256 tiles, and 128 x 128 tiles of one consumer, need more registers than the consumers
-    // get by default: the producer gives its share to them.
-    if constexpr (kBN == 256 || kConsumers == 1) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    producer_registers<kBN, kConsumers>();
     if (tid >= 32) return;  // one producer warp
     const int lane = tid;
     StageRing<kStages> pipe;
@@ -213,8 +205,7 @@ __global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, k
 
   // Consumers: with two, warpgroup 1 takes rows 0-63 of each tile and warpgroup 2 rows 64-127;
   // with one (two CTAs per SM, 128 registers a thread at launch), it takes all 128.
-  if constexpr (kConsumers == 1) asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n" ::: "memory");
-  if constexpr (kConsumers == 2 && kBN == 256) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  consumer_registers<kBN, kConsumers>();
   const int half = warpgroup - 1;
   const int ctid = tid % 128;
   __nv_bfloat16* const staging = reinterpret_cast<__nv_bfloat16*>(shared + kStages * kStageBytes + half * kStagingBytes);

@@ -40,23 +40,17 @@ constexpr int kBoxBytes = kBK * kRowBytes;    // one 64-column box of kBK rows
 constexpr int kTileABytes = 2 * kBoxBytes;
 constexpr int kRing = 8;
 
-// The constants of a CTA with kConsumers consumer warpgroups (2: one CTA per SM, each consumer
-// taking 64 of the tile's 128 rows; 1: two CTAs per SM, the one consumer taking all 128 rows, so
-// that one CTA's epilogue runs while the other multiplies) and tiles kBN columns wide.
+// The constants of a CTA (CtaLayout) over tiles kBN columns wide.
 template <int kBN, int kConsumers>
-struct Shape {
-  static_assert(kConsumers == 2 || (kConsumers == 1 && kBN == 128), "two CTAs per SM hold 128-column tiles");
-  static constexpr int kThreads = 128 * (1 + kConsumers);  // producer warpgroup + consumers
-  static constexpr int kCtasPerSm = 3 - kConsumers;
+struct Shape : CtaLayout<kBN, kConsumers> {
+  using Layout = CtaLayout<kBN, kConsumers>;
+  static constexpr int kStages = Layout::kStages;
   static constexpr int kBoxes = 2 / kConsumers;  // a's 64-column boxes (64 output rows) per consumer
   static constexpr int kHalves = kBN / 128;
-  static constexpr int kStages = kConsumers == 1 ? 3 : kBN == 128 ? 6 : 4;
   static constexpr int kStageBytes = kTileABytes + (kBN / 64) * kBoxBytes;
   static constexpr int kSharedBytes =
       1024 + kStages * kStageBytes + kConsumers * kStagingBytes + 2 * kStages * 8 + kRing * 20;
-  // An SM has 228 KiB of shared memory, of which each resident CTA leaves 1 KiB to the system.
-  static_assert(kSharedBytes <= kMaxSharedBytes && kCtasPerSm * (kSharedBytes + 1024) <= 228 * 1024,
-                "more shared memory than the CTAs of an SM may have");
+  static_assert(Layout::fits(kSharedBytes), "more shared memory than the CTAs of an SM may have");
   static_assert(kRing > kStages, "the producer runs at most kStages stages, so kStages tiles, ahead");
 };
 
@@ -144,7 +138,7 @@ __global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, k
   __syncthreads();
 
   if (warpgroup == 0) {
-    if constexpr (kBN == 256 || kConsumers == 1) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    producer_registers<kBN, kConsumers>();
     if (tid != 0) return;  // one producer thread
     StageRing<kStages> pipe;
     TileInfo upcoming = decode<kBN>(p, blockIdx.x);
@@ -179,9 +173,7 @@ __global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, k
     }
   }
 
-  // Two CTAs per SM start at 128 registers a thread: the producer's 88 spare go to the consumer.
-  if constexpr (kConsumers == 1) asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n" ::: "memory");
-  if constexpr (kConsumers == 2 && kBN == 256) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  consumer_registers<kBN, kConsumers>();
   const int half = warpgroup - 1;
   const int ctid = tid % 128;
   __nv_bfloat16* const staging =

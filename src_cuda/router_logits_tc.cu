@@ -550,7 +550,9 @@ at::Tensor router_logits_tc_forward(const at::Tensor& x, const at::Tensor& weigh
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // 32-expert tiles up to 32 experts, and wherever 64-expert tiles would give fewer than two
   // blocks per SM (one block of 4 warps cannot hide its loads: (8192, 1024, 64) took 33 us).
-  const int64_t wide_blocks = ceil_div(num_tokens, ForwardTcTiles<4>::kBM) * ceil_div(num_experts, int64_t{64});
+  using WideTiles = ForwardTcTiles<4>;
+  const int64_t wide_blocks =
+      ceil_div(num_tokens, WideTiles::kBM) * ceil_div(num_experts, static_cast<int64_t>(WideTiles::kBN));
   if (num_experts <= 32 || wide_blocks < 2 * kNominalSms) {
     launch_tc_forward<2>(x, weight, logits, stream);
   } else {
