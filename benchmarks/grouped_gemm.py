@@ -17,7 +17,7 @@ exactly the average rows instead (no expert then needs a second, partly filled 1
 scale for the GB/s column.
 
     python benchmarks/grouped_gemm.py [--rows 128,512,1536,4096] [--iters 20] [--tile-n 128]
-        [--row-ctas 1] [--wgrad-ctas 1] [--even] [--bandwidth]
+        [--row-ctas 1] [--wgrad-ctas 1] [--tile-m 128] [--even] [--bandwidth]
 """
 
 from __future__ import annotations
@@ -44,10 +44,12 @@ def gemms(
     tile_n: int,
     row_ctas: int,
     wgrad_ctas: int,
+    tile_m: int = 128,
 ) -> list[tuple[str, Callable[[], Tensor], Callable[[], Tensor], int]]:
     """(name, ours, torch's, operand bytes) for the four row-grouped GEMMs and the two weight gradients; ours with
     ``tile_n``-column tiles where that divides the output's columns, else 128, the row GEMMs on
-    ``row_ctas`` and the weight gradients on ``wgrad_ctas`` CTAs per SM (128-column tiles with 2).
+    ``row_ctas`` and the weight gradients on ``wgrad_ctas`` CTAs per SM (128-column tiles with 2), the
+    row GEMMs ``tile_m`` rows tall where their tiles are 256 columns wide.
     The operand bytes are those of the two inputs (the expert weights included), the least a GEMM
     must read."""
     grouped_mm = torch._grouped_mm
@@ -55,7 +57,8 @@ def gemms(
     def rows_gemm(a: Tensor, b: Tensor, b_is_kn: bool) -> Tensor:
         columns = b.shape[2] if b_is_kn else b.shape[1]
         tile = tile_n if columns % tile_n == 0 and row_ctas == 1 else 128
-        return require_extension().grouped_gemm_rows(a, b, ends_E, b_is_kn, tile, row_ctas)
+        rows = tile_m if tile == 256 else 128
+        return require_extension().grouped_gemm_rows(a, b, ends_E, b_is_kn, tile, row_ctas, rows)
 
     def weight_grad(a: Tensor, b: Tensor) -> Tensor:
         tile = tile_n if b.shape[1] % tile_n == 0 and wgrad_ctas == 1 else 128
@@ -114,6 +117,7 @@ def run(
     row_ctas: int,
     wgrad_ctas: int,
     even: bool,
+    tile_m: int = 128,
 ) -> None:
     num_rows = rows_per_expert * num_experts
     if even:
@@ -127,7 +131,9 @@ def run(
     w2_EDF = torch.randn(num_experts, d_model, d_hidden, device="cuda", dtype=torch.bfloat16) / d_hidden**0.5
     total_ours = total_torch = 0.0
     total_bytes = 0
-    for name, ours, theirs, operand_bytes in gemms(x_ND, h_NF, w1_EFD, w2_EDF, ends_E, tile_n, row_ctas, wgrad_ctas):
+    for name, ours, theirs, operand_bytes in gemms(
+        x_ND, h_NF, w1_EFD, w2_EDF, ends_E, tile_n, row_ctas, wgrad_ctas, tile_m
+    ):
         expected = theirs().float()
         error = ((ours().float() - expected).norm() / expected.norm()).item()
         ours_us, torch_us = 1e3 * time_ms(ours, iters), 1e3 * time_ms(theirs, iters)
@@ -171,6 +177,9 @@ def main() -> None:
     parser.add_argument(
         "--wgrad-ctas", type=int, default=1, choices=(1, 2), help="CTAs per SM of our weight-gradient kernel"
     )
+    parser.add_argument(
+        "--tile-m", type=int, default=128, choices=(128, 192), help="rows per tile of our row kernel (192: tile-n 256)"
+    )
     parser.add_argument("--even", action="store_true", help="exactly --rows rows for every expert")
     parser.add_argument("--bandwidth", action="store_true", help="first print the GPU's plain copy/read/write GB/s")
     args = parser.parse_args()
@@ -195,6 +204,7 @@ def main() -> None:
                 args.row_ctas,
                 args.wgrad_ctas,
                 args.even,
+                args.tile_m,
             )
 
 

@@ -23,6 +23,8 @@ For each config (T, D, F, E, K) it times, with CUDA events (warm-up, then the me
   (``lightning_moe.ops.grouped_linear.WEIGHT_GRAD_CTAS_PER_SM = 1``).
 - MoE-2cta: the layer with its forward GEMMs and input gradients on two CTAs per SM too
   (``ROW_CTAS_PER_SM = 2``).
+- MoE-tall, MoE-short: the layer with 192-row tiles for its forward GEMMs and input gradients
+  where ``grouped_linear.tile_rows`` picks them (``TALL_ROW_TILES``, the default), and without.
 
 ``--activation swiglu`` gives the experts of ops and MoE a third projection, gated by the fused
 ``ops.glu``; loop and grouped_mm are GELU only. FLOPs counted: 3 (fwd + bwd) x 2 GEMMs (3 for
@@ -34,8 +36,12 @@ top-1, compares the layer with the plain dense FFN it would replace.
 time, the median of the R ratios to dense and their range: drifts of the GPU's speed then touch
 dense and the layer alike, and the range shows how far one run's ratio can be trusted.
 
+``--cuda-graphs`` times each step as the replay of a CUDA graph captured from it: the GPU's time
+for the step's kernels with no wait for the host to launch them. ``loop`` synchronises with the
+host and cannot be captured.
+
     python benchmarks/moe_layer.py [--configs 1,4,6] [--iters 10] [--rounds 1] [--impls dense,ops,MoE]
-        [--activation swiglu]
+        [--activation swiglu] [--cuda-graphs]
 """
 
 from __future__ import annotations
@@ -71,8 +77,10 @@ GATED_IMPLEMENTATIONS = (
     "MoE-128",
     "MoE-all",
     "MoE-simt-router",
-    "MoE-wgrad-2cta",
+    "MoE-wgrad-1cta",
     "MoE-2cta",
+    "MoE-tall",
+    "MoE-short",
 )
 
 
@@ -262,6 +270,8 @@ IMPLEMENTATIONS: dict[str, Callable[..., nn.Module]] = {
     "MoE-simt-router": functools.partial(KernelChoice, target=router_logits_module, TENSOR_CORE_ROUTER=False),
     "MoE-wgrad-1cta": functools.partial(KernelChoice, WEIGHT_GRAD_CTAS_PER_SM=1),
     "MoE-2cta": functools.partial(KernelChoice, ROW_CTAS_PER_SM=2),
+    "MoE-tall": functools.partial(KernelChoice, TALL_ROW_TILES=True),
+    "MoE-short": functools.partial(KernelChoice, TALL_ROW_TILES=False),
 }
 
 
@@ -275,11 +285,29 @@ class Result:
 MAX_BATCHES = 50
 
 
-def measure(module: nn.Module, x: Tensor, grad: Tensor, warmup: int, iters: int, min_ms: float) -> Result:
+def graphed(step: Callable[[], None]) -> Callable[[], None]:
+    """The replay of a CUDA graph captured from one call of ``step`` (after three on a side stream,
+    which the capture needs)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def measure(
+    module: nn.Module, x: Tensor, grad: Tensor, warmup: int, iters: int, min_ms: float, cuda_graphs: bool = False
+) -> Result:
     """Median fwd+bwd time over at least ``iters`` steps, and over at least ``min_ms`` of steps, after
     at least ``warmup`` steps and ``min_ms`` of them; and one step's peak extra memory. The
     time-based minimums keep short steps (a millisecond or two) from being timed before the GPU's
-    clocks settle, or over too few steps for their median to hold still."""
+    clocks settle, or over too few steps for their median to hold still. With ``cuda_graphs`` the
+    warm-up and timed steps are replays of a graph captured from the step."""
     params = list(module.parameters())
 
     def step() -> None:
@@ -291,10 +319,6 @@ def measure(module: nn.Module, x: Tensor, grad: Tensor, warmup: int, iters: int,
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
-    warmup_start = time.perf_counter()
-    while (time.perf_counter() - warmup_start) * 1e3 < min_ms:
-        step()
-        torch.cuda.synchronize()
     for param in params:
         param.grad = None
     x.grad = None
@@ -305,6 +329,11 @@ def measure(module: nn.Module, x: Tensor, grad: Tensor, warmup: int, iters: int,
     step()
     torch.cuda.synchronize()
     peak_gib = (torch.cuda.max_memory_allocated() - before) / 2**30
+    run = graphed(step) if cuda_graphs else step
+    warmup_start = time.perf_counter()
+    while (time.perf_counter() - warmup_start) * 1e3 < min_ms:
+        run()
+        torch.cuda.synchronize()
     # Steps are queued back to back, as in training, with one sync at the end of each batch of
     # ``iters``: each step's time is what the GPU spends on it, including any wait for the host to
     # launch its kernels.
@@ -313,7 +342,7 @@ def measure(module: nn.Module, x: Tensor, grad: Tensor, warmup: int, iters: int,
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
         for start, end in events:
             start.record()
-            step()
+            run()
             end.record()
         torch.cuda.synchronize()
         times += [start.elapsed_time(end) for start, end in events]
@@ -323,7 +352,7 @@ def measure(module: nn.Module, x: Tensor, grad: Tensor, warmup: int, iters: int,
 
 
 def run_config(
-    config: Config, names: list[str], warmup: int, iters: int, min_ms: float, activation: str
+    config: Config, names: list[str], warmup: int, iters: int, min_ms: float, activation: str, cuda_graphs: bool
 ) -> dict[str, Result]:
     results = {}
     for name in names:
@@ -335,7 +364,7 @@ def run_config(
         # Fresh random inputs (never zeros: they run faster than real data).
         x = torch.randn(rows, config.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         grad = torch.randn_like(x)
-        results[name] = measure(module, x, grad, warmup, iters, min_ms)
+        results[name] = measure(module, x, grad, warmup, iters, min_ms, cuda_graphs)
         del module, x, grad
         gc.collect()
         torch.cuda.empty_cache()
@@ -383,6 +412,9 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=1, help="measure every implementation this many times, in turn (median)"
     )
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="time replays of a CUDA graph of each step (no host launches)"
+    )
     args = parser.parse_args()
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be at least 1, got {args.rounds}.")
@@ -397,10 +429,15 @@ def main() -> None:
     if unknown:
         choices = ", ".join(available)
         raise SystemExit(f"--impls {sorted(unknown)} not with --activation {args.activation}; choose from {choices}")
+    if args.cuda_graphs and "loop" in names:
+        raise SystemExit(
+            "--cuda-graphs: loop synchronises with the host and cannot be captured; leave it out of --impls"
+        )
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA kernels: {ops.cuda_kernels_available()}")
     for config in chosen:
         rounds = [
-            run_config(config, names, args.warmup, args.iters, args.min_ms, args.activation) for _ in range(args.rounds)
+            run_config(config, names, args.warmup, args.iters, args.min_ms, args.activation, args.cuda_graphs)
+            for _ in range(args.rounds)
         ]
         print_table(config, rounds, args.activation)
 

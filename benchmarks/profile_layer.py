@@ -1,16 +1,19 @@
 """Where one MoE layer's forward + backward spends its GPU time: the top CUDA kernels, per step.
 
-    python benchmarks/profile_layer.py [--configs 1,5] [--impls MoE,ops] [--top 15]
+    python benchmarks/profile_layer.py [--configs 1,5] [--impls MoE,ops] [--top 15] [--host] [--python]
 
 Uses the configs and implementations of ``benchmarks/moe_layer.py``; prints, for each, the GPU
 time per step of the kernels that take the most, and the host time per step (the Python and
 launch overhead, which hides behind the GPU when it is shorter than the GPU time; the median of
-steps each issued to an idle GPU).
+steps each issued to an idle GPU). ``--host`` adds the host ops of torch's profiler; ``--python``
+the Python functions that take the most host time of their own over the steps (``cProfile``).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import time
 
@@ -61,6 +64,13 @@ def profile_one(config: Config, name: str, args: argparse.Namespace) -> None:
     for event in kernels[: args.top]:
         ms = event.device_time_total / 1e3 / args.steps
         print(f"  {ms:8.3f} ms {event.count // args.steps:4d}x  {event.key[:110]}")
+    if args.python:
+        with cProfile.Profile() as python_profile:
+            for _ in range(args.steps):
+                step()
+            torch.cuda.synchronize()
+        print(f"  Python functions, most own time over {args.steps} steps:")
+        pstats.Stats(python_profile).sort_stats("tottime").print_stats(args.top)
     if args.host:
         host_ops = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
         host_ops.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
@@ -78,6 +88,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--host", action="store_true", help="also list the ops that take the most host time")
+    parser.add_argument("--python", action="store_true", help="also list the Python functions that take the most")
     args = parser.parse_args()
     for index in args.configs.split(","):
         for name in args.impls.split(","):

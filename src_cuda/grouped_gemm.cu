@@ -9,6 +9,10 @@
 // stage's wait runs), hands each stage back on its "empty" mbarrier once read, and writes its
 // rows of the finished tile through a shared-memory staging buffer as 16-byte row vectors.
 //
+// Two variants change the CTA (wgmma.cuh's CtaLayout): two CTAs per SM of one consumer each, over
+// 128 x 128 tiles; and tall tiles, 192 x 256 with three consumers of 64 rows each, so that a group
+// of 129-192 rows takes one tile across, not two that each stream the group's weights.
+//
 // A's rows past a group's last row are the next group's rows (or TMA's zero fill past the end of
 // a): they only reach output rows that are not written. No atomics: each output element is
 // written by one CTA.
@@ -35,20 +39,20 @@
 namespace lightning_moe {
 namespace {
 
-constexpr int kBM = 128;            // output rows per tile: two halves of 64, one per wgmma m64
 constexpr int kBK = 64;             // K per stage (128 bytes of bf16: the swizzle span)
-constexpr int kTileABytes = kBM * kBK * 2;
 constexpr int kRing = 8;            // tiles whose description the producer may have posted ahead
 static_assert(kBK == 64, "check_operands' messages name the tile sizes");
 
 // The constants of a CTA (CtaLayout) over tiles kBN columns wide (128, or 256 for many rows per
-// group).
+// group) and kBM rows tall: 128, or 192 with three consumers.
 template <int kBN, int kConsumers>
 struct Shape : CtaLayout<kBN, kConsumers> {
   using Layout = CtaLayout<kBN, kConsumers>;
   static constexpr int kStages = Layout::kStages;
-  static constexpr int kRowHalves = 2 / kConsumers;  // 64-row halves of the tile per consumer
-  static constexpr int kHalves = kBN / 128;          // wgmma n128 products per k16 step
+  static constexpr int kRowHalves = kConsumers == 1 ? 2 : 1;  // 64-row slices of the tile per consumer
+  static constexpr int kBM = 64 * kRowHalves * kConsumers;
+  static constexpr int kHalves = kBN / 128;  // wgmma n128 products per k16 step
+  static constexpr int kTileABytes = kBM * kBK * 2;
   static constexpr int kTileBBytes = kBN * kBK * 2;
   static constexpr int kStageBytes = kTileABytes + kTileBBytes;
   static constexpr int kBarriersBytes = 2 * kStages * 8;
@@ -89,9 +93,9 @@ struct Params {
 static_assert(sizeof(TileInfo) == 20, "Shape::kRingBytes");
 
 #ifdef LIGHTNING_MOE_WGMMA
-// Tile `tile` (slot-major, columns fastest) by one warp: the warp scans the groups' tile counts 32
-// at a time. group = -1 when the tile lies past the last one.
-template <int kBN>
+// Tile `tile` (slot-major, columns fastest; a slot is kBM rows of a group) by one warp: the warp
+// scans the groups' tile counts 32 at a time. group = -1 when the tile lies past the last one.
+template <int kBM, int kBN>
 __device__ TileInfo locate(const Problem& p, int tile, int lane) {
   const int n_tiles = p.n / kBN;
   const int slot = tile / n_tiles;
@@ -169,7 +173,7 @@ __global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, k
     StageRing<kStages> pipe;
     int count = 0;
     for (int tile = blockIdx.x;; tile += gridDim.x, ++count) {
-      const TileInfo info = locate<kBN>(p, tile, lane);
+      const TileInfo info = locate<S::kBM, kBN>(p, tile, lane);
       // Wait for the stage, then post the tile (its description travels with its first stage).
       mbarrier_wait(empty_bar + pipe.stage * 8, pipe.phase ^ 1);
       if (lane == 0) ring[count % kRing] = info;
@@ -184,7 +188,7 @@ __global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, k
         if (lane == 0) {
           const uint32_t bar = full_bar + pipe.stage * 8;
           const uint32_t tile_a = base + pipe.stage * kStageBytes;
-          const uint32_t tile_b = tile_a + kTileABytes;
+          const uint32_t tile_b = tile_a + S::kTileABytes;
           mbarrier_arrive_expect_tx(bar, kStageBytes);
           tma_load_2d(tile_a, &params.map_a, bar, step * kBK, a_row);
           if constexpr (kBKN) {  // b (E * K, N): kBK rows of K, boxes of 64 columns
@@ -203,8 +207,8 @@ __global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, k
     }
   }
 
-  // Consumers: with two, warpgroup 1 takes rows 0-63 of each tile and warpgroup 2 rows 64-127;
-  // with one (two CTAs per SM, 128 registers a thread at launch), it takes all 128.
+  // Consumers: with two or three, warpgroup w takes rows 64 (w - 1) to 64 w - 1 of each tile; with
+  // one (two CTAs per SM, 128 registers a thread at launch), it takes all 128.
   consumer_registers<kBN, kConsumers>();
   const int half = warpgroup - 1;
   const int ctid = tid % 128;
@@ -221,7 +225,7 @@ __global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, k
     for (int step = 0; step < k_steps; ++step) {
       if (step > 0) mbarrier_wait(full_bar + pipe.stage * 8, pipe.phase);
       const uint32_t tile_a = base + pipe.stage * kStageBytes;
-      const uint32_t tile_b = tile_a + kTileABytes;
+      const uint32_t tile_b = tile_a + S::kTileABytes;
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kBK / 16; ++kk) {
@@ -282,7 +286,7 @@ std::pair<int64_t, int64_t> check_operands(const at::Tensor& a, const at::Tensor
   TORCH_CHECK(n % 128 == 0 && n > 0, "the output columns must be a positive multiple of 128, got ", text(n));
   TORCH_CHECK(tile_n == 128 || (tile_n == 256 && n % 256 == 0),
               "tile_n must be 128, or 256 where the output columns are a multiple of 256");
-  TORCH_CHECK(a.size(0) / kBM + groups < (int64_t{1} << 31) / (n / 128), "too many output tiles");
+  TORCH_CHECK(a.size(0) / 128 + groups < (int64_t{1} << 31) / (n / 128), "too many output tiles");
   TORCH_CHECK(grouped_gemm_available(), "the grouped GEMM kernels need a compute capability 9.0 GPU and an sm_90a build");
   return {k, n};
 }
@@ -315,6 +319,7 @@ template <bool kBKN, int kBN, int kConsumers>
 void launch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, const at::Tensor& out, int64_t k,
             int64_t n) {
   using S = Shape<kBN, kConsumers>;
+  constexpr int kBM = S::kBM;
   const int64_t groups = ends.size(0), rows = a.size(0);
   // At most floor(R / BM) + E row tiles: each group adds at most one partial tile.
   const int64_t slots = rows / kBM + groups;
@@ -346,15 +351,20 @@ void launch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, co
 }  // namespace
 
 at::Tensor grouped_gemm_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, bool b_is_kn,
-                             int64_t tile_n, int64_t ctas_per_sm) {
+                             int64_t tile_n, int64_t ctas_per_sm, int64_t tile_m) {
   const auto [k, n] = check_operands(a, b, ends, b_is_kn, tile_n);
   TORCH_CHECK(ctas_per_sm == 1 || (ctas_per_sm == 2 && tile_n == 128),
               "ctas_per_sm must be 1, or 2 with tile_n 128, got ", text(ctas_per_sm));
+  TORCH_CHECK(tile_m == 128 || (tile_m == 192 && tile_n == 256 && ctas_per_sm == 1),
+              "tile_m must be 128, or 192 with tile_n 256 and ctas_per_sm 1, got tile_m ", text(tile_m),
+              " with tile_n ", text(tile_n), " and ctas_per_sm ", text(ctas_per_sm));
   const c10::cuda::CUDAGuard guard(a.device());
   auto out = at::empty({a.size(0), n}, a.options());
   if (a.size(0) == 0) return out;
   bind_context(a.device().index());
-  if (ctas_per_sm == 2) {
+  if (tile_m == 192) {
+    b_is_kn ? launch<true, 256, 3>(a, b, ends, out, k, n) : launch<false, 256, 3>(a, b, ends, out, k, n);
+  } else if (ctas_per_sm == 2) {
     b_is_kn ? launch<true, 128, 1>(a, b, ends, out, k, n) : launch<false, 128, 1>(a, b, ends, out, k, n);
   } else if (b_is_kn) {
     tile_n == 256 ? launch<true, 256, 2>(a, b, ends, out, k, n) : launch<true, 128, 2>(a, b, ends, out, k, n);

@@ -28,10 +28,13 @@ bool grouped_gemm_available();
 //     group.
 //   ctas_per_sm: 1, or 2 (tile_n 128): two CTAs of one consumer warpgroup each per SM, so that one
 //     CTA's stores run while the other multiplies.
+//   tile_m: output rows per tile, 128, or 192 (tile_n 256, ctas_per_sm 1: three consumer
+//     warpgroups). A group of 129-192 rows then takes one tile across, not two that each stream
+//     its weight tile through L2.
 //
 // Returns:
 //   (R, N) bfloat16; rows at or past ends[E - 1] are left unwritten.
 at::Tensor grouped_gemm_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, bool b_is_kn,
-                             int64_t tile_n = 128, int64_t ctas_per_sm = 1);
+                             int64_t tile_n = 128, int64_t ctas_per_sm = 1, int64_t tile_m = 128);
 
 }  // namespace lightning_moe

@@ -26,16 +26,18 @@ namespace {
 // The most dynamic shared memory a CTA may have on compute capability 9.0 (227 KiB).
 [[maybe_unused]] constexpr int kMaxSharedBytes = 227 * 1024;
 
-// The CTA layout of the TMA kernels: a producer warpgroup and kConsumers consumer warpgroups (2:
-// one CTA per SM, each consumer taking 64 of a tile's 128 rows; 1: two CTAs per SM, the one
-// consumer taking all 128 rows, so that one CTA's epilogue runs while the other multiplies), over
-// output tiles kBN columns wide, with the pipeline stages that fit beside them.
+// The CTA layout of the TMA kernels: a producer warpgroup and kConsumers consumer warpgroups over
+// output tiles kBN columns wide, with the pipeline stages that fit beside them. 2: one CTA per SM,
+// each consumer taking 64 of a tile's 128 rows. 1: two CTAs per SM, the one consumer taking all
+// 128 rows, so that one CTA's epilogue runs while the other multiplies. 3 (the row kernel's tall
+// tiles): one CTA per SM, each consumer taking 64 of a tile's 192 rows.
 template <int kBN, int kConsumers>
 struct CtaLayout {
-  static_assert(kConsumers == 2 || (kConsumers == 1 && kBN == 128), "two CTAs per SM hold 128-column tiles");
+  static_assert(kConsumers == 2 || (kConsumers == 1 && kBN == 128) || (kConsumers == 3 && kBN == 256),
+                "two CTAs per SM hold 128-column tiles, tall tiles are 256 columns wide");
   static constexpr int kThreads = 128 * (1 + kConsumers);  // producer warpgroup + consumers
-  static constexpr int kCtasPerSm = 3 - kConsumers;
-  static constexpr int kStages = kConsumers == 1 ? 3 : kBN == 128 ? 6 : 4;
+  static constexpr int kCtasPerSm = kConsumers == 1 ? 2 : 1;
+  static constexpr int kStages = kConsumers == 1 ? 3 : kConsumers == 3 ? 3 : kBN == 128 ? 6 : 4;
   // Whether CTAs of `shared_bytes` of dynamic shared memory fit: an SM has 228 KiB, of which each
   // resident CTA leaves 1 KiB to the system.
   static constexpr bool fits(int shared_bytes) {
@@ -44,18 +46,24 @@ struct CtaLayout {
 };
 
 #ifdef LIGHTNING_MOE_WGMMA
-// 128 x 256 tiles, and 128 x 128 tiles of one consumer, need more registers than the consumers get
-// at launch: the producer warpgroup gives its share up (producer_registers) and the consumers take
-// it (consumer_registers). Two CTAs per SM start at 128 registers a thread, so the producer's 88
-// spare go to the one consumer.
+// 128 x 256 tiles, 128 x 128 tiles of one consumer and 192 x 256 tiles of three need more
+// registers than the consumers get at launch: the producer warpgroup gives its share up
+// (producer_registers) and the consumers take it (consumer_registers). Two CTAs per SM start at 128
+// registers a thread, so the producer's 88 spare go to the one consumer; four warpgroups start at
+// 128 too, and the producer's 104 spare give each of three consumers 32 more.
 template <int kBN, int kConsumers>
 __device__ __forceinline__ void producer_registers() {
-  if constexpr (kBN == 256 || kConsumers == 1) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+  if constexpr (kConsumers == 3) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+  } else if constexpr (kBN == 256 || kConsumers == 1) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+  }
 }
 template <int kBN, int kConsumers>
 __device__ __forceinline__ void consumer_registers() {
   if constexpr (kConsumers == 1) asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n" ::: "memory");
   if constexpr (kConsumers == 2 && kBN == 256) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  if constexpr (kConsumers == 3) asm volatile("setmaxnreg.inc.sync.aligned.u32 160;\n" ::: "memory");
 }
 
 __device__ __forceinline__ uint32_t shared_address(const void* ptr) {

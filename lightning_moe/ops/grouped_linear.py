@@ -49,6 +49,16 @@ TILE_N_MIN_WAVES = 2
 # and the row kernel faster on some GEMMs, slower on others (benchmarks/RESULTS.md, twelfth session).
 ROW_CTAS_PER_SM = 1
 WEIGHT_GRAD_CTAS_PER_SM = 2
+# Rows per tile of the row kernel where its tiles are 256 columns wide and the experts average more
+# than TALL_TILE_MIN_ROWS and at most TALL_TILE_MAX_ROWS rows: 192 (three consumer warpgroups), else
+# 128. At 112-160 rows per expert, random routing gives many experts 129-192 rows; 128-row tiles
+# take each of them in two tiles that both stream its weights through L2, one 192-row tile streams
+# them once. On an H200 (1024 x 4096, 64 experts) the four row GEMMs took 6-21% less time at 112,
+# 128 and 160 rows on average, and 2-5% more at 96, 192 and 256 (benchmarks/RESULTS.md, thirteenth
+# session).
+TALL_ROW_TILES = True
+TALL_TILE_MIN_ROWS = 104
+TALL_TILE_MAX_ROWS = 176
 
 
 def grouped_linear_usable(
@@ -97,17 +107,28 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _rows_tile_n(rows_NK: Tensor, num_experts: int, columns: int) -> int:
+def tile_rows(rows: int, num_experts: int, tile_n: int) -> int:
+    """Output rows per tile, 192 or 128, of a row-kernel call on ``rows`` rows over ``num_experts``
+    experts with ``tile_n``-column tiles."""
+    tall = TALL_ROW_TILES and tile_n == 256
+    if tall and TALL_TILE_MIN_ROWS * num_experts < rows <= TALL_TILE_MAX_ROWS * num_experts:
+        return 192
+    return 128
+
+
+def _rows_tiles(rows_NK: Tensor, num_experts: int, columns: int) -> tuple[int, int]:
+    """Output (columns, rows) per tile of the row kernel on ``rows_NK`` over ``num_experts`` groups."""
     # At most one partly filled 128-row tile per expert beyond the full ones.
     row_tiles = rows_NK.shape[0] // 128 + num_experts
-    return tile_columns(row_tiles, columns, _num_sms(rows_NK.device.index))
+    tile_n = tile_columns(row_tiles, columns, _num_sms(rows_NK.device.index))
+    return tile_n, tile_rows(rows_NK.shape[0], num_experts, tile_n)
 
 
 def _rows_gemm(a_NK: Tensor, w_EMK: Tensor, ends_E: Tensor, b_is_kn: bool) -> Tensor:
     if ROW_CTAS_PER_SM == 2:
         return require_extension().grouped_gemm_rows(a_NK, w_EMK, ends_E, b_is_kn, FEATURE_MULTIPLE, 2)
-    tile_n = _rows_tile_n(a_NK, w_EMK.shape[0], w_EMK.shape[2 if b_is_kn else 1])
-    return require_extension().grouped_gemm_rows(a_NK, w_EMK, ends_E, b_is_kn, tile_n, 1)
+    tile_n, tile_m = _rows_tiles(a_NK, w_EMK.shape[0], w_EMK.shape[2 if b_is_kn else 1])
+    return require_extension().grouped_gemm_rows(a_NK, w_EMK, ends_E, b_is_kn, tile_n, 1, tile_m)
 
 
 def _forward(x_NK: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:

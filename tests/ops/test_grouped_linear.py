@@ -11,11 +11,14 @@ import torch
 from lightning_moe.ops import reference
 from lightning_moe.ops.grouped_linear import (
     MAX_ROWS_PER_EXPERT,
+    TALL_TILE_MAX_ROWS,
+    TALL_TILE_MIN_ROWS,
     TILE_N,
     TILE_N_MIN_WAVES,
     grouped_linear,
     grouped_linear_usable,
     tile_columns,
+    tile_rows,
 )
 
 SPLITS = [[3, 0, 5], [0, 0, 4], [7], [1, 1, 1, 1], [0, 0]]
@@ -71,6 +74,27 @@ def test_tile_width_is_the_wide_one_only_where_it_divides_and_fills_the_sms(
     row_tiles: int, columns: int, expected: int
 ) -> None:
     assert tile_columns(row_tiles, columns, num_sms=132) == expected
+
+
+@pytest.mark.parametrize(
+    ("rows_per_expert", "tile_n", "expected"),
+    [
+        # Experts that 128-row tiles would often split in two: 192-row tiles.
+        (TALL_TILE_MIN_ROWS + 1, 256, 192),
+        (128, 256, 192),
+        (TALL_TILE_MAX_ROWS, 256, 192),
+        # Few enough rows that one 128-row tile holds nearly every expert, or so many that 192 rows
+        # split them too: 128.
+        (TALL_TILE_MIN_ROWS, 256, 128),
+        (TALL_TILE_MAX_ROWS + 1, 256, 128),
+        # Only 256-column tiles come 192 rows tall.
+        (128, 128, 128),
+    ],
+)
+def test_tile_height_is_the_tall_one_only_around_128_rows_per_expert(
+    rows_per_expert: int, tile_n: int, expected: int
+) -> None:
+    assert tile_rows(rows_per_expert * 64, 64, tile_n) == expected
 
 
 @pytest.mark.parametrize(

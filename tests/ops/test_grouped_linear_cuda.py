@@ -23,6 +23,8 @@ from tests.ops.gpu_checks import GPU_MARKS, assert_close_to_gpu_oracle, poison_f
 grouped_linear_module = importlib.import_module("lightning_moe.ops.grouped_linear")
 # (tile_n, ctas_per_sm) of the kernels: one CTA per SM at both tile widths, and two CTAs per SM.
 KERNEL_CHOICES = {"tile128": (128, 1), "tile256": (256, 1), "two_ctas": (128, 2)}
+# (tile_n, ctas_per_sm, tile_m) of the row kernel: those, and 192-row tiles of three consumers.
+ROW_KERNEL_CHOICES = {**{name: (*choice, 128) for name, choice in KERNEL_CHOICES.items()}, "tall": (256, 1, 192)}
 
 
 def _kernels_here() -> bool:
@@ -37,6 +39,8 @@ SPLITS = {
     "one-row": [1],
     "empty-last": [10, 0],
     "64-experts": [int(n) for n in torch.randint(0, 300, (64,), generator=torch.Generator().manual_seed(5))],
+    # Either side of one and two 192-row tiles.
+    "tall-edges": [191, 192, 193, 0, 385, 64, 384],
 }
 
 
@@ -72,15 +76,17 @@ def test_grouped_linear_matches_the_oracle(split: list[int], k: int, m: int, gen
 
 @pytest.mark.parametrize("split", SPLITS.values(), ids=SPLITS.keys())
 @pytest.mark.parametrize("b_is_kn", [False, True], ids=["b-nk", "b-kn"])
-@pytest.mark.parametrize(("tile_n", "ctas_per_sm"), KERNEL_CHOICES.values(), ids=KERNEL_CHOICES.keys())
+@pytest.mark.parametrize(
+    ("tile_n", "ctas_per_sm", "tile_m"), ROW_KERNEL_CHOICES.values(), ids=ROW_KERNEL_CHOICES.keys()
+)
 def test_row_kernel_matches_the_oracle(
-    split: list[int], b_is_kn: bool, tile_n: int, ctas_per_sm: int, generator: torch.Generator
+    split: list[int], b_is_kn: bool, tile_n: int, ctas_per_sm: int, tile_m: int, generator: torch.Generator
 ) -> None:
     # K = 192: three K stages; 256 output columns: two 128-column tiles or one 256-column tile.
     x_NK, w_EMK, ends_E, _ = make_inputs(split, 192, 256, generator)
     b = w_EMK.transpose(1, 2).contiguous() if b_is_kn else w_EMK
     poison_float_blocks()
-    got_NM = require_extension().grouped_gemm_rows(x_NK, b, ends_E, b_is_kn, tile_n, ctas_per_sm)
+    got_NM = require_extension().grouped_gemm_rows(x_NK, b, ends_E, b_is_kn, tile_n, ctas_per_sm, tile_m)
     torch_NM = reference.grouped_linear(x_NK, w_EMK, ends_E)
     oracle_NM = reference.grouped_linear(x_NK.double(), w_EMK.double(), ends_E)
     assert got_NM.shape == (sum(split), 256)
@@ -164,6 +170,15 @@ def test_opcheck_of_the_grouped_linear_ops(generator: torch.Generator) -> None:
     torch.library.opcheck(torch.ops.lightning_moe.grouped_linear_weight_grad.default, weight_grad_args)
 
 
+def test_row_kernel_rejects_tall_tiles_it_does_not_have(generator: torch.Generator) -> None:
+    x_NK, w_EMK, ends_E, _ = make_inputs([4, 4], 128, 256, generator)
+    for tile_n, ctas_per_sm in [(128, 1), (128, 2)]:
+        with pytest.raises(RuntimeError, match="tile_m must be 128, or 192 with tile_n 256 and ctas_per_sm 1"):
+            require_extension().grouped_gemm_rows(x_NK, w_EMK, ends_E, False, tile_n, ctas_per_sm, 192)
+    with pytest.raises(RuntimeError, match="tile_m must be"):
+        require_extension().grouped_gemm_rows(x_NK, w_EMK, ends_E, False, 256, 1, 64)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [("float32", "bfloat16"), ("k=192", "multiples of 128"), ("m=64", "multiples of 128"), ("ends", "one \\(M, K\\)")],
@@ -182,13 +197,19 @@ def test_grouped_linear_rejects_bad_input_by_name(change: str, message: str, gen
         grouped_linear(x_NK, w_EMK, ends_E)
 
 
-@pytest.mark.parametrize("ctas_per_sm", [1, 2])
+@pytest.mark.parametrize("kernel", ["one_cta", "two_ctas", "tall"])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_experts_with_few_rows_each_take_the_kernels_and_match_the_loop(
-    activation: str, ctas_per_sm: int, generator: torch.Generator, monkeypatch: pytest.MonkeyPatch
+    activation: str, kernel: str, generator: torch.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    ctas_per_sm = 2 if kernel == "two_ctas" else 1
     monkeypatch.setattr(grouped_linear_module, "ROW_CTAS_PER_SM", ctas_per_sm)
     monkeypatch.setattr(grouped_linear_module, "WEIGHT_GRAD_CTAS_PER_SM", ctas_per_sm)
+    if kernel == "tall":  # 256-column tiles wherever they divide the columns, and 192 rows
+        monkeypatch.setattr(grouped_linear_module, "TALL_ROW_TILES", True)
+        monkeypatch.setattr(grouped_linear_module, "TALL_TILE_MIN_ROWS", 0)
+        monkeypatch.setattr(grouped_linear_module, "TALL_TILE_MAX_ROWS", 1 << 30)
+        monkeypatch.setattr(grouped_linear_module, "_num_sms", lambda device_index: 1)
     experts = GroupedExperts(16, 128, 256, activation=activation, seed=3).to("cuda", torch.bfloat16)
     tokens_per_expert = torch.randint(0, 40, (16,), generator=generator).cuda()
     tokens_per_expert[3] = 0
