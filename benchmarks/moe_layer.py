@@ -19,6 +19,9 @@ For each config (T, D, F, E, K) it times, with CUDA events (warm-up, then the me
   ``lightning_moe.ops.grouped_linear.MAX_ROWS_PER_EXPERT``).
 - MoE-simt-router: the layer with its router logits on the SIMT kernels rather than the tensor-core
   ones (``lightning_moe.ops.router_logits.TENSOR_CORE_ROUTER`` off).
+- MoE-staged-router: the layer with its tensor-core router forward and weight gradient
+  register-staged rather than pipelined and its grad_x one block per output tile (``lightning_moe.ops.router_logits``
+  ``PIPELINED_TC_ROUTER`` and ``PERSISTENT_TC_GRAD_X`` off).
 - MoE-wgrad-1cta: the layer with its weight gradients on one CTA per SM rather than two
   (``lightning_moe.ops.grouped_linear.WEIGHT_GRAD_CTAS_PER_SM = 1``).
 - MoE-2cta: the layer with its forward GEMMs and input gradients on two CTAs per SM too
@@ -77,6 +80,7 @@ GATED_IMPLEMENTATIONS = (
     "MoE-128",
     "MoE-all",
     "MoE-simt-router",
+    "MoE-staged-router",
     "MoE-wgrad-1cta",
     "MoE-2cta",
     "MoE-tall",
@@ -268,6 +272,9 @@ IMPLEMENTATIONS: dict[str, Callable[..., nn.Module]] = {
     "MoE-128": functools.partial(KernelChoice, TILE_N=128),
     "MoE-all": functools.partial(KernelChoice, MAX_ROWS_PER_EXPERT=ALL_ROWS),
     "MoE-simt-router": functools.partial(KernelChoice, target=router_logits_module, TENSOR_CORE_ROUTER=False),
+    "MoE-staged-router": functools.partial(
+        KernelChoice, target=router_logits_module, PIPELINED_TC_ROUTER=False, PERSISTENT_TC_GRAD_X=False
+    ),
     "MoE-wgrad-1cta": functools.partial(KernelChoice, WEIGHT_GRAD_CTAS_PER_SM=1),
     "MoE-2cta": functools.partial(KernelChoice, ROW_CTAS_PER_SM=2),
     "MoE-tall": functools.partial(KernelChoice, TALL_ROW_TILES=True),

@@ -16,9 +16,12 @@ logits relative to their largest magnitude.
 With ``--passes`` it times instead each pass alone (forward, grad_x, grad_weight, in microseconds)
 on the SIMT kernels (``src_cuda/router_logits*.cu``) and on the one-launch tensor-core kernels
 (``src_cuda/router_logits_tc.cu``), and forward + backward through ``router_logits`` with
-``TENSOR_CORE_ROUTER`` off and on, for the configs the tensor-core kernels take.
+``TENSOR_CORE_ROUTER`` off and on, for the configs the tensor-core kernels take. ``--staged``
+runs the tensor-core forward's 32-expert blocks and grad_weight register-staged rather than
+pipelined, and grad_x one block per output tile (``PIPELINED_TC_ROUTER`` and
+``PERSISTENT_TC_GRAD_X`` off).
 
-    python benchmarks/router_logits.py [--iters 20] [--passes]
+    python benchmarks/router_logits.py [--iters 20] [--passes [--staged]]
 """
 
 from __future__ import annotations
@@ -91,12 +94,18 @@ def measure_passes(num_tokens: int, dim: int, num_experts: int, iters: int, gene
         return f"{config:>20} | the tensor-core kernels do not take it"
     ext, x, weight = require_extension(), x_TD.detach(), weight_ED.detach()
     passes = [
-        (lambda: ext.router_logits_forward(x, weight), lambda: ext.router_logits_tc_forward(x, weight)),
+        (
+            lambda: ext.router_logits_forward(x, weight),
+            lambda: ext.router_logits_tc_forward(x, weight, router_logits_module.PIPELINED_TC_ROUTER),
+        ),
         (
             lambda: ext.router_logits_grad_x(grad_TE, weight, torch.bfloat16),
-            lambda: ext.router_logits_tc_grad_x(grad_TE, weight),
+            lambda: ext.router_logits_tc_grad_x(grad_TE, weight, router_logits_module.PERSISTENT_TC_GRAD_X),
         ),
-        (lambda: ext.router_logits_grad_weight(grad_TE, x), lambda: ext.router_logits_tc_grad_weight(grad_TE, x)),
+        (
+            lambda: ext.router_logits_grad_weight(grad_TE, x),
+            lambda: ext.router_logits_tc_grad_weight(grad_TE, x, router_logits_module.PIPELINED_TC_ROUTER),
+        ),
     ]
     cells = [f"{1000 * time_ms(simt, iters):6.1f} {1000 * time_ms(tc, iters):6.1f}" for simt, tc in passes]
     both, default = [], router_logits_module.TENSOR_CORE_ROUTER
@@ -111,8 +120,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=20, help="timed iterations; the median is printed")
     parser.add_argument("--passes", action="store_true", help="time each pass alone, SIMT against tensor cores")
+    parser.add_argument(
+        "--staged", action="store_true", help="the tensor-core forward and grad_x as before their pipelining"
+    )
     args = parser.parse_args()
     assert ops.load_extension() is not None, "the CUDA extension did not build; see the warning"
+    router_logits_module.PIPELINED_TC_ROUTER = router_logits_module.PERSISTENT_TC_GRAD_X = not args.staged
     if args.passes:
         main_passes(args.iters)
         return

@@ -293,13 +293,15 @@ std::pair<int64_t, int64_t> check_operands(const at::Tensor& a, const at::Tensor
 
 }  // namespace
 
-bool grouped_gemm_available() {
-  const int device = c10::cuda::current_device();
+namespace {
+
+// Whether this build holds the sm_90a kernels for `device` (compute capability 9.0).
+bool grouped_gemm_built_for(int device) {
   int major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
   if (major != 9 || minor != 0) return false;
-  // Whether this build holds the sm_90a kernels, asked of each device once (one host sync).
+  // Asked of each device once (one host sync).
   static std::mutex mutex;
   static std::map<int, bool> built;
   const std::lock_guard<std::mutex> lock(mutex);
@@ -311,6 +313,19 @@ bool grouped_gemm_available() {
     found = built.emplace(device, flag.item<int>() == 1).first;
   }
   return found->second;
+}
+
+}  // namespace
+
+bool grouped_gemm_available() {
+  const int device = c10::cuda::current_device();
+  // Every launch asks; the answer for a device does not change, so a thread keeps its last one.
+  thread_local int cached_device = -1;
+  thread_local bool cached = false;
+  if (device == cached_device) return cached;
+  cached = grouped_gemm_built_for(device);
+  cached_device = device;
+  return cached;
 }
 
 namespace {
@@ -338,11 +353,10 @@ void launch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, co
                       static_cast<int>(k),
                       static_cast<int>(kBKN ? k : n),
                       static_cast<int>(tiles_bound)};
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.device().index()));
+  const int sms = multiprocessors(a.device().index());
   const unsigned ctas = static_cast<unsigned>(std::min<int64_t>(tiles_bound, int64_t{sms} * S::kCtasPerSm));
   const void* kernel = reinterpret_cast<const void*>(grouped_gemm_kernel<kBKN, kBN, kConsumers>);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSharedBytes));
+  allow_shared_memory(kernel, S::kSharedBytes, a.device().index());
   void* args[] = {params.get()};
   C10_CUDA_CHECK(cudaLaunchKernel(kernel, dim3(ctas), dim3(S::kThreads), args, S::kSharedBytes,
                                   c10::cuda::getCurrentCUDAStream()));

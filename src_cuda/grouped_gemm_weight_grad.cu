@@ -272,11 +272,10 @@ void launch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, co
                       static_cast<int>(m / kBM),
                       static_cast<int>(n / kBN),
                       static_cast<int>(tiles)};
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.device().index()));
+  const int sms = multiprocessors(a.device().index());
   const unsigned ctas = static_cast<unsigned>(std::min<int64_t>(tiles, int64_t{sms} * S::kCtasPerSm));
   const void* kernel = reinterpret_cast<const void*>(weight_grad_kernel<kBN, kConsumers>);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSharedBytes));
+  allow_shared_memory(kernel, S::kSharedBytes, a.device().index());
   void* args[] = {params.get()};
   C10_CUDA_CHECK(cudaLaunchKernel(kernel, dim3(ctas), dim3(S::kThreads), args, S::kSharedBytes,
                                   c10::cuda::getCurrentCUDAStream()));

@@ -10,9 +10,10 @@
 // are padded by 16 bytes so that each ldmatrix phase (8 rows of 16 bytes) hits 32 distinct banks.
 //
 // - forward, logits (T, E) = x (T, D) . w (E, D)^T: blocks of 64 tokens x 32 or 64 experts, k tiles
-//   of 32 along D; x . w2 and x . w1 go to one set of accumulators, x . w0 to another, added at the
-//   end: the large products are summed exactly as one bf16 GEMM would sum them, and the small ones'
-//   rounding stays 2^-8 below theirs.
+//   of 32 along D (the 32-expert blocks also come pipelined: tc_logits_forward_pipelined_kernel);
+//   x . w2 and x . w1 go to one set of accumulators, x . w0 to another, added at the end: the large
+//   products are summed exactly as one bf16 GEMM would sum them, and the small ones' rounding stays
+//   2^-8 below theirs.
 // - grad_x (T, D) = g (T, E) . w (E, D): blocks of 64 tokens x 64 columns, k tiles of 32 experts;
 //   one set of accumulators takes g1 w0, g0 w1, then g0 w0 at each k step (the result is rounded to
 //   bf16, far above the float32 rounding of the small terms).
@@ -284,6 +285,156 @@ void launch_tc_forward(const at::Tensor& x, const at::Tensor& weight, at::Tensor
 }
 
 // ---------------------------------------------------------------------------------------------
+// Forward, pipelined: the 64-token x 32-expert blocks of tc_logits_forward_kernel<2>, with the k
+// tiles copied by cp.async into a ring of kStages shared-memory stages, kStages - 1 of them in
+// flight while one is multiplied (the register-staged kernel has one: its time is the latency of
+// D / 32 loads one after another). The weight stays float32 in shared memory and each warp splits
+// its B fragments as it loads them; the parts, and the order of the products into each
+// accumulator, are those of tc_logits_forward_kernel<2>, so the logits are the same bits.
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  // src-size 0 fills the 16 bytes with zeros and reads nothing.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+struct PipelinedForwardTiles {
+  static constexpr int kBM = 64;
+  static constexpr int kBN = 32;
+  static constexpr int kBK = 32;
+  static constexpr int kStages = 4;
+  static constexpr int kXLd = kBK + kTcPad;  // bf16: 80-byte rows, as in ForwardTcTiles
+  // float32: 160-byte rows, 8 banks apart, so that a half-warp's float2 loads of four rows (eight
+  // consecutive floats each) hit 32 distinct banks.
+  static constexpr int kWLd = kBK + 8;
+  static constexpr int kXChunks = kBM * kBK / 8 / kTcThreads;  // 16-byte chunks per thread
+  static constexpr int kWChunks = kBN * kBK / 4 / kTcThreads;
+  static_assert(kXChunks * 8 * kTcThreads == kBM * kBK && kWChunks * 4 * kTcThreads == kBN * kBK);
+};
+
+__global__ void __launch_bounds__(kTcThreads, 4)
+    tc_logits_forward_pipelined_kernel(const uint16_t* __restrict__ x, const float* __restrict__ weight,
+                                       float* __restrict__ logits, int64_t num_tokens, int64_t num_experts,
+                                       int64_t dim) {
+  using P = PipelinedForwardTiles;
+  constexpr int kBM = P::kBM, kBN = P::kBN, kBK = P::kBK, kStages = P::kStages, kXLd = P::kXLd, kWLd = P::kWLd;
+  constexpr int kNTiles = 2;  // n8 tiles per warp: 16 experts
+  __shared__ __align__(16) uint16_t x_tile[kStages][kBM * kXLd];  // [stage][token][k]
+  __shared__ __align__(16) float w_tile[kStages][kBN * kWLd];     // [stage][expert][k]
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int warp_m = warp % 2, warp_n = warp / 2;
+  // Expert tiles vary fastest, so the blocks that read the same tokens run together (L2 hits).
+  const int64_t expert_tiles = ceil_div(num_experts, kBN);
+  const int64_t e0 = static_cast<int64_t>(blockIdx.x) % expert_tiles * kBN;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) / expert_tiles * kBM;
+  const int64_t k_tiles = dim / kBK;
+
+  auto load = [&](int64_t kt, int stage) {
+    const int64_t k0 = kt * kBK;
+#pragma unroll
+    for (int i = 0; i < P::kXChunks; ++i) {
+      const int v = tid + i * kTcThreads, row = v / (kBK / 8), col = v % (kBK / 8) * 8;
+      const int64_t t = t0 + row;
+      cp_async16(x_tile[stage] + row * kXLd + col, x + (t < num_tokens ? t : 0) * dim + k0 + col, t < num_tokens);
+    }
+#pragma unroll
+    for (int i = 0; i < P::kWChunks; ++i) {
+      const int v = tid + i * kTcThreads, row = v / (kBK / 4), col = v % (kBK / 4) * 4;
+      const int64_t e = e0 + row;
+      cp_async16(w_tile[stage] + row * kWLd + col, weight + (e < num_experts ? e : 0) * dim + k0 + col,
+                 e < num_experts);
+    }
+  };
+
+  // The first kStages - 1 tiles; a group is committed even when empty, so that the count of
+  // groups in flight stays kStages - 1 at every wait.
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) load(s, s);
+    cp_async_commit();
+  }
+
+  float acc_lead[2][kNTiles][4] = {};  // x . w0
+  float acc_rest[2][kNTiles][4] = {};  // x . w2 + x . w1
+  const int m_base = warp_m * 32, n_base = warp_n * (kBN / 2);
+  const bool warp_has_experts = e0 + n_base < num_experts;  // else its tiles are all zero weights
+  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<kStages - 2>();  // tile kt has landed (this thread's copies)
+    __syncthreads();               // everyone's copies; and the stage refilled below is no longer read
+    const int64_t next = kt + kStages - 1;
+    if (next < k_tiles) load(next, static_cast<int>(next % kStages));
+    cp_async_commit();
+    const int stage = static_cast<int>(kt % kStages);
+    if (warp_has_experts) {
+#pragma unroll
+      for (int ks = 0; ks < kBK; ks += 16) {
+        uint32_t a[2][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) load_a(a[mi], x_tile[stage], kXLd, m_base + mi * 16, ks, lane);
+        // B fragment of n8 tile ni: rows k = 2 (lane % 4) (+ 8) of column n = lane / 4, as ldmatrix
+        // gives them from a bf16 [n][k] tile.
+        uint32_t b[3][kNTiles][2];
+#pragma unroll
+        for (int ni = 0; ni < kNTiles; ++ni) {
+          const float* row = w_tile[stage] + (n_base + ni * 8 + lane / 4) * kWLd + ks + 2 * (lane % 4);
+          const float2 lo = *reinterpret_cast<const float2*>(row);
+          const float2 hi = *reinterpret_cast<const float2*>(row + 8);
+          uint32_t parts_lo[3], parts_hi[3];
+          split_bf16x2<3>(lo.x, lo.y, parts_lo);
+          split_bf16x2<3>(hi.x, hi.y, parts_hi);
+#pragma unroll
+          for (int p = 0; p < 3; ++p) b[p][ni][0] = parts_lo[p], b[p][ni][1] = parts_hi[p];
+        }
+#pragma unroll
+        for (int p = 2; p >= 0; --p) {  // the smallest part first
+          auto& acc = p == 0 ? acc_lead : acc_rest;
+#pragma unroll
+          for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+            for (int ni = 0; ni < kNTiles; ++ni) mma_bf16(acc[mi][ni], a[mi], b[p][ni]);
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int ni = 0; ni < kNTiles; ++ni) {
+      const int64_t e = e0 + n_base + ni * 8 + 2 * (lane % 4);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t t = t0 + m_base + mi * 16 + lane / 4 + 8 * half;
+        if (t < num_tokens && e < num_experts) {
+          const float2 out = make_float2(acc_lead[mi][ni][2 * half] + acc_rest[mi][ni][2 * half],
+                                         acc_lead[mi][ni][2 * half + 1] + acc_rest[mi][ni][2 * half + 1]);
+          *reinterpret_cast<float2*>(logits + t * num_experts + e) = out;
+        }
+      }
+    }
+  }
+}
+
+void launch_tc_forward_pipelined(const at::Tensor& x, const at::Tensor& weight, at::Tensor& logits,
+                                 cudaStream_t stream) {
+  using P = PipelinedForwardTiles;
+  const int64_t num_tokens = x.size(0), dim = x.size(1), num_experts = weight.size(0);
+  const int64_t blocks = ceil_div(num_tokens, P::kBM) * ceil_div(num_experts, static_cast<int64_t>(P::kBN));
+  tc_logits_forward_pipelined_kernel<<<static_cast<unsigned>(blocks), kTcThreads, 0, stream>>>(
+      reinterpret_cast<const uint16_t*>(x.data_ptr()), weight.data_ptr<float>(), logits.data_ptr<float>(), num_tokens,
+      num_experts, dim);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---------------------------------------------------------------------------------------------
 // grad_x = g0 w0 + g0 w1 + g1 w0.
 
 // 64 tokens x 64 columns per block, k tiles of 32 experts; warp (warp_m, warp_n) holds tokens
@@ -377,6 +528,144 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
       }
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// grad_x, persistent, for up to 64 experts: a block keeps one 64-column slice of the weight, split
+// into its two parts, in shared memory for all of its token tiles (every token tile of that column
+// slice, strided by the grid's slices), and loads each next tile of the logit gradient into
+// registers while it multiplies the current one. Per output tile the products are those of
+// tc_logits_grad_x_kernel in the same order, so grad_x is the same bits.
+
+constexpr int kPersistentMaxExperts = 64;
+
+struct PersistentGradXTiles {
+  static constexpr int kBM = 64;   // tokens per tile
+  static constexpr int kBN = 64;   // columns of the block's slice
+  static constexpr int kBK = 32;   // experts per k step, as in GradXTcTiles
+  static constexpr int kMaxE = kPersistentMaxExperts;
+  static constexpr int kGLd = kMaxE + kTcPad;  // bf16 [token][expert]
+  static constexpr int kWLd = kBN + kTcPad;    // bf16 [expert][column]
+  static constexpr int kGLoads = kBM * kMaxE / 4 / kTcThreads;  // float4s per thread
+  static constexpr int kWLoads = kMaxE * kBN / 4 / kTcThreads;
+  static constexpr int kBlocksPerSm = 3;
+};
+
+__global__ void __launch_bounds__(kTcThreads, PersistentGradXTiles::kBlocksPerSm)
+    tc_logits_grad_x_persistent_kernel(const float* __restrict__ grad, const float* __restrict__ weight,
+                                       uint16_t* __restrict__ grad_x, int64_t num_tokens, int64_t num_experts,
+                                       int64_t dim) {
+  using P = PersistentGradXTiles;
+  constexpr int kBM = P::kBM, kBN = P::kBN, kBK = P::kBK, kMaxE = P::kMaxE, kGLd = P::kGLd, kWLd = P::kWLd;
+  __shared__ __align__(16) uint16_t g_tile[2][kBM * kGLd];    // [part][token][expert]
+  __shared__ __align__(16) uint16_t w_tile[2][kMaxE * kWLd];  // [part][expert][column]
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int warp_m = warp % 2, warp_n = warp / 2;
+  const int64_t d0 = static_cast<int64_t>(blockIdx.x) * kBN;
+  const int64_t token_tiles = ceil_div(num_tokens, kBM);
+
+  // The weight slice, experts past E as zeros.
+#pragma unroll
+  for (int i = 0; i < P::kWLoads; ++i) {
+    const int v = tid + i * kTcThreads, row = v / (kBN / 4), col = v % (kBN / 4) * 4;
+    const float4 value =
+        row < num_experts ? *reinterpret_cast<const float4*>(weight + row * dim + d0 + col) : make_float4(0.f, 0.f, 0.f, 0.f);
+    store_split4<2>(w_tile[0] + row * kWLd + col, kMaxE * kWLd, value);
+  }
+
+  float4 g_next[P::kGLoads];
+  auto fetch = [&](int64_t tile) {  // tokens 64 tile on, experts past E as zeros
+    const int64_t t0 = tile * kBM;
+#pragma unroll
+    for (int i = 0; i < P::kGLoads; ++i) {
+      const int v = tid + i * kTcThreads, row = v / (kMaxE / 4), col = v % (kMaxE / 4) * 4;
+      const int64_t t = t0 + row;
+      g_next[i] = t < num_tokens && col < num_experts ? *reinterpret_cast<const float4*>(grad + t * num_experts + col)
+                                                      : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  };
+  auto stage = [&] {
+#pragma unroll
+    for (int i = 0; i < P::kGLoads; ++i) {
+      const int v = tid + i * kTcThreads, row = v / (kMaxE / 4), col = v % (kMaxE / 4) * 4;
+      store_split4<2>(g_tile[0] + row * kGLd + col, kBM * kGLd, g_next[i]);
+    }
+  };
+
+  const int m_base = warp_m * 32, n_base = warp_n * 32;
+  const int64_t k_tiles = ceil_div(num_experts, kBK);
+  int64_t tile = blockIdx.y;
+  if (tile < token_tiles) {
+    fetch(tile);
+    stage();
+  }
+  __syncthreads();
+  for (; tile < token_tiles; tile += gridDim.y) {
+    const int64_t next = tile + gridDim.y;
+    if (next < token_tiles) fetch(next);  // in flight while this tile is multiplied
+    float acc[2][4][4] = {};
+    for (int64_t kt = 0; kt < k_tiles; ++kt) {
+#pragma unroll
+      for (int ks = 0; ks < kBK; ks += 16) {
+        const int k = static_cast<int>(kt * kBK) + ks;
+        if (k >= num_experts) break;  // E a multiple of 8: the last k tile may hold 8 to 24
+        uint32_t a[2][2][4];          // [part][m16 tile]
+        uint32_t b[2][4][2];          // [part][n8 tile]
+#pragma unroll
+        for (int p = 0; p < 2; ++p) {
+#pragma unroll
+          for (int mi = 0; mi < 2; ++mi) load_a(a[p][mi], g_tile[p], kGLd, m_base + mi * 16, k, lane);
+#pragma unroll
+          for (int j = 0; j < 4; j += 2) load_b_pair_trans(b[p][j], b[p][j + 1], w_tile[p], kWLd, n_base + j * 8, k, lane);
+        }
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+          for (int ni = 0; ni < 4; ++ni) {  // the smaller terms first
+            mma_bf16(acc[mi][ni], a[1][mi], b[0][ni]);
+            mma_bf16(acc[mi][ni], a[0][mi], b[1][ni]);
+            mma_bf16(acc[mi][ni], a[0][mi], b[0][ni]);
+          }
+        }
+      }
+    }
+    const int64_t t0 = tile * kBM;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni) {
+        const int64_t d = d0 + n_base + ni * 8 + 2 * (lane % 4);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int64_t t = t0 + m_base + mi * 16 + lane / 4 + 8 * half;
+          if (t < num_tokens) {
+            *reinterpret_cast<uint32_t*>(grad_x + t * dim + d) =
+                round_bf16x2(acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with this tile's gradient in shared memory
+    if (next < token_tiles) {
+      stage();
+      __syncthreads();
+    }
+  }
+}
+
+void launch_tc_grad_x_persistent(const at::Tensor& grad_logits, const at::Tensor& weight, at::Tensor& grad_x,
+                                 cudaStream_t stream) {
+  using P = PersistentGradXTiles;
+  const int64_t num_tokens = grad_logits.size(0), num_experts = weight.size(0), dim = weight.size(1);
+  const int64_t column_slices = dim / P::kBN, token_tiles = ceil_div(num_tokens, P::kBM);
+  // Enough blocks for every SM to hold kBlocksPerSm, each with at least one token tile.
+  const int64_t token_slices =
+      std::clamp<int64_t>(ceil_div(kNominalSms * P::kBlocksPerSm, column_slices), 1, token_tiles);
+  const dim3 grid(static_cast<unsigned>(column_slices), static_cast<unsigned>(token_slices));
+  tc_logits_grad_x_persistent_kernel<<<grid, kTcThreads, 0, stream>>>(
+      grad_logits.data_ptr<float>(), weight.data_ptr<float>(), reinterpret_cast<uint16_t*>(grad_x.data_ptr()),
+      num_tokens, num_experts, dim);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -486,9 +775,135 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
   }
 }
 
+// grad_weight, pipelined: the blocks, chunks and tiles of tc_logits_grad_weight_kernel, with the k
+// tiles (32 tokens) copied by cp.async into a ring of kStages stages, kStages - 1 in flight while
+// one is multiplied. The logit gradient stays float32 in shared memory, [token][expert], and each
+// warp builds and splits its A fragments from it (A = g^T: a fragment pair is two tokens of one
+// expert); the products go to each accumulator in the per-tile kernel's order: the same bits.
+template <int kMTiles>
+struct PipelinedGradWeightTiles {
+  static constexpr int kBM = 2 * 16 * kMTiles;  // experts
+  static constexpr int kBN = 64;                // columns
+  static constexpr int kBK = 32;                // tokens per k tile
+  static constexpr int kStages = kMTiles == 2 ? 3 : 4;
+  // float32, 4 banks past a multiple of 32: the scalar loads of an A fragment (tokens 2 (lane % 4)
+  // (+ 1), expert lane / 4) hit 32 distinct banks.
+  static constexpr int kGLd = kBM + 4;
+  static constexpr int kXLd = kBN + kTcPad;  // bf16
+  static constexpr int kGChunks = kBK * kBM / 4 / kTcThreads;  // 16-byte chunks per thread
+  static constexpr int kXChunks = kBK * kBN / 8 / kTcThreads;
+  static_assert(kGChunks * 4 * kTcThreads == kBK * kBM && kXChunks * 8 * kTcThreads == kBK * kBN);
+};
+
+template <int kMTiles>
+__global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
+    tc_logits_grad_weight_pipelined_kernel(const float* __restrict__ grad, const uint16_t* __restrict__ x,
+                                           float* __restrict__ out, int64_t num_tokens, int64_t num_experts,
+                                           int64_t dim, int64_t tokens_per_chunk) {
+  using P = PipelinedGradWeightTiles<kMTiles>;
+  constexpr int kBM = P::kBM, kBN = P::kBN, kBK = P::kBK, kStages = P::kStages, kGLd = P::kGLd, kXLd = P::kXLd;
+  __shared__ __align__(16) float g_tile[kStages][kBK * kGLd];     // [stage][token][expert]
+  __shared__ __align__(16) uint16_t x_tile[kStages][kBK * kXLd];  // [stage][token][column]
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int warp_m = warp % 2, warp_n = warp / 2;
+  // As in tc_logits_grad_weight_kernel: expert tiles fastest, blockIdx.y the chunk.
+  const int64_t expert_tiles = ceil_div(num_experts, kBM);
+  const int64_t e0 = static_cast<int64_t>(blockIdx.x) % expert_tiles * kBM;
+  const int64_t d0 = static_cast<int64_t>(blockIdx.x) / expert_tiles * kBN;
+  const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * tokens_per_chunk;
+  const int64_t t_end = std::min(num_tokens, t_begin + tokens_per_chunk);
+  const int64_t k_tiles = ceil_div(t_end - t_begin, kBK);
+
+  auto load = [&](int64_t kt, int stage) {
+    const int64_t k0 = t_begin + kt * kBK;
+#pragma unroll
+    for (int i = 0; i < P::kGChunks; ++i) {
+      const int v = tid + i * kTcThreads, row = v / (kBM / 4), col = v % (kBM / 4) * 4;
+      const int64_t t = k0 + row, e = e0 + col;
+      const bool valid = t < t_end && e < num_experts;
+      cp_async16(g_tile[stage] + row * kGLd + col, grad + (valid ? t * num_experts + e : 0), valid);
+    }
+#pragma unroll
+    for (int i = 0; i < P::kXChunks; ++i) {
+      const int v = tid + i * kTcThreads, row = v / (kBN / 8), col = v % (kBN / 8) * 8;
+      const int64_t t = k0 + row;
+      cp_async16(x_tile[stage] + row * kXLd + col, x + (t < t_end ? t * dim + d0 + col : 0), t < t_end);
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) load(s, s);
+    cp_async_commit();
+  }
+
+  float acc_lead[kMTiles][4][4] = {};  // g0 . x
+  float acc_rest[kMTiles][4][4] = {};  // g2 . x + g1 . x
+  const int m_base = warp_m * (kBM / 2), n_base = warp_n * 32;
+  const bool warp_has_experts = e0 + m_base < num_experts;  // else its tiles are all zero gradients
+  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    const int64_t next = kt + kStages - 1;
+    if (next < k_tiles) load(next, static_cast<int>(next % kStages));
+    cp_async_commit();
+    const int stage = static_cast<int>(kt % kStages);
+#pragma unroll
+    for (int ks = 0; ks < kBK; ks += 16) {
+      // Past the chunk's last token the tiles hold zeros: skip whole k16 steps of them.
+      if (!warp_has_experts || t_begin + kt * kBK + ks >= t_end) break;
+      uint32_t b[4][2];
+#pragma unroll
+      for (int j = 0; j < 4; j += 2) load_b_pair_trans(b[j], b[j + 1], x_tile[stage], kXLd, n_base + j * 8, ks, lane);
+      // A fragment of m16 tile mi: experts r = lane / 4 (+ 8), tokens c = 2 (lane % 4) (+ 1) (+ 8);
+      // registers (r, c), (r + 8, c), (r, c + 8), (r + 8, c + 8), each a pair of tokens.
+      uint32_t a[3][kMTiles][4];
+#pragma unroll
+      for (int mi = 0; mi < kMTiles; ++mi) {
+        const float* column = g_tile[stage] + (ks + 2 * (lane % 4)) * kGLd + m_base + mi * 16 + lane / 4;
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const float* at = column + (r & 1) * 8 + (r >> 1) * 8 * kGLd;
+          uint32_t parts[3];
+          split_bf16x2<3>(at[0], at[kGLd], parts);
+#pragma unroll
+          for (int p = 0; p < 3; ++p) a[p][mi][r] = parts[p];
+        }
+      }
+#pragma unroll
+      for (int p = 2; p >= 0; --p) {  // the smallest part first
+        auto& acc = p == 0 ? acc_lead : acc_rest;
+#pragma unroll
+        for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+          for (int ni = 0; ni < 4; ++ni) mma_bf16(acc[mi][ni], a[p][mi], b[ni]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  float* chunk_out = out + static_cast<int64_t>(blockIdx.y) * num_experts * dim;
+#pragma unroll
+  for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni) {
+      const int64_t d = d0 + n_base + ni * 8 + 2 * (lane % 4);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t e = e0 + m_base + mi * 16 + lane / 4 + 8 * half;
+        if (e < num_experts) {
+          const float2 sums = make_float2(acc_lead[mi][ni][2 * half] + acc_rest[mi][ni][2 * half],
+                                          acc_lead[mi][ni][2 * half + 1] + acc_rest[mi][ni][2 * half + 1]);
+          *reinterpret_cast<float2*>(chunk_out + e * dim + d) = sums;
+        }
+      }
+    }
+  }
+}
+
 template <int kMTiles>
 void launch_tc_grad_weight(const at::Tensor& grad_logits, const at::Tensor& x, at::Tensor& grad_weight,
-                           cudaStream_t stream) {
+                           cudaStream_t stream, bool pipelined) {
   using Tiles = GradWeightTcTiles<kMTiles>;
   const int64_t num_tokens = x.size(0), dim = x.size(1), num_experts = grad_logits.size(1);
   const int64_t tiles = ceil_div(num_experts, Tiles::kBM) * (dim / Tiles::kBN);
@@ -500,9 +915,9 @@ void launch_tc_grad_weight(const at::Tensor& grad_logits, const at::Tensor& x, a
   at::Tensor buffer;
   float* out = pieces_output(grad_weight, chunks, buffer);
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks));
-  tc_logits_grad_weight_kernel<kMTiles><<<grid, kTcThreads, 0, stream>>>(
-      grad_logits.data_ptr<float>(), reinterpret_cast<const uint16_t*>(x.data_ptr()), out, num_tokens, num_experts,
-      dim, tokens_per_chunk);
+  const auto kernel = pipelined ? tc_logits_grad_weight_pipelined_kernel<kMTiles> : tc_logits_grad_weight_kernel<kMTiles>;
+  kernel<<<grid, kTcThreads, 0, stream>>>(grad_logits.data_ptr<float>(), reinterpret_cast<const uint16_t*>(x.data_ptr()),
+                                          out, num_tokens, num_experts, dim, tokens_per_chunk);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (chunks > 1) launch_sum_pieces(out, grad_weight.data_ptr<float>(), num_experts * dim, chunks, stream);
 }
@@ -535,7 +950,7 @@ void check_tc_operand(const at::Tensor& t, at::ScalarType dtype, const char* nam
 
 }  // namespace
 
-at::Tensor router_logits_tc_forward(const at::Tensor& x, const at::Tensor& weight) {
+at::Tensor router_logits_tc_forward(const at::Tensor& x, const at::Tensor& weight, bool pipelined) {
   check_tc_operand(x, at::kBFloat16, "x");
   check_tc_operand(weight, at::kFloat, "weight");
   check_same_device(weight, x, "weight");
@@ -554,14 +969,14 @@ at::Tensor router_logits_tc_forward(const at::Tensor& x, const at::Tensor& weigh
   const int64_t wide_blocks =
       ceil_div(num_tokens, WideTiles::kBM) * ceil_div(num_experts, static_cast<int64_t>(WideTiles::kBN));
   if (num_experts <= 32 || wide_blocks < 2 * kNominalSms) {
-    launch_tc_forward<2>(x, weight, logits, stream);
+    pipelined ? launch_tc_forward_pipelined(x, weight, logits, stream) : launch_tc_forward<2>(x, weight, logits, stream);
   } else {
     launch_tc_forward<4>(x, weight, logits, stream);
   }
   return logits;
 }
 
-at::Tensor router_logits_tc_grad_x(const at::Tensor& grad_logits, const at::Tensor& weight) {
+at::Tensor router_logits_tc_grad_x(const at::Tensor& grad_logits, const at::Tensor& weight, bool persistent) {
   check_tc_operand(grad_logits, at::kFloat, "grad_logits");
   check_tc_operand(weight, at::kFloat, "weight");
   check_same_device(weight, grad_logits, "weight");
@@ -573,6 +988,10 @@ at::Tensor router_logits_tc_grad_x(const at::Tensor& grad_logits, const at::Tens
   const int64_t num_tokens = grad_logits.size(0), num_experts = weight.size(0), dim = weight.size(1);
   at::Tensor grad_x = at::empty({num_tokens, dim}, weight.options().dtype(at::kBFloat16));
   if (num_tokens == 0) return grad_x;
+  if (persistent && num_experts <= kPersistentMaxExperts) {
+    launch_tc_grad_x_persistent(grad_logits, weight, grad_x, c10::cuda::getCurrentCUDAStream());
+    return grad_x;
+  }
   const int64_t blocks = ceil_div(num_tokens, GradXTcTiles::kBM) * (dim / GradXTcTiles::kBN);
   tc_logits_grad_x_kernel<<<static_cast<unsigned>(blocks), kTcThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       grad_logits.data_ptr<float>(), weight.data_ptr<float>(), reinterpret_cast<uint16_t*>(grad_x.data_ptr()),
@@ -581,7 +1000,7 @@ at::Tensor router_logits_tc_grad_x(const at::Tensor& grad_logits, const at::Tens
   return grad_x;
 }
 
-at::Tensor router_logits_tc_grad_weight(const at::Tensor& grad_logits, const at::Tensor& x) {
+at::Tensor router_logits_tc_grad_weight(const at::Tensor& grad_logits, const at::Tensor& x, bool pipelined) {
   check_tc_operand(grad_logits, at::kFloat, "grad_logits");
   check_tc_operand(x, at::kBFloat16, "x");
   check_same_device(x, grad_logits, "x");
@@ -595,9 +1014,9 @@ at::Tensor router_logits_tc_grad_weight(const at::Tensor& grad_logits, const at:
   at::Tensor grad_weight = at::empty({num_experts, dim}, grad_logits.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (num_experts <= 32) {
-    launch_tc_grad_weight<1>(grad_logits, x, grad_weight, stream);
+    launch_tc_grad_weight<1>(grad_logits, x, grad_weight, stream, pipelined);
   } else {
-    launch_tc_grad_weight<2>(grad_logits, x, grad_weight, stream);
+    launch_tc_grad_weight<2>(grad_logits, x, grad_weight, stream, pipelined);
   }
   return grad_weight;
 }

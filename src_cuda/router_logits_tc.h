@@ -32,9 +32,12 @@ constexpr int64_t kTensorCoreDimMultiple = 64;
 //   x: (T, D) bfloat16 CUDA tensor.
 //   weight: (E, D) float32, on x's device.
 //
+//   pipelined: where the kernel takes 32-expert blocks, copy their k tiles through a cp.async
+//     pipeline of four stages rather than one register-staged tile ahead; the same bits either way.
+//
 // Returns:
 //   (T, E) float32 logits.
-at::Tensor router_logits_tc_forward(const at::Tensor& x, const at::Tensor& weight);
+at::Tensor router_logits_tc_forward(const at::Tensor& x, const at::Tensor& weight, bool pipelined = true);
 
 // grad_x = g0 w0 + g0 w1 + g1 w0 (g = grad_logits and w = weight split into bf16 parts): the terms
 // above bf16 rounding of the result, accumulated in float32 and rounded once to bfloat16.
@@ -42,10 +45,13 @@ at::Tensor router_logits_tc_forward(const at::Tensor& x, const at::Tensor& weigh
 // Args:
 //   grad_logits: (T, E) float32 CUDA tensor.
 //   weight: (E, D) float32, on the same device.
+//   persistent: for up to 64 experts, blocks that keep a 64-column slice of the weight in shared
+//     memory across many token tiles rather than one block per (token tile, column tile); the
+//     same bits either way.
 //
 // Returns:
 //   (T, D) bfloat16.
-at::Tensor router_logits_tc_grad_x(const at::Tensor& grad_logits, const at::Tensor& weight);
+at::Tensor router_logits_tc_grad_x(const at::Tensor& grad_logits, const at::Tensor& weight, bool persistent = true);
 
 // grad_weight[e, d] = sum over t of (g0 + g1 + g2)[t, e] * x[t, d], float32 accumulation. The tokens
 // are cut into chunks by shape alone; each chunk's sums go to its own slice of a float32 buffer and a
@@ -54,9 +60,11 @@ at::Tensor router_logits_tc_grad_x(const at::Tensor& grad_logits, const at::Tens
 // Args:
 //   grad_logits: (T, E) float32 CUDA tensor.
 //   x: (T, D) bfloat16, on the same device.
+//   pipelined: copy the k tiles through a cp.async pipeline (three or four stages) rather than one
+//     register-staged tile ahead; the same bits either way.
 //
 // Returns:
 //   (E, D) float32.
-at::Tensor router_logits_tc_grad_weight(const at::Tensor& grad_logits, const at::Tensor& x);
+at::Tensor router_logits_tc_grad_weight(const at::Tensor& grad_logits, const at::Tensor& x, bool pipelined = true);
 
 }  // namespace lightning_moe

@@ -2,6 +2,8 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <utility>
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
@@ -29,6 +31,28 @@ inline void encode_tensor_map(CUtensorMap* map, const void* data, int64_t rows, 
                                  element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   TORCH_CHECK(result == CUDA_SUCCESS, "cuTensorMapEncodeTiled failed");
+}
+
+// The SM count of `device`, asked of the runtime once per thread and device.
+inline int multiprocessors(int device) {
+  thread_local std::map<int, int> counts;
+  const auto found = counts.find(device);
+  if (found != counts.end()) return found->second;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  counts.emplace(device, sms);
+  return sms;
+}
+
+// Lets `kernel` take `bytes` of dynamic shared memory on `device`: set once per thread, kernel and
+// device rather than on every launch.
+inline void allow_shared_memory(const void* kernel, int bytes, int device) {
+  thread_local std::map<std::pair<const void*, int>, int> allowed;  // (kernel, device) -> bytes
+  const auto key = std::make_pair(kernel, device);
+  const auto found = allowed.find(key);
+  if (found != allowed.end() && found->second == bytes) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  allowed[key] = bytes;
 }
 
 // Makes the primary context of `device` current on this thread, once per thread and device:

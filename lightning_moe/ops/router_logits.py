@@ -81,6 +81,12 @@ FLOAT32_PARTS = 3
 # (T, D, E) = (8192, 1024, 64), forward, grad_x, grad_weight: 31, 36, 36 us against the SIMT
 # kernels' 62, 52, 60.
 TENSOR_CORE_ROUTER = True
+# Whether the tensor-core forward's 32-expert blocks and the weight gradient copy their k tiles
+# through a cp.async pipeline rather than one register-staged tile ahead (the same bits).
+PIPELINED_TC_ROUTER = True
+# Whether the tensor-core grad_x, for up to 64 experts, runs blocks that keep a slice of the weight
+# in shared memory across many token tiles (the same bits as one block per output tile).
+PERSISTENT_TC_GRAD_X = True
 # With 8 experts the SIMT kernels hold the weight in shared memory and stream x once: at
 # (16384, 1024, 8) grad_x took 40 us on the tensor cores against their 27.
 TENSOR_CORE_MIN_EXPERTS = 16
@@ -367,15 +373,15 @@ def _aligned(t: Tensor) -> Tensor:
 
 
 def _tc_forward(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
-    return require_extension().router_logits_tc_forward(_aligned(x_TD), _aligned(weight_ED))
+    return require_extension().router_logits_tc_forward(_aligned(x_TD), _aligned(weight_ED), PIPELINED_TC_ROUTER)
 
 
 def _tc_grad_x(grad_TE: Tensor, weight_ED: Tensor) -> Tensor:
-    return require_extension().router_logits_tc_grad_x(_aligned(grad_TE), _aligned(weight_ED))
+    return require_extension().router_logits_tc_grad_x(_aligned(grad_TE), _aligned(weight_ED), PERSISTENT_TC_GRAD_X)
 
 
 def _tc_grad_weight(grad_TE: Tensor, x_TD: Tensor) -> Tensor:
-    return require_extension().router_logits_tc_grad_weight(_aligned(grad_TE), _aligned(x_TD))
+    return require_extension().router_logits_tc_grad_weight(_aligned(grad_TE), _aligned(x_TD), PIPELINED_TC_ROUTER)
 
 
 @torch.library.custom_op("lightning_moe::router_logits_tc", mutates_args=())
