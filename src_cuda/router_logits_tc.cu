@@ -188,6 +188,69 @@ struct ForwardTcTiles {
   static_assert(kNTiles % 2 == 0 && kXLoads * 8 * kTcThreads == kBM * kBK && kWLoads * 4 * kTcThreads == kBN * kBK);
 };
 
+// Writes acc_lead + acc_rest, a warp's kM x kN m16n8 float32 accumulator tiles, to `out` (row-major,
+// `ld` floats a row) from row row0 and column col0 on. Accumulator c of tile (mi, ni) holds row
+// 16 mi + lane / 4 (+ 8 for c = 2, 3) and column 8 ni + 2 (lane % 4) + c % 2. Rows at or past `rows`
+// are skipped, and with kBoundColumns columns at or past `cols` too.
+template <int kM, int kN, bool kBoundColumns>
+__device__ __forceinline__ void store_sums(float* out, int64_t ld, const float (&acc_lead)[kM][kN][4],
+                                           const float (&acc_rest)[kM][kN][4], int64_t row0, int64_t col0,
+                                           int64_t rows, int64_t cols, int lane) {
+#pragma unroll
+  for (int mi = 0; mi < kM; ++mi) {
+#pragma unroll
+    for (int ni = 0; ni < kN; ++ni) {
+      const int64_t col = col0 + ni * 8 + 2 * (lane % 4);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t row = row0 + mi * 16 + lane / 4 + 8 * half;
+        if (row < rows && (!kBoundColumns || col < cols)) {
+          const float2 sums = make_float2(acc_lead[mi][ni][2 * half] + acc_rest[mi][ni][2 * half],
+                                          acc_lead[mi][ni][2 * half + 1] + acc_rest[mi][ni][2 * half + 1]);
+          *reinterpret_cast<float2*>(out + row * ld + col) = sums;
+        }
+      }
+    }
+  }
+}
+
+// acc += a . b for the two-part splits a = a[0] + a[1] and b = b[0] + b[1] of a warp's 2 x 4 m16n8
+// tiles, the terms above bf16 rounding only (a1 b0, a0 b1, a0 b0), the smaller ones first.
+__device__ __forceinline__ void mma_split_terms(float (&acc)[2][4][4], const uint32_t (&a)[2][2][4],
+                                                const uint32_t (&b)[2][4][2]) {
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni) {
+      mma_bf16(acc[mi][ni], a[1][mi], b[0][ni]);
+      mma_bf16(acc[mi][ni], a[0][mi], b[1][ni]);
+      mma_bf16(acc[mi][ni], a[0][mi], b[0][ni]);
+    }
+  }
+}
+
+// Writes a warp's 2 x 4 m16n8 accumulator tiles, rounded to bf16, to the bf16 matrix `out` (`ld`
+// elements a row) from row row0 and column col0 on (the layout of store_sums), skipping rows at or
+// past `rows`.
+__device__ __forceinline__ void store_bf16_rows(uint16_t* out, int64_t ld, const float (&acc)[2][4][4], int64_t row0,
+                                                int64_t col0, int64_t rows, int lane) {
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni) {
+      const int64_t col = col0 + ni * 8 + 2 * (lane % 4);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t row = row0 + mi * 16 + lane / 4 + 8 * half;
+        if (row < rows) {
+          *reinterpret_cast<uint32_t*>(out + row * ld + col) =
+              round_bf16x2(acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
+        }
+      }
+    }
+  }
+}
+
 template <int kNTiles>
 __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
     tc_logits_forward_kernel(const uint16_t* __restrict__ x, const float* __restrict__ weight,
@@ -254,23 +317,8 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
     }
   });
 
-  // Accumulator c of an m16n8 tile: row lane / 4 (+ 8 for c = 2, 3), columns 2 (lane % 4) + c % 2.
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-    for (int ni = 0; ni < kNTiles; ++ni) {
-      const int64_t e = e0 + n_base + ni * 8 + 2 * (lane % 4);
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t t = t0 + m_base + mi * 16 + lane / 4 + 8 * half;
-        if (t < num_tokens && e < num_experts) {
-          const float2 out = make_float2(acc_lead[mi][ni][2 * half] + acc_rest[mi][ni][2 * half],
-                                         acc_lead[mi][ni][2 * half + 1] + acc_rest[mi][ni][2 * half + 1]);
-          *reinterpret_cast<float2*>(logits + t * num_experts + e) = out;
-        }
-      }
-    }
-  }
+  store_sums<2, kNTiles, true>(logits, num_experts, acc_lead, acc_rest, t0 + m_base, e0 + n_base, num_tokens,
+                               num_experts, lane);
 }
 
 template <int kNTiles>
@@ -405,22 +453,8 @@ __global__ void __launch_bounds__(kTcThreads, 4)
   }
   cp_async_wait<0>();
 
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-    for (int ni = 0; ni < kNTiles; ++ni) {
-      const int64_t e = e0 + n_base + ni * 8 + 2 * (lane % 4);
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t t = t0 + m_base + mi * 16 + lane / 4 + 8 * half;
-        if (t < num_tokens && e < num_experts) {
-          const float2 out = make_float2(acc_lead[mi][ni][2 * half] + acc_rest[mi][ni][2 * half],
-                                         acc_lead[mi][ni][2 * half + 1] + acc_rest[mi][ni][2 * half + 1]);
-          *reinterpret_cast<float2*>(logits + t * num_experts + e) = out;
-        }
-      }
-    }
-  }
+  store_sums<2, kNTiles, true>(logits, num_experts, acc_lead, acc_rest, t0 + m_base, e0 + n_base, num_tokens,
+                               num_experts, lane);
 }
 
 void launch_tc_forward_pipelined(const at::Tensor& x, const at::Tensor& weight, at::Tensor& logits,
@@ -502,32 +536,11 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
 #pragma unroll
         for (int j = 0; j < 4; j += 2) load_b_pair_trans(b[p][j], b[p][j + 1], w_tile[buffer][p], kWLd, n_base + j * 8, ks, lane);
       }
-#pragma unroll
-      for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni) {  // the smaller terms first
-          mma_bf16(acc[mi][ni], a[1][mi], b[0][ni]);
-          mma_bf16(acc[mi][ni], a[0][mi], b[1][ni]);
-          mma_bf16(acc[mi][ni], a[0][mi], b[0][ni]);
-        }
-      }
+      mma_split_terms(acc, a, b);
     }
   });
 
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-    for (int ni = 0; ni < 4; ++ni) {
-      const int64_t d = d0 + n_base + ni * 8 + 2 * (lane % 4);
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t t = t0 + m_base + mi * 16 + lane / 4 + 8 * half;
-        if (t < num_tokens) {
-          *reinterpret_cast<uint32_t*>(grad_x + t * dim + d) = round_bf16x2(acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
-        }
-      }
-    }
-  }
+  store_bf16_rows(grad_x, dim, acc, t0 + m_base, d0 + n_base, num_tokens, lane);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -618,33 +631,11 @@ __global__ void __launch_bounds__(kTcThreads, PersistentGradXTiles::kBlocksPerSm
 #pragma unroll
           for (int j = 0; j < 4; j += 2) load_b_pair_trans(b[p][j], b[p][j + 1], w_tile[p], kWLd, n_base + j * 8, k, lane);
         }
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-          for (int ni = 0; ni < 4; ++ni) {  // the smaller terms first
-            mma_bf16(acc[mi][ni], a[1][mi], b[0][ni]);
-            mma_bf16(acc[mi][ni], a[0][mi], b[1][ni]);
-            mma_bf16(acc[mi][ni], a[0][mi], b[0][ni]);
-          }
-        }
+        mma_split_terms(acc, a, b);
       }
     }
     const int64_t t0 = tile * kBM;
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-      for (int ni = 0; ni < 4; ++ni) {
-        const int64_t d = d0 + n_base + ni * 8 + 2 * (lane % 4);
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int64_t t = t0 + m_base + mi * 16 + lane / 4 + 8 * half;
-          if (t < num_tokens) {
-            *reinterpret_cast<uint32_t*>(grad_x + t * dim + d) =
-                round_bf16x2(acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
-          }
-        }
-      }
-    }
+    store_bf16_rows(grad_x, dim, acc, t0 + m_base, d0 + n_base, num_tokens, lane);
     __syncthreads();  // every warp is done with this tile's gradient in shared memory
     if (next < token_tiles) {
       stage();
@@ -687,6 +678,20 @@ struct GradWeightTcTiles {
   static constexpr int kBlocksPerSm = 2;
 };
 
+// The output tile and the chunk of tokens of a grad_weight block (both grad_weight kernels): expert
+// tiles vary fastest along blockIdx.x, so the blocks that read the same tokens run together (L2
+// hits), and blockIdx.y is the chunk.
+struct GradWeightBlock {
+  int64_t e0, d0, t_begin, t_end;
+  __device__ GradWeightBlock(int bm, int bn, int64_t num_tokens, int64_t num_experts, int64_t tokens_per_chunk) {
+    const int64_t expert_tiles = ceil_div(num_experts, bm);
+    e0 = static_cast<int64_t>(blockIdx.x) % expert_tiles * bm;
+    d0 = static_cast<int64_t>(blockIdx.x) / expert_tiles * bn;
+    t_begin = static_cast<int64_t>(blockIdx.y) * tokens_per_chunk;
+    t_end = std::min(num_tokens, t_begin + tokens_per_chunk);
+  }
+};
+
 template <int kMTiles>
 __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
     tc_logits_grad_weight_kernel(const float* __restrict__ grad, const uint16_t* __restrict__ x,
@@ -698,12 +703,8 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
   __shared__ __align__(16) uint16_t x_tile[2][kBK * kXLd];     // [buffer][token][column]
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int warp_m = warp % 2, warp_n = warp / 2;
-  // Expert tiles vary fastest, so the blocks that read the same tokens run together (L2 hits).
-  const int64_t expert_tiles = ceil_div(num_experts, kBM);
-  const int64_t e0 = static_cast<int64_t>(blockIdx.x) % expert_tiles * kBM;
-  const int64_t d0 = static_cast<int64_t>(blockIdx.x) / expert_tiles * kBN;
-  const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * tokens_per_chunk;
-  const int64_t t_end = std::min(num_tokens, t_begin + tokens_per_chunk);
+  const GradWeightBlock block(kBM, kBN, num_tokens, num_experts, tokens_per_chunk);
+  const int64_t e0 = block.e0, d0 = block.d0, t_begin = block.t_begin, t_end = block.t_end;
 
   float4 g_next[Tiles::kGLoads];
   uint4 x_next[Tiles::kXLoads];
@@ -756,23 +757,8 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
     }
   });
 
-  float* chunk_out = out + static_cast<int64_t>(blockIdx.y) * num_experts * dim;
-#pragma unroll
-  for (int mi = 0; mi < kMTiles; ++mi) {
-#pragma unroll
-    for (int ni = 0; ni < 4; ++ni) {
-      const int64_t d = d0 + n_base + ni * 8 + 2 * (lane % 4);
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t e = e0 + m_base + mi * 16 + lane / 4 + 8 * half;
-        if (e < num_experts) {
-          const float2 sums = make_float2(acc_lead[mi][ni][2 * half] + acc_rest[mi][ni][2 * half],
-                                          acc_lead[mi][ni][2 * half + 1] + acc_rest[mi][ni][2 * half + 1]);
-          *reinterpret_cast<float2*>(chunk_out + e * dim + d) = sums;
-        }
-      }
-    }
-  }
+  float* chunk_out = out + static_cast<int64_t>(blockIdx.y) * num_experts * dim;  // this chunk's slice
+  store_sums<kMTiles, 4, false>(chunk_out, dim, acc_lead, acc_rest, e0 + m_base, d0 + n_base, num_experts, dim, lane);
 }
 
 // grad_weight, pipelined: the blocks, chunks and tiles of tc_logits_grad_weight_kernel, with the k
@@ -806,12 +792,8 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
   __shared__ __align__(16) uint16_t x_tile[kStages][kBK * kXLd];  // [stage][token][column]
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int warp_m = warp % 2, warp_n = warp / 2;
-  // As in tc_logits_grad_weight_kernel: expert tiles fastest, blockIdx.y the chunk.
-  const int64_t expert_tiles = ceil_div(num_experts, kBM);
-  const int64_t e0 = static_cast<int64_t>(blockIdx.x) % expert_tiles * kBM;
-  const int64_t d0 = static_cast<int64_t>(blockIdx.x) / expert_tiles * kBN;
-  const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * tokens_per_chunk;
-  const int64_t t_end = std::min(num_tokens, t_begin + tokens_per_chunk);
+  const GradWeightBlock block(kBM, kBN, num_tokens, num_experts, tokens_per_chunk);
+  const int64_t e0 = block.e0, d0 = block.d0, t_begin = block.t_begin, t_end = block.t_end;
   const int64_t k_tiles = ceil_div(t_end - t_begin, kBK);
 
   auto load = [&](int64_t kt, int stage) {
@@ -882,23 +864,8 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
   }
   cp_async_wait<0>();
 
-  float* chunk_out = out + static_cast<int64_t>(blockIdx.y) * num_experts * dim;
-#pragma unroll
-  for (int mi = 0; mi < kMTiles; ++mi) {
-#pragma unroll
-    for (int ni = 0; ni < 4; ++ni) {
-      const int64_t d = d0 + n_base + ni * 8 + 2 * (lane % 4);
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t e = e0 + m_base + mi * 16 + lane / 4 + 8 * half;
-        if (e < num_experts) {
-          const float2 sums = make_float2(acc_lead[mi][ni][2 * half] + acc_rest[mi][ni][2 * half],
-                                          acc_lead[mi][ni][2 * half + 1] + acc_rest[mi][ni][2 * half + 1]);
-          *reinterpret_cast<float2*>(chunk_out + e * dim + d) = sums;
-        }
-      }
-    }
-  }
+  float* chunk_out = out + static_cast<int64_t>(blockIdx.y) * num_experts * dim;  // this chunk's slice
+  store_sums<kMTiles, 4, false>(chunk_out, dim, acc_lead, acc_rest, e0 + m_base, d0 + n_base, num_experts, dim, lane);
 }
 
 template <int kMTiles>

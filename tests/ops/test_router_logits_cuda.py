@@ -315,59 +315,45 @@ def test_tensor_core_kernels_are_the_same_on_every_run(
         assert torch.equal(first, second)
 
 
-@pytest.mark.parametrize(
-    ("num_tokens", "dim", "num_experts"),
+# Each tensor-core kernel behind a switch, called with the switch on and off, and the shapes that
+# exercise it: it must give the bits of the kernel it replaces.
+SWITCHED_KERNELS: dict[str, tuple[Callable[..., Tensor], list[tuple[int, int, int]]]] = {
     # 128 blocks; two k tiles, fewer than the pipeline's stages; a partly filled expert tile; one token.
-    [(8192, 1024, 64), (37, 64, 16), (300, 128, 40), (1, 1024, 8)],
-)
-def test_pipelined_forward_gives_the_bits_of_the_register_staged_one(
-    num_tokens: int, dim: int, num_experts: int, generator: torch.Generator
-) -> None:
-    x_TD, weight_ED, _ = tensor_core_inputs(num_tokens, dim, num_experts, "spread", generator)
-    ext = require_extension()
-    poison_float_blocks()
-    pipelined = ext.router_logits_tc_forward(x_TD, weight_ED, True)
-    poison_float_blocks()
-    staged = ext.router_logits_tc_forward(x_TD, weight_ED, False)
-    assert not pipelined.isnan().any()
-    assert torch.equal(pipelined, staged)
-
-
-@pytest.mark.parametrize(
-    ("num_tokens", "dim", "num_experts"),
+    "pipelined-forward": (
+        lambda ext, x, weight, grad, on: ext.router_logits_tc_forward(x, weight, on),
+        [(8192, 1024, 64), (37, 64, 16), (300, 128, 40), (1, 1024, 8)],
+    ),
     # Many token tiles per block; a partly filled last k step; one token; fewer tiles than blocks.
-    [(8192, 1024, 64), (300, 128, 40), (1, 1024, 8), (37, 64, 16)],
-)
-def test_persistent_grad_x_gives_the_bits_of_one_block_per_tile(
-    num_tokens: int, dim: int, num_experts: int, generator: torch.Generator
-) -> None:
-    _, weight_ED, grad_TE = tensor_core_inputs(num_tokens, dim, num_experts, "spread", generator)
-    ext = require_extension()
-    poison_float_blocks()
-    persistent = ext.router_logits_tc_grad_x(grad_TE, weight_ED, True)
-    poison_float_blocks()
-    per_tile = ext.router_logits_tc_grad_x(grad_TE, weight_ED, False)
-    assert not persistent.isnan().any()
-    assert torch.equal(persistent, per_tile)
-
-
-@pytest.mark.parametrize(
-    ("num_tokens", "dim", "num_experts"),
+    "persistent-grad-x": (
+        lambda ext, x, weight, grad, on: ext.router_logits_tc_grad_x(grad, weight, on),
+        [(8192, 1024, 64), (300, 128, 40), (1, 1024, 8), (37, 64, 16)],
+    ),
     # Chunks of many k tiles (64 experts); 32 experts; a partly filled last k tile and expert tile;
     # one token; two k tiles.
-    [(8192, 1024, 64), (4096, 512, 32), (300, 128, 40), (1, 1024, 8), (37, 64, 16)],
-)
-def test_pipelined_grad_weight_gives_the_bits_of_the_register_staged_one(
-    num_tokens: int, dim: int, num_experts: int, generator: torch.Generator
+    "pipelined-grad-weight": (
+        lambda ext, x, weight, grad, on: ext.router_logits_tc_grad_weight(grad, x, on),
+        [(8192, 1024, 64), (4096, 512, 32), (300, 128, 40), (1, 1024, 8), (37, 64, 16)],
+    ),
+}
+SWITCHED_CASES = [
+    pytest.param(name, *shape, id=f"{name}-T{shape[0]}-D{shape[1]}-E{shape[2]}")
+    for name, (_, shapes) in SWITCHED_KERNELS.items()
+    for shape in shapes
+]
+
+
+@pytest.mark.parametrize(("kernel", "num_tokens", "dim", "num_experts"), SWITCHED_CASES)
+def test_switched_kernels_give_the_bits_of_the_kernels_they_replace(
+    kernel: str, num_tokens: int, dim: int, num_experts: int, generator: torch.Generator
 ) -> None:
-    x_TD, _, grad_TE = tensor_core_inputs(num_tokens, dim, num_experts, "spread", generator)
-    ext = require_extension()
+    inputs = tensor_core_inputs(num_tokens, dim, num_experts, "spread", generator)
+    run, ext = SWITCHED_KERNELS[kernel][0], require_extension()
     poison_float_blocks()
-    pipelined = ext.router_logits_tc_grad_weight(grad_TE, x_TD, True)
+    switched_on = run(ext, *inputs, True)
     poison_float_blocks()
-    staged = ext.router_logits_tc_grad_weight(grad_TE, x_TD, False)
-    assert not pipelined.isnan().any()
-    assert torch.equal(pipelined, staged)
+    switched_off = run(ext, *inputs, False)
+    assert not switched_on.isnan().any()
+    assert torch.equal(switched_on, switched_off)
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
