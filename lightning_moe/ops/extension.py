@@ -35,6 +35,8 @@ DISABLE_ENV = "LIGHTNING_MOE_DISABLE_CUDA"
 CACHE_ENV = "LIGHTNING_MOE_CACHE"
 # Marks a build that compiled, linked and imported; a directory without it is rebuilt.
 _COMPLETE_MARKER = "BUILD_COMPLETE"
+# torch.utils.cpp_extension.load's own lock file in a build directory (its FileBaton).
+_TORCH_LOCK_FILE = "lock"
 
 
 class ExtensionUnavailable(RuntimeError):
@@ -126,6 +128,11 @@ def build_extension(arch: str, cache_dir: Path | None = None, verbose: bool = Fa
     build_dir = (cache_dir or cache_root()) / f"{EXTENSION_NAME}-{cache_key(directory, arch)}"
     build_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(build_dir / "build.lock"):
+        # torch's loader holds a lock file of its own in the build directory while it builds and
+        # deletes it when done. A process killed meanwhile (a job's time limit, SIGTERM, SIGKILL)
+        # leaves it behind, and every later load would wait for it to go, silently and forever.
+        # Only the holder of build.lock gets here, so such a file is stale.
+        (build_dir / _TORCH_LOCK_FILE).unlink(missing_ok=True)
         complete = (build_dir / _COMPLETE_MARKER).exists()
         if not complete:
             print(BUILD_MESSAGE, file=sys.stderr, flush=True)

@@ -160,6 +160,29 @@ def test_lock_lets_one_holder_in_at_a_time(tmp_path: Path) -> None:
     assert acquired_at >= released_at[0]
 
 
+def test_a_killed_builds_lock_file_does_not_block_the_next_load(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path / "cuda"))
+    monkeypatch.setattr(extension.shutil, "which", lambda name, path=None: f"/bin/{name}")
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    lock_seen_by_load: list[bool] = []
+
+    def load(*, build_directory: str, **kwargs: object) -> object:
+        # torch's load waits while this file exists: it must be gone by the time load runs.
+        lock_seen_by_load.append((Path(build_directory) / "lock").exists())
+        return object()
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    _, build_dir = extension.build_extension("9.0", cache_dir=tmp_path)  # the first build
+    (build_dir / "lock").write_text("")  # what a build killed inside torch's load leaves behind
+    _, again = extension.build_extension("9.0", cache_dir=tmp_path)
+    assert again == build_dir
+    assert lock_seen_by_load == [False, False]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 def test_build_command_without_gpu_asks_for_an_arch(capsys: pytest.CaptureFixture[str]) -> None:
     assert ops_main.main(["build"]) == 1
