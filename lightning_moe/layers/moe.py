@@ -145,7 +145,9 @@ class MoE(nn.Module):
             out_TD = self._single_expert_forward(x_TD, kept_routing, out_dtype)
             tokens_per_kept_expert = kept_routing.token_ids.new_full((1,), x_TD.shape[0])
         else:
-            token_offsets = ops.token_offsets(kept_routing.token_ids, x_TD.shape[0])
+            token_offsets = kept_routing.token_offsets
+            if token_offsets is None:
+                token_offsets = ops.token_offsets(kept_routing.token_ids, x_TD.shape[0])
             x_ND, inverse, tokens_per_kept_expert = self.permute(
                 self._rows_for_experts(x_TD), kept_routing, token_offsets
             )

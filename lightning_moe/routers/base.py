@@ -12,6 +12,7 @@ know which router ran.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -41,6 +42,10 @@ class Routing:
         tokens_per_expert: Optional (E,) int64, how many assignments each expert has, when the
             router counted them anyway (the fused top-k routers do), so the layer need not
             recount; None otherwise, and after :meth:`select`, which changes the counts.
+        token_offsets: Optional (T + 1,) int64, where each token's assignments start (token t's
+            are ``[token_offsets[t], token_offsets[t + 1])``), when the router knows them without
+            a search (token-choice routers: exactly K per token); None otherwise, and after
+            :meth:`select`. The layer then need not compute them from ``token_ids``.
     """
 
     token_ids: Tensor
@@ -50,6 +55,7 @@ class Routing:
     aux_loss: Tensor
     z_loss: Tensor
     tokens_per_expert: Tensor | None = None
+    token_offsets: Tensor | None = None
 
     def select(self, keep: Tensor) -> Routing:
         """The assignments where ``keep`` (N,) bool is True, in their order (still token-major)."""
@@ -61,6 +67,7 @@ class Routing:
             aux_loss=self.aux_loss,
             z_loss=self.z_loss,
             tokens_per_expert=None,
+            token_offsets=None,
         )
 
 
@@ -135,9 +142,7 @@ def token_choice_routing(
 ) -> Routing:
     """Flatten per-token choices (T, K) into token-major assignments (N = T * K)."""
     num_tokens, top_k = expert_ids_TK.shape
-    token_ids = torch.arange(num_tokens, device=expert_ids_TK.device)
-    if top_k > 1:
-        token_ids = token_ids.repeat_interleave(top_k)
+    token_ids, token_offsets = token_major_layout(num_tokens, top_k, expert_ids_TK.device)
     return Routing(
         token_ids=token_ids,
         expert_ids=expert_ids_TK.reshape(-1),
@@ -146,7 +151,35 @@ def token_choice_routing(
         aux_loss=aux_loss,
         z_loss=z_loss,
         tokens_per_expert=tokens_per_expert,
+        token_offsets=token_offsets,
     )
+
+
+def token_major_layout(num_tokens: int, top_k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The token ids (T * K,) and token offsets (T + 1,), both int64, of T tokens with K
+    assignments each: ``[0]*K + [1]*K + ...`` and ``[0, K, 2K, ..., T*K]``.
+
+    They depend on (T, K, device) alone, so eager calls share one copy per triple (a few recent
+    ones are kept) instead of launching the same kernels in every layer at every step; treat them
+    as read-only. Under ``torch.compile`` and during CUDA graph capture they are built afresh.
+    """
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return _build_token_major_layout(num_tokens, top_k, device)
+    return _cached_token_major_layout(num_tokens, top_k, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_token_major_layout(num_tokens: int, top_k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    # Normal tensors even when first asked for under inference mode: training saves them for backward.
+    with torch.inference_mode(False):
+        return _build_token_major_layout(num_tokens, top_k, device)
+
+
+def _build_token_major_layout(num_tokens: int, top_k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    token_ids = torch.arange(num_tokens, device=device)
+    if top_k > 1:
+        token_ids = token_ids.repeat_interleave(top_k)
+    return token_ids, torch.arange(0, num_tokens * top_k + 1, top_k, device=device)
 
 
 def routing_from_topk_route(route: TopKRoute, num_experts: int) -> Routing:

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import lightning_moe
-from lightning_moe.routers import ROUTERS, Router, build_router
-from lightning_moe.routers.base import switch_balance_loss, token_choice_routing, z_loss_of
+from lightning_moe.ops.reference import token_offsets
+from lightning_moe.routers import ROUTERS, Router, base, build_router
+from lightning_moe.routers.base import switch_balance_loss, token_choice_routing, token_major_layout, z_loss_of
 
 D_MODEL = 16
 
@@ -68,6 +69,39 @@ def test_token_choice_routing_is_token_major() -> None:
     assert routing.token_ids.tolist() == [0, 0, 1, 1, 2, 2]
     assert routing.expert_ids.tolist() == [2, 0, 1, 3, 0, 1]
     assert routing.weights.dtype == routing.priorities.dtype == torch.float32
+    assert routing.token_offsets is not None and routing.token_offsets.tolist() == [0, 2, 4, 6]
+
+
+@pytest.mark.parametrize("num_tokens", [0, 1, 9], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_token_major_layout_matches_a_search_over_the_ids(num_tokens: int, top_k: int) -> None:
+    token_ids, offsets = token_major_layout(num_tokens, top_k, torch.device("cpu"))
+    expected_ids = [t for t in range(num_tokens) for _ in range(top_k)]
+    assert token_ids.dtype == offsets.dtype == torch.int64
+    assert token_ids.tolist() == expected_ids
+    assert torch.equal(offsets, token_offsets(torch.tensor(expected_ids, dtype=torch.int64), num_tokens))
+
+
+def test_token_major_layout_is_shared_between_eager_calls() -> None:
+    first = token_major_layout(5, 2, torch.device("cpu"))
+    again = token_major_layout(5, 2, torch.device("cpu"))
+    assert all(a is b for a, b in zip(first, again, strict=True))
+    assert token_major_layout(5, 3, torch.device("cpu"))[0] is not first[0]
+
+
+def test_token_major_layout_made_under_inference_mode_serves_training_too() -> None:
+    base._cached_token_major_layout.cache_clear()  # so that inference mode makes them first
+    with torch.inference_mode():
+        token_ids, _ = token_major_layout(6, 4, torch.device("cpu"))
+    assert not token_ids.is_inference()
+    # A layer that first ran under inference mode still trains: its backward saves the ids.
+    torch.manual_seed(0)
+    layer = lightning_moe.MoE(D_MODEL, num_experts=4, top_k=4, d_hidden=8)
+    x = torch.randn(6, D_MODEL)
+    with torch.inference_mode():
+        layer(x)
+    layer(x).sum().backward()
+    assert layer.router.weight.grad is not None
 
 
 def test_select_drops_the_counts_it_changes() -> None:
@@ -78,6 +112,7 @@ def test_select_drops_the_counts_it_changes() -> None:
     assert routing.tokens_per_expert is counts
     kept = routing.select(torch.tensor([True, False, True, True]))
     assert kept.expert_ids.tolist() == [2, 1, 3] and kept.tokens_per_expert is None
+    assert routing.token_offsets is not None and kept.token_offsets is None
 
 
 @pytest.mark.parametrize(
@@ -133,6 +168,8 @@ def test_every_router_keeps_the_contract(name: str, training: bool, num_tokens: 
     else:
         assert num_assignments > 0 and torch.all((routing.expert_ids >= 0) & (routing.expert_ids < 8))
         assert torch.all((routing.token_ids >= 0) & (routing.token_ids < num_tokens))
+    if routing.token_offsets is not None:  # known to the router: must be where each token's assignments start
+        assert torch.equal(routing.token_offsets, token_offsets(routing.token_ids, num_tokens))
 
 
 @pytest.mark.parametrize("name", list(ROUTERS))
