@@ -4,8 +4,9 @@ The extension is built lazily, on first use, with ninja through ``torch.utils.cp
 for the current GPU's architecture only. Builds are cached under ``$LIGHTNING_MOE_CACHE`` (default
 ``~/.cache/lightning_moe``) in a directory named by a hash of the sources, the torch, CUDA and
 Python versions and the architecture, so a changed source or upgraded torch builds afresh and
-nothing stale is ever loaded. When several processes start at once (one per GPU), a file lock lets
-one build while the others wait, then load the finished build.
+nothing stale is ever loaded. Each build compiles a copy of the sources kept in its directory, so
+installs of the same sources at different paths share it. When several processes start at once
+(one per GPU), a file lock lets one build while the others wait, then load the finished build.
 
 When the extension cannot be had (no CUDA device, no nvcc or ninja, a failed build, or
 ``LIGHTNING_MOE_DISABLE_CUDA=1``), :func:`load_extension` returns ``None`` after one warning that
@@ -37,6 +38,9 @@ CACHE_ENV = "LIGHTNING_MOE_CACHE"
 _COMPLETE_MARKER = "BUILD_COMPLETE"
 # torch.utils.cpp_extension.load's own lock file in a build directory (its FileBaton).
 _TORCH_LOCK_FILE = "lock"
+# Where a build directory keeps the copy of the sources it compiles.
+_SOURCE_COPY = "src"
+_SOURCE_SUFFIXES = frozenset({".cu", ".cuh", ".cpp", ".h"})
 
 
 class ExtensionUnavailable(RuntimeError):
@@ -57,6 +61,11 @@ def compiled_sources(directory: Path) -> list[Path]:
     return sorted([*directory.glob("*.cu"), *directory.glob("*.cpp")])
 
 
+def _source_files(directory: Path) -> list[Path]:
+    """Every file the build reads from ``directory``: translation units and headers, sorted by name."""
+    return sorted(p for p in directory.iterdir() if p.suffix in _SOURCE_SUFFIXES)
+
+
 def cache_root() -> Path:
     """``$LIGHTNING_MOE_CACHE``, or ``~/.cache/lightning_moe``."""
     configured = os.environ.get(CACHE_ENV)
@@ -75,8 +84,7 @@ def cache_key(directory: Path, arch: str) -> str:
         16 hex digits.
     """
     digest = hashlib.sha256()
-    files = sorted(p for p in directory.iterdir() if p.suffix in {".cu", ".cuh", ".cpp", ".h"})
-    for path in files:
+    for path in _source_files(directory):
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     # The .so links against this torch, this CUDA runtime and this Python's ABI.
     environment = (torch.__version__, str(torch.version.cuda), arch, sys.implementation.cache_tag)
@@ -138,7 +146,7 @@ def build_extension(arch: str, cache_dir: Path | None = None, verbose: bool = Fa
             print(BUILD_MESSAGE, file=sys.stderr, flush=True)
         module = cpp_extension.load(
             name=EXTENSION_NAME,
-            sources=[str(path) for path in sources],
+            sources=[str(path) for path in _copy_sources(directory, build_dir / _SOURCE_COPY, refresh=not complete)],
             extra_cflags=["-O3"],
             extra_cuda_cflags=["-O3", *arch_flags(arch)],
             build_directory=str(build_dir),
@@ -147,6 +155,24 @@ def build_extension(arch: str, cache_dir: Path | None = None, verbose: bool = Fa
         if not complete:
             (build_dir / _COMPLETE_MARKER).write_text(f"{torch.__version__} {torch.version.cuda} {arch}\n")
     return module, build_dir
+
+
+def _copy_sources(directory: Path, copy: Path, refresh: bool) -> list[Path]:
+    """The translation units of ``directory`` as copied into ``copy``; copied afresh if ``refresh``.
+
+    The build compiles these copies rather than the originals. ninja rebuilds whenever a command
+    line changes, and the commands name the sources by path, while the build directory is keyed by
+    the sources' content. Two installs of the same sources (two checkouts, two environments, an
+    editable install and a wheel) then share one build instead of each rebuilding it in turn. A
+    finished build keeps its copies as they are: rewriting them would make ninja rebuild.
+    """
+    originals = _source_files(directory)
+    names = [path.name for path in originals]
+    if refresh or not copy.is_dir() or [path.name for path in _source_files(copy)] != names:
+        copy.mkdir(exist_ok=True)
+        for path in originals:
+            shutil.copyfile(path, copy / path.name)
+    return compiled_sources(copy)
 
 
 @functools.cache

@@ -183,6 +183,38 @@ def test_a_killed_builds_lock_file_does_not_block_the_next_load(
     assert lock_seen_by_load == [False, False]
 
 
+def test_installs_of_the_same_sources_at_two_paths_share_one_build(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from torch.utils import cpp_extension
+
+    checkouts = [tmp_path / "one" / "src_cuda", tmp_path / "two" / "src_cuda"]
+    for checkout in checkouts:
+        shutil.copytree(extension.source_dir(), checkout)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path / "cuda"))
+    monkeypatch.setattr(extension.shutil, "which", lambda name, path=None: f"/bin/{name}")
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    compiled: list[list[str]] = []
+
+    def load(*, sources: list[str], **kwargs: object) -> object:
+        # ninja rebuilds when a source's path changes: the paths must be the same for both installs.
+        compiled.append(sources)
+        for source in sources:  # the copies compile what the originals hold, headers beside them
+            assert Path(source).read_bytes() == (checkouts[0] / Path(source).name).read_bytes()
+            assert (Path(source).parent / "checks.h").is_file()
+        return object()
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    build_dirs = []
+    for checkout in [*checkouts, checkouts[0]]:
+        monkeypatch.setattr(extension, "source_dir", lambda checkout=checkout: checkout)
+        build_dirs.append(extension.build_extension("9.0", cache_dir=tmp_path / "cache")[1])
+    assert build_dirs[0] == build_dirs[1] == build_dirs[2]
+    assert compiled[0] == compiled[1] == compiled[2]
+    assert all(Path(source).parent == build_dirs[0] / "src" for source in compiled[0])
+    assert {Path(source).name for source in compiled[0]} == {p.name for p in extension.compiled_sources(checkouts[0])}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 def test_build_command_without_gpu_asks_for_an_arch(capsys: pytest.CaptureFixture[str]) -> None:
     assert ops_main.main(["build"]) == 1
