@@ -8,12 +8,17 @@ replaced by one GELU MLP of hidden size ``top_k * d_hidden``, so a token passes 
 number of feed-forward weights in both. Tokens/s counts the optimizer steps after ``--warmup``.
 ``--compile`` builds both with ``compile_model=True`` (``torch.compile``; the warm-up steps then
 include the compilation), ``--compile reduce-overhead`` with that mode (CUDA graphs).
+``--profile`` lists each model's largest GPU kernels per step, the GPU's idle time between kernels
+(where it waited for the host) and the longest of those gaps.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -75,6 +80,30 @@ class Throughput(L.Callback):
                 print(
                     f"  {event.device_time_total / 1e3 / steps:8.3f} ms {event.count // steps:4d}x  {event.key[:100]}"
                 )
+            with tempfile.TemporaryDirectory() as directory:
+                trace = Path(directory) / "trace.json"
+                self.profiler.export_chrome_trace(str(trace))
+                idle_ms, gaps = idle_gaps(json.loads(trace.read_text())["traceEvents"])
+            print(f"  GPU idle between kernels: {idle_ms / steps:.2f} ms/step; the longest gaps, us:")
+            for gap_us, before, after in gaps[:8]:
+                print(f"  {gap_us:8.0f}  {before[:60]} -> {after[:60]}")
+
+
+def idle_gaps(events: list[dict[str, Any]], min_us: float = 2.0) -> tuple[float, list[tuple[float, str, str]]]:
+    """The GPU's idle time (ms) between consecutive kernels, copies and fills of a Chrome trace, and
+    its gaps longer than ``min_us`` (us, the one before, the one after), longest first.
+
+    Gaps show where the GPU waited for the host: after a synchronisation, or where the host issues
+    work more slowly than the GPU runs it.
+    """
+    work = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    gaps = []
+    for before, after in zip(work, work[1:], strict=False):
+        gap_us = after["ts"] - (before["ts"] + before["dur"])
+        if gap_us > min_us:
+            gaps.append((gap_us, before["name"], after["name"]))
+    gaps.sort(key=lambda gap: gap[0], reverse=True)
+    return sum(gap[0] for gap in gaps) / 1e3, gaps
 
 
 def tokens_per_second(
@@ -116,7 +145,7 @@ def main() -> None:
     parser.add_argument("--size", default="default,large")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--profile", action="store_true", help="list each model's largest GPU kernels")
+    parser.add_argument("--profile", action="store_true", help="list each model's largest GPU kernels and idle gaps")
     parser.add_argument(
         "--compile",
         nargs="?",
