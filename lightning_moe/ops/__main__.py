@@ -2,7 +2,8 @@
 
 Builds into the cache that :func:`lightning_moe.ops.load_extension` reads and prints where. With
 ``--arch`` it builds for that compute capability without needing a GPU (to check that the sources
-compile, or to prepare a cache for another machine with the same torch).
+compile, or to prepare a cache for another machine with the same torch and Python, which then
+loads it without nvcc or ninja).
 """
 
 from __future__ import annotations

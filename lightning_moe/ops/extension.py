@@ -6,7 +6,9 @@ for the current GPU's architecture only. Builds are cached under ``$LIGHTNING_MO
 Python versions and the architecture, so a changed source or upgraded torch builds afresh and
 nothing stale is ever loaded. Each build compiles a copy of the sources kept in its directory, so
 installs of the same sources at different paths share it. When several processes start at once
-(one per GPU), a file lock lets one build while the others wait, then load the finished build.
+(one per GPU), a file lock lets one build while the others wait, then load the finished build. A
+finished build is imported directly, without nvcc or ninja: ``python -m lightning_moe.ops build``
+on a machine with the CUDA toolkit serves nodes that lack it.
 
 When the extension cannot be had (no CUDA device, no nvcc or ninja, a failed build, or
 ``LIGHTNING_MOE_DISABLE_CUDA=1``), :func:`load_extension` returns ``None`` after one warning that
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -109,7 +112,8 @@ def build_extension(arch: str, cache_dir: Path | None = None, verbose: bool = Fa
     """Build (or reuse) and import the extension for compute capability ``arch``.
 
     Needs nvcc and ninja but no GPU: importing the module does not touch the device, so this
-    also serves to check that the sources compile.
+    also serves to check that the sources compile. A finished build in the cache is imported
+    without either.
 
     Args:
         arch: Compute capability, e.g. ``"9.0"``.
@@ -120,7 +124,7 @@ def build_extension(arch: str, cache_dir: Path | None = None, verbose: bool = Fa
         The module and its build directory.
 
     Raises:
-        ExtensionUnavailable: nvcc or ninja is missing, or the sources are not found.
+        ExtensionUnavailable: nvcc or ninja is missing for a build, or the sources are not found.
         Exception: whatever the build raises when compilation fails.
     """
     from torch.utils import cpp_extension
@@ -129,13 +133,19 @@ def build_extension(arch: str, cache_dir: Path | None = None, verbose: bool = Fa
     sources = compiled_sources(directory) if directory.is_dir() else []
     if not sources:
         raise ExtensionUnavailable(f"the CUDA sources were not found in {directory}")
-    if cpp_extension.CUDA_HOME is None or shutil.which("nvcc", path=_nvcc_search_path()) is None:
-        raise ExtensionUnavailable("nvcc was not found (install the CUDA toolkit or set CUDA_HOME)")
-    if not cpp_extension.is_ninja_available():
-        raise ExtensionUnavailable("ninja was not found (pip install ninja)")
     build_dir = (cache_dir or cache_root()) / f"{EXTENSION_NAME}-{cache_key(directory, arch)}"
     build_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(build_dir / "build.lock"):
+        # A finished build of exactly these sources, torch and arch (the directory's name says so)
+        # is imported as it is: no compiler, no ninja, so that a build made ahead of time
+        # (`python -m lightning_moe.ops build`) serves nodes without the CUDA toolkit.
+        module = _import_finished_build(build_dir)
+        if module is not None:
+            return module, build_dir
+        if cpp_extension.CUDA_HOME is None or shutil.which("nvcc", path=_nvcc_search_path()) is None:
+            raise ExtensionUnavailable("nvcc was not found (install the CUDA toolkit or set CUDA_HOME)")
+        if not cpp_extension.is_ninja_available():
+            raise ExtensionUnavailable("ninja was not found (pip install ninja)")
         # torch's loader holds a lock file of its own in the build directory while it builds and
         # deletes it when done. A process killed meanwhile (a job's time limit, SIGTERM, SIGKILL)
         # leaves it behind, and every later load would wait for it to go, silently and forever.
@@ -152,9 +162,40 @@ def build_extension(arch: str, cache_dir: Path | None = None, verbose: bool = Fa
             build_directory=str(build_dir),
             verbose=verbose,
         )
-        if not complete:
-            (build_dir / _COMPLETE_MARKER).write_text(f"{torch.__version__} {torch.version.cuda} {arch}\n")
+        _mark_complete(build_dir, module, arch)
     return module, build_dir
+
+
+def _mark_complete(build_dir: Path, module: ModuleType, arch: str) -> None:
+    """Record that ``build_dir`` holds a finished build, and which module file it made."""
+    lines = [f"{torch.__version__} {torch.version.cuda} {arch}"]
+    module_file = getattr(module, "__file__", None)
+    if module_file is not None and Path(module_file).parent == build_dir:
+        lines.append(f"module {module.__name__} {Path(module_file).name}")
+    (build_dir / _COMPLETE_MARKER).write_text("\n".join(lines) + "\n")
+
+
+def _import_finished_build(build_dir: Path) -> ModuleType | None:
+    """The module of the finished build in ``build_dir``, imported from its file; ``None`` when
+    there is none, its record names no module file (builds of older versions), or the file does
+    not import (a damaged build, which is then built again)."""
+    try:
+        lines = (build_dir / _COMPLETE_MARKER).read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    for line in lines[1:]:
+        fields = line.split()
+        if len(fields) == 3 and fields[0] == "module" and (build_dir / fields[2]).is_file():
+            spec = importlib.util.spec_from_file_location(fields[1], build_dir / fields[2])
+            if spec is None or spec.loader is None:
+                return None
+            try:
+                module = importlib.util.module_from_spec(spec)  # loads the library
+                spec.loader.exec_module(module)
+            except (ImportError, OSError):
+                return None
+            return module
+    return None
 
 
 def _copy_sources(directory: Path, copy: Path, refresh: bool) -> list[Path]:

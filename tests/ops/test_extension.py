@@ -17,9 +17,12 @@ from lightning_moe.ops import extension
 
 
 @pytest.fixture(autouse=True)
-def fresh_loader(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A loader with nothing memoised, for this test only; the process's own loader stays as it was."""
+def fresh_loader(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A loader with nothing memoised and an empty cache, for this test only; the process's own
+    loader stays as it was."""
     monkeypatch.delenv(extension.DISABLE_ENV, raising=False)
+    # A finished build in the machine's cache would be imported without a compiler.
+    monkeypatch.setenv(extension.CACHE_ENV, str(tmp_path / "empty_cache"))
     monkeypatch.setattr(extension, "load_extension", functools.cache(extension.load_extension.__wrapped__))
 
 
@@ -28,6 +31,25 @@ def load_and_collect_warnings() -> tuple[object, list[str]]:
         warnings.simplefilter("always")
         module = extension.load_extension()
     return module, [str(w.message) for w in caught]
+
+
+PROBE_SOURCE = """
+#include <pybind11/pybind11.h>
+int answer() { return 42; }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("answer", &answer); }
+"""
+
+
+def _toolchain_present(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, present: bool) -> None:
+    """A CUDA toolkit (an nvcc under CUDA_HOME) and ninja as far as the loader can tell, or neither."""
+    from torch.utils import cpp_extension
+
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True, exist_ok=True)
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(0o755)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(nvcc.parents[1]) if present else None)
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: present)
 
 
 def test_disabled_by_environment_returns_none_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -165,9 +187,7 @@ def test_a_killed_builds_lock_file_does_not_block_the_next_load(
 ) -> None:
     from torch.utils import cpp_extension
 
-    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path / "cuda"))
-    monkeypatch.setattr(extension.shutil, "which", lambda name, path=None: f"/bin/{name}")
-    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    _toolchain_present(monkeypatch, tmp_path, True)
     lock_seen_by_load: list[bool] = []
 
     def load(*, build_directory: str, **kwargs: object) -> object:
@@ -191,9 +211,7 @@ def test_installs_of_the_same_sources_at_two_paths_share_one_build(
     checkouts = [tmp_path / "one" / "src_cuda", tmp_path / "two" / "src_cuda"]
     for checkout in checkouts:
         shutil.copytree(extension.source_dir(), checkout)
-    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path / "cuda"))
-    monkeypatch.setattr(extension.shutil, "which", lambda name, path=None: f"/bin/{name}")
-    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    _toolchain_present(monkeypatch, tmp_path, True)
     compiled: list[list[str]] = []
 
     def load(*, sources: list[str], **kwargs: object) -> object:
@@ -213,6 +231,51 @@ def test_installs_of_the_same_sources_at_two_paths_share_one_build(
     assert compiled[0] == compiled[1] == compiled[2]
     assert all(Path(source).parent == build_dirs[0] / "src" for source in compiled[0])
     assert {Path(source).name for source in compiled[0]} == {p.name for p in extension.compiled_sources(checkouts[0])}
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="builds a small C++ extension")
+def test_a_finished_build_loads_without_nvcc_or_ninja(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from torch.utils import cpp_extension
+
+    real_load = cpp_extension.load
+    probe = tmp_path / "probe.cpp"
+    probe.write_text(PROBE_SOURCE)
+    builds: list[str] = []
+
+    def load(*, build_directory: str, **kwargs: object) -> object:
+        # A real (C++) extension module built into the build directory, as the CUDA one is.
+        builds.append(build_directory)
+        return real_load(name="lightning_moe_probe", sources=[str(probe)], build_directory=build_directory)
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    _toolchain_present(monkeypatch, tmp_path, True)
+    module, build_dir = extension.build_extension("9.0", cache_dir=tmp_path / "cache")
+    assert module.answer() == 42
+    # A node without the CUDA toolkit or ninja: the finished build still loads, and nothing is built.
+    _toolchain_present(monkeypatch, tmp_path, False)
+    again, again_dir = extension.build_extension("9.0", cache_dir=tmp_path / "cache")
+    assert again_dir == build_dir and again.answer() == 42
+    assert builds == [str(build_dir)]
+
+
+def test_a_damaged_finished_build_is_built_again(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from torch.utils import cpp_extension
+
+    _toolchain_present(monkeypatch, tmp_path, True)
+    builds: list[str] = []
+
+    def load(*, build_directory: str, **kwargs: object) -> object:
+        builds.append(build_directory)
+        return object()
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    _, build_dir = extension.build_extension("9.0", cache_dir=tmp_path / "cache")
+    # A record that names a module file which does not import (cut short, say).
+    (build_dir / "lightning_moe_cuda.so").write_bytes(b"not a library")
+    marker = build_dir / extension._COMPLETE_MARKER
+    marker.write_text(marker.read_text() + "module lightning_moe_cuda lightning_moe_cuda.so\n")
+    extension.build_extension("9.0", cache_dir=tmp_path / "cache")
+    assert builds == [str(build_dir), str(build_dir)]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
