@@ -134,7 +134,13 @@ def build_extension(arch: str, cache_dir: Path | None = None, verbose: bool = Fa
     if not sources:
         raise ExtensionUnavailable(f"the CUDA sources were not found in {directory}")
     build_dir = (cache_dir or cache_root()) / f"{EXTENSION_NAME}-{cache_key(directory, arch)}"
-    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ExtensionUnavailable(
+            f"the build directory {build_dir} cannot be created ({error.strerror}); set {CACHE_ENV} to a "
+            "directory this process may write to"
+        ) from error
     with _exclusive_lock(build_dir / "build.lock"):
         # A finished build of exactly these sources, torch and arch (the directory's name says so)
         # is imported as it is: no compiler, no ninja, so that a build made ahead of time
@@ -291,7 +297,16 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
     except ImportError:  # not POSIX: no lock, concurrent builds of one directory may collide
         yield
         return
-    with open(path, "a+") as handle:
+    try:
+        handle = open(path, "a+")
+    except OSError:
+        if not path.exists():
+            # A directory this process may not write to (a cache prepared for it, read-only): no
+            # process can build there, so there is nothing to wait for.
+            yield
+            return
+        handle = open(path)  # flock needs no write access
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import shutil
 import threading
 import time
@@ -256,6 +257,57 @@ def test_a_finished_build_loads_without_nvcc_or_ninja(monkeypatch: pytest.Monkey
     again, again_dir = extension.build_extension("9.0", cache_dir=tmp_path / "cache")
     assert again_dir == build_dir and again.answer() == 42
     assert builds == [str(build_dir)]
+
+
+def _python_module_build(builds: list[str]) -> object:
+    """A stand-in for torch's load that "builds" an importable module file into the build directory."""
+
+    def load(*, build_directory: str, **kwargs: object) -> object:
+        builds.append(build_directory)
+        path = Path(build_directory) / "lightning_moe_cuda.py"
+        path.write_text("ANSWER = 42\n")
+        spec = importlib.util.spec_from_file_location("lightning_moe_cuda", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.mark.parametrize("lock_file", ["present", "absent"])
+def test_a_finished_build_in_a_read_only_cache_loads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, lock_file: str
+) -> None:
+    from torch.utils import cpp_extension
+
+    builds: list[str] = []
+    monkeypatch.setattr(cpp_extension, "load", _python_module_build(builds))
+    _toolchain_present(monkeypatch, tmp_path, True)
+    _, build_dir = extension.build_extension("9.0", cache_dir=tmp_path / "cache")
+    if lock_file == "absent":
+        (build_dir / "build.lock").unlink()
+    # Read-only from now on (tests may run as root, whom permissions do not stop): no file opens
+    # for writing, and there is no toolchain either.
+    real_open = open
+
+    def read_only_open(path: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+        if any(flag in mode for flag in "wax+"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, mode, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(extension, "open", read_only_open, raising=False)
+    _toolchain_present(monkeypatch, tmp_path, False)
+    module, again = extension.build_extension("9.0", cache_dir=tmp_path / "cache")
+    assert again == build_dir and module.ANSWER == 42  # type: ignore[attr-defined]
+    assert builds == [str(build_dir)]
+
+
+def test_an_uncreatable_build_directory_names_the_fix(tmp_path: Path) -> None:
+    blocker = tmp_path / "not_a_directory"
+    blocker.write_text("")
+    with pytest.raises(extension.ExtensionUnavailable, match="cannot be created.*LIGHTNING_MOE_CACHE"):
+        extension.build_extension("9.0", cache_dir=blocker)
 
 
 def test_a_damaged_finished_build_is_built_again(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
