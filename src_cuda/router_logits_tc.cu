@@ -106,6 +106,17 @@ __device__ __forceinline__ void mma_bf16(float (&acc)[4], const uint32_t (&a)[4]
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// acc[mi][ni] += a[mi] . b[ni] over a kM x kN grid of m16n8 tiles.
+template <int kM, int kN>
+__device__ __forceinline__ void mma_tiles(float (&acc)[kM][kN][4], const uint32_t (&a)[kM][4],
+                                          const uint32_t (&b)[kN][2]) {
+#pragma unroll
+  for (int mi = 0; mi < kM; ++mi) {
+#pragma unroll
+    for (int ni = 0; ni < kN; ++ni) mma_bf16(acc[mi][ni], a[mi], b[ni]);
+  }
+}
+
 // The A fragment (rows m0 .. m0+15, k0 .. k0+15) of a tile stored [m][k] with rows `ld` apart.
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const uint16_t* tile, int ld, int m0, int k0, int lane) {
   ldmatrix_x4(a, tile + (m0 + lane % 16) * ld + k0 + lane / 16 * 8);
@@ -306,12 +317,7 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
           uint32_t b[kNTiles][2];
 #pragma unroll
           for (int j = 0; j < kNTiles; j += 2) load_b_pair(b[j], b[j + 1], w_tile[buffer][p], kLd, n_base + j * 8, ks, lane);
-          auto& acc = p == 0 ? acc_lead : acc_rest;
-#pragma unroll
-          for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-            for (int ni = 0; ni < kNTiles; ++ni) mma_bf16(acc[mi][ni], a[mi], b[ni]);
-          }
+          mma_tiles(p == 0 ? acc_lead : acc_rest, a, b);
         }
       }
     }
@@ -441,12 +447,7 @@ __global__ void __launch_bounds__(kTcThreads, 4)
         }
 #pragma unroll
         for (int p = 2; p >= 0; --p) {  // the smallest part first
-          auto& acc = p == 0 ? acc_lead : acc_rest;
-#pragma unroll
-          for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-            for (int ni = 0; ni < kNTiles; ++ni) mma_bf16(acc[mi][ni], a[mi], b[p][ni]);
-          }
+          mma_tiles(p == 0 ? acc_lead : acc_rest, a, b[p]);
         }
       }
     }
@@ -747,12 +748,7 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
         uint32_t a[kMTiles][4];
 #pragma unroll
         for (int mi = 0; mi < kMTiles; ++mi) load_a_trans(a[mi], g_tile[buffer][p], kGLd, m_base + mi * 16, ks, lane);
-        auto& acc = p == 0 ? acc_lead : acc_rest;
-#pragma unroll
-        for (int mi = 0; mi < kMTiles; ++mi) {
-#pragma unroll
-          for (int ni = 0; ni < 4; ++ni) mma_bf16(acc[mi][ni], a[mi], b[ni]);
-        }
+        mma_tiles(p == 0 ? acc_lead : acc_rest, a, b);
       }
     }
   });
@@ -853,12 +849,7 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
       }
 #pragma unroll
       for (int p = 2; p >= 0; --p) {  // the smallest part first
-        auto& acc = p == 0 ? acc_lead : acc_rest;
-#pragma unroll
-        for (int mi = 0; mi < kMTiles; ++mi) {
-#pragma unroll
-          for (int ni = 0; ni < 4; ++ni) mma_bf16(acc[mi][ni], a[p][mi], b[ni]);
-        }
+        mma_tiles(p == 0 ? acc_lead : acc_rest, a[p], b);
       }
     }
   }
