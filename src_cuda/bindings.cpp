@@ -30,8 +30,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_route_forward", &lightning_moe::topk_route_forward, py::arg("logits"), py::arg("top_k"),
         py::arg("scoring"), py::arg("normalize"), py::arg("bias"));
   m.def("topk_route_backward", &lightning_moe::topk_route_backward, py::arg("grad_weights"),
-        py::arg("grad_prob_sum"), py::arg("grad_lse_sq_sum"), py::arg("logits"), py::arg("expert_ids"),
-        py::arg("scoring"), py::arg("normalize"));
+        py::arg("grad_prob_sum").none(true), py::arg("grad_lse_sq_sum").none(true), py::arg("logits"),
+        py::arg("expert_ids"), py::arg("scoring"), py::arg("normalize"));
   m.def("router_logits_forward", &lightning_moe::router_logits_forward, py::arg("x"), py::arg("weight"));
   m.def("router_logits_grad_x", &lightning_moe::router_logits_grad_x, py::arg("grad_logits"), py::arg("weight"),
         py::arg("x_dtype"));

@@ -38,9 +38,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& bias);
 
 // The gradient of the logits from those of weights (T, K), prob_sum (E,) and lse_sq_sum (), given
-// the forward's logits and expert_ids; one warp per token, no atomics. Returns (T, E) float32.
-at::Tensor topk_route_backward(const at::Tensor& grad_weights, const at::Tensor& grad_prob_sum,
-                               const at::Tensor& grad_lse_sq_sum, const at::Tensor& logits,
+// the forward's logits and expert_ids; one warp per token, no atomics. Returns (T, E) float32. An
+// absent grad_prob_sum or grad_lse_sq_sum counts as zeros (the same bits as passing zeros).
+at::Tensor topk_route_backward(const at::Tensor& grad_weights, const std::optional<at::Tensor>& grad_prob_sum,
+                               const std::optional<at::Tensor>& grad_lse_sq_sum, const at::Tensor& logits,
                                const at::Tensor& expert_ids, const std::string& scoring, bool normalize);
 
 }  // namespace lightning_moe

@@ -46,8 +46,8 @@ __device__ __forceinline__ void find_picks(const int64_t* ids_row, int num_exper
 
 struct Upstream {
   const float* weights;     // (T, K)
-  const float* prob_sum;    // (E,)
-  const float* lse_sq_sum;  // ()
+  const float* prob_sum;    // (E,), or null for zeros
+  const float* lse_sq_sum;  // (), or null for zero
 };
 
 // d/dlogits of sum_k g_k w_k + sum_e G_e p_e + h * lse^2 for one token, softmax scoring:
@@ -133,8 +133,10 @@ __global__ void __launch_bounds__(kBlockThreads)
   int32_t* slot_of = slot_table + warp * num_experts;
   float grad_mass[V];
 #pragma unroll
-  for (int i = 0; i < V; ++i) grad_mass[i] = holds(i, lane, num_experts) ? upstream.prob_sum[i * kWarp + lane] : 0.f;
-  const float grad_lse_sq = *upstream.lse_sq_sum;
+  for (int i = 0; i < V; ++i) {
+    grad_mass[i] = upstream.prob_sum != nullptr && holds(i, lane, num_experts) ? upstream.prob_sum[i * kWarp + lane] : 0.f;
+  }
+  const float grad_lse_sq = upstream.lse_sq_sum != nullptr ? *upstream.lse_sq_sum : 0.f;
   for (int64_t t = blockIdx.x * kWarpsPerBlock + warp; t < num_tokens; t += gridDim.x * kWarpsPerBlock) {
     float x[V];
     load_row<V>(logits + t * num_experts, num_experts, lane, x);
@@ -158,8 +160,8 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 }  // namespace
 
-at::Tensor topk_route_backward(const at::Tensor& grad_weights, const at::Tensor& grad_prob_sum,
-                               const at::Tensor& grad_lse_sq_sum, const at::Tensor& logits,
+at::Tensor topk_route_backward(const at::Tensor& grad_weights, const std::optional<at::Tensor>& grad_prob_sum,
+                               const std::optional<at::Tensor>& grad_lse_sq_sum, const at::Tensor& logits,
                                const at::Tensor& expert_ids, const std::string& scoring, bool normalize) {
   check_logits(logits);
   const int64_t num_tokens = logits.size(0);
@@ -173,24 +175,28 @@ at::Tensor topk_route_backward(const at::Tensor& grad_weights, const at::Tensor&
               "expert_ids must have shape (T, K) with T = ", text(num_tokens), " and 1 <= K <= E = ",
               text(num_experts), ", got ", text(expert_ids.sizes()));
   const std::pair<const at::Tensor*, const char*> upstream_grads[] = {
-      {&grad_weights, "grad_weights"}, {&grad_prob_sum, "grad_prob_sum"}, {&grad_lse_sq_sum, "grad_lse_sq_sum"}};
+      {&grad_weights, "grad_weights"},
+      {grad_prob_sum ? &*grad_prob_sum : nullptr, "grad_prob_sum"},
+      {grad_lse_sq_sum ? &*grad_lse_sq_sum : nullptr, "grad_lse_sq_sum"}};
   for (const auto& [grad, name] : upstream_grads) {
+    if (grad == nullptr) continue;
     check_cuda_contiguous(*grad, name);
     check_same_device(*grad, logits, name);
     check_dtype(*grad, at::kFloat, name);
   }
   TORCH_CHECK(grad_weights.sizes() == expert_ids.sizes(), "grad_weights must have shape ", text(expert_ids.sizes()),
               ", got ", text(grad_weights.sizes()));
-  TORCH_CHECK(grad_prob_sum.dim() == 1 && grad_prob_sum.size(0) == num_experts, "grad_prob_sum must have shape (",
-              text(num_experts), ",), got ", text(grad_prob_sum.sizes()));
-  TORCH_CHECK(grad_lse_sq_sum.numel() == 1, "grad_lse_sq_sum must have one element, got ",
-              text(grad_lse_sq_sum.sizes()));
+  TORCH_CHECK(!grad_prob_sum || (grad_prob_sum->dim() == 1 && grad_prob_sum->size(0) == num_experts),
+              "grad_prob_sum must have shape (", text(num_experts), ",), got ",
+              text(grad_prob_sum ? grad_prob_sum->sizes() : at::IntArrayRef{}));
+  TORCH_CHECK(!grad_lse_sq_sum || grad_lse_sq_sum->numel() == 1, "grad_lse_sq_sum must have one element, got ",
+              text(grad_lse_sq_sum ? grad_lse_sq_sum->sizes() : at::IntArrayRef{}));
   const Scoring scoring_kind = parse_scoring(scoring);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor grad_logits = at::empty_like(logits);
   if (num_tokens == 0) return grad_logits;
-  const Upstream upstream{grad_weights.data_ptr<float>(), grad_prob_sum.data_ptr<float>(),
-                          grad_lse_sq_sum.data_ptr<float>()};
+  const Upstream upstream{grad_weights.data_ptr<float>(), grad_prob_sum ? grad_prob_sum->data_ptr<float>() : nullptr,
+                          grad_lse_sq_sum ? grad_lse_sq_sum->data_ptr<float>() : nullptr};
   const int64_t blocks = blocks_for(num_tokens, kMaxBackwardBlocks);
   const size_t shared_bytes = sizeof(int32_t) * kWarpsPerBlock * num_experts;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -68,25 +68,31 @@ def _forward(logits_TE: Tensor, top_k: int, scoring: str, normalize: bool, bias_
 
 
 def _backward_kernel(
-    grads: tuple[Tensor, Tensor, Tensor], logits_TE: Tensor, expert_ids_TK: Tensor, scoring: str, normalize: bool
+    grads: tuple[Tensor, Tensor | None, Tensor | None],
+    logits_TE: Tensor,
+    expert_ids_TK: Tensor,
+    scoring: str,
+    normalize: bool,
 ) -> Tensor:
     return require_extension().topk_route_backward(*grads, logits_TE, expert_ids_TK, scoring, normalize)
 
 
 def _differentiable_grads(
     grads: tuple[Tensor | None, ...], logits_TE: Tensor, expert_ids_TK: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The gradients of weights, prob_sum and lse_sq_sum as the kernel takes them.
 
-    Gradients are not materialised (an unused output's is None), which spares three zero-filled
-    tensors per call for the outputs that have none (ids, priorities, counts); a None here becomes
-    zeros.
+    Gradients are not materialised (an unused output's is None), which spares zero-filled tensors
+    for the outputs that have none (ids, priorities, counts, and the losses' sums when no loss is
+    attached): the kernel counts an absent prob_sum or lse_sq_sum gradient as zeros. An absent
+    weights gradient becomes zeros here.
     """
     _, grad_weights, _, _, grad_prob_sum, grad_lse_sq_sum = grads
-    shapes = (expert_ids_TK.shape, (logits_TE.shape[1],), ())
-    grad_weights, grad_prob_sum, grad_lse_sq_sum = (
-        logits_TE.new_zeros(shape) if grad is None else grad.float().contiguous()
-        for grad, shape in zip((grad_weights, grad_prob_sum, grad_lse_sq_sum), shapes, strict=True)
+    grad_weights = (
+        logits_TE.new_zeros(expert_ids_TK.shape) if grad_weights is None else grad_weights.float().contiguous()
+    )
+    grad_prob_sum, grad_lse_sq_sum = (
+        None if grad is None else grad.float().contiguous() for grad in (grad_prob_sum, grad_lse_sq_sum)
     )
     return grad_weights, grad_prob_sum, grad_lse_sq_sum
 
@@ -116,8 +122,8 @@ def _(
 @torch.library.custom_op("lightning_moe::topk_route_backward", mutates_args=())
 def _topk_route_backward_cuda(
     grad_weights: Tensor,
-    grad_prob_sum: Tensor,
-    grad_lse_sq_sum: Tensor,
+    grad_prob_sum: Tensor | None,
+    grad_lse_sq_sum: Tensor | None,
     logits_TE: Tensor,
     expert_ids_TK: Tensor,
     scoring: str,
@@ -131,8 +137,8 @@ def _topk_route_backward_cuda(
 @_topk_route_backward_cuda.register_fake
 def _(
     grad_weights: Tensor,
-    grad_prob_sum: Tensor,
-    grad_lse_sq_sum: Tensor,
+    grad_prob_sum: Tensor | None,
+    grad_lse_sq_sum: Tensor | None,
     logits_TE: Tensor,
     expert_ids_TK: Tensor,
     scoring: str,

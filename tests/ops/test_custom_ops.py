@@ -41,6 +41,11 @@ def test_fake_implementations_of_topk_route() -> None:
         grad_logits = torch.ops.lightning_moe.topk_route_backward(
             weights, prob_sum, lse_sq_sum, logits, expert_ids, "sigmoid", True
         )
+        # The losses' sums may have no gradient: the kernel then counts theirs as zeros.
+        grad_without_losses = torch.ops.lightning_moe.topk_route_backward(
+            weights, None, None, logits, expert_ids, "sigmoid", True
+        )
+    assert grad_without_losses.shape == grad_logits.shape
     assert expert_ids.shape == weights.shape == priorities.shape == (num_tokens, top_k)
     assert expert_ids.dtype == counts.dtype == torch.int64
     assert weights.dtype == priorities.dtype == prob_sum.dtype == lse_sq_sum.dtype == torch.float32

@@ -79,6 +79,23 @@ def test_topk_route_forward_and_backward(
     assert_close_to_oracle(grad, torch_grad, oracle_grad)
 
 
+@pytest.mark.parametrize("absent", ["prob_sum", "lse_sq_sum", "both"])
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_absent_loss_gradients_count_as_zeros(scoring: str, absent: str, generator: torch.Generator) -> None:
+    # A layer without a balance or z-loss leaves those sums without a gradient; the backward kernel
+    # then takes none rather than a zero-filled tensor, and must give the same bits as with zeros.
+    logits_TE, _ = routing_inputs(300, 16, False, generator)
+    route = ops.topk_route(logits_TE, 2, scoring, True)  # type: ignore[arg-type]
+    outputs = [route.weights_TK, route.prob_sum_E, route.lse_sq_sum]
+    upstream = [torch.randn(output.shape, generator=generator).cuda() for output in outputs]
+    keep = [0] + [i for i, name in ((1, "prob_sum"), (2, "lse_sq_sum")) if absent not in (name, "both")]
+    zeroed = [u if i in keep else torch.zeros_like(u) for i, u in enumerate(upstream)]
+    (with_zeros,) = torch.autograd.grad(outputs, logits_TE, zeroed, retain_graph=True)
+    poison_cached_memory()
+    (without,) = torch.autograd.grad([outputs[i] for i in keep], logits_TE, [upstream[i] for i in keep])
+    assert torch.equal(without, with_zeros)
+
+
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
 def test_topk_route_is_the_same_on_every_run(scoring: str, generator: torch.Generator) -> None:
     logits_TE, bias_E = routing_inputs(4096, 64, scoring == "sigmoid", generator)
