@@ -17,7 +17,7 @@ exactly the average rows instead (no expert then needs a second, partly filled 1
 scale for the GB/s column.
 
     python benchmarks/grouped_gemm.py [--rows 128,512,1536,4096] [--iters 20] [--tile-n 128]
-        [--row-ctas 1] [--wgrad-ctas 1] [--tile-m 128] [--even] [--bandwidth]
+        [--row-ctas 1] [--wgrad-ctas 1] [--wgrad-runs 1] [--tile-m 128] [--even] [--bandwidth]
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def gemms(
     row_ctas: int,
     wgrad_ctas: int,
     tile_m: int = 128,
+    wgrad_runs: int = 1,
 ) -> list[tuple[str, Callable[[], Tensor], Callable[[], Tensor], int]]:
     """(name, ours, torch's, operand bytes) for the four row-grouped GEMMs and the two weight gradients; ours with
     ``tile_n``-column tiles where that divides the output's columns, else 128, the row GEMMs on
@@ -62,7 +63,7 @@ def gemms(
 
     def weight_grad(a: Tensor, b: Tensor) -> Tensor:
         tile = tile_n if b.shape[1] % tile_n == 0 and wgrad_ctas == 1 else 128
-        return require_extension().grouped_gemm_weight_grad(a, b, ends_E, tile, wgrad_ctas)
+        return require_extension().grouped_gemm_weight_grad(a, b, ends_E, tile, wgrad_ctas, wgrad_runs)
 
     def nbytes(*tensors: Tensor) -> int:
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -118,6 +119,7 @@ def run(
     wgrad_ctas: int,
     even: bool,
     tile_m: int = 128,
+    wgrad_runs: int = 1,
 ) -> None:
     num_rows = rows_per_expert * num_experts
     if even:
@@ -132,7 +134,7 @@ def run(
     total_ours = total_torch = 0.0
     total_bytes = 0
     for name, ours, theirs, operand_bytes in gemms(
-        x_ND, h_NF, w1_EFD, w2_EDF, ends_E, tile_n, row_ctas, wgrad_ctas, tile_m
+        x_ND, h_NF, w1_EFD, w2_EDF, ends_E, tile_n, row_ctas, wgrad_ctas, tile_m, wgrad_runs
     ):
         expected = theirs().float()
         error = ((ours().float() - expected).norm() / expected.norm()).item()
@@ -180,6 +182,9 @@ def main() -> None:
     parser.add_argument(
         "--tile-m", type=int, default=128, choices=(128, 192), help="rows per tile of our row kernel (192: tile-n 256)"
     )
+    parser.add_argument(
+        "--wgrad-runs", type=int, default=1, help="tiles per run of our weight-gradient kernel (>1: --wgrad-ctas 2)"
+    )
     parser.add_argument("--even", action="store_true", help="exactly --rows rows for every expert")
     parser.add_argument("--bandwidth", action="store_true", help="first print the GPU's plain copy/read/write GB/s")
     args = parser.parse_args()
@@ -205,6 +210,7 @@ def main() -> None:
                 args.wgrad_ctas,
                 args.even,
                 args.tile_m,
+                args.wgrad_runs,
             )
 
 

@@ -24,6 +24,9 @@ For each config (T, D, F, E, K) it times, with CUDA events (warm-up, then the me
   ``PIPELINED_TC_ROUTER`` and ``PERSISTENT_TC_GRAD_X`` off).
 - MoE-wgrad-1cta: the layer with its weight gradients on one CTA per SM rather than two
   (``lightning_moe.ops.grouped_linear.WEIGHT_GRAD_CTAS_PER_SM = 1``).
+- MoE-wgrad-tiles: the layer with each weight-gradient CTA taking one output tile at a time rather
+  than runs of 4 tiles that share an expert's slice of the output gradient
+  (``lightning_moe.ops.grouped_linear.WEIGHT_GRAD_RUN_TILES = 1``).
 - MoE-2cta: the layer with its forward GEMMs and input gradients on two CTAs per SM too
   (``ROW_CTAS_PER_SM = 2``).
 - MoE-tall, MoE-short: the layer with 192-row tiles for its forward GEMMs and input gradients
@@ -82,6 +85,7 @@ GATED_IMPLEMENTATIONS = (
     "MoE-simt-router",
     "MoE-staged-router",
     "MoE-wgrad-1cta",
+    "MoE-wgrad-tiles",
     "MoE-2cta",
     "MoE-tall",
     "MoE-short",
@@ -276,6 +280,7 @@ IMPLEMENTATIONS: dict[str, Callable[..., nn.Module]] = {
         KernelChoice, target=router_logits_module, PIPELINED_TC_ROUTER=False, PERSISTENT_TC_GRAD_X=False
     ),
     "MoE-wgrad-1cta": functools.partial(KernelChoice, WEIGHT_GRAD_CTAS_PER_SM=1),
+    "MoE-wgrad-tiles": functools.partial(KernelChoice, WEIGHT_GRAD_RUN_TILES=1),
     "MoE-2cta": functools.partial(KernelChoice, ROW_CTAS_PER_SM=2),
     "MoE-tall": functools.partial(KernelChoice, TALL_ROW_TILES=True),
     "MoE-short": functools.partial(KernelChoice, TALL_ROW_TILES=False),

@@ -240,6 +240,240 @@ __global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, k
 #endif
 }
 
+// The runs kernel (two CTAs per SM, 128 x 128 tiles): a CTA takes a run of up to run_tiles output
+// tiles that share an expert and its 128 rows of M, so they share a's slice. For an expert of at
+// most kStages * kBK rows, a's slice is loaded into shared memory once per run (its A slots, one
+// per 64-row step) and only b's slice streams through the stages: a run of R tiles reads
+// (1 + 1 / R) / 2 of the bytes the one-tile kernel reads from L2. Larger experts stream both, each
+// stage in its own A slot, as the one-tile kernel does. Sums are taken in the same order as there,
+// so both kernels give the same bits.
+struct RunInfo {
+  int group;  // -1: no run left
+  int row_start;
+  int rows;
+  int m0;
+  int n0;     // first column of the run's first tile
+  int tiles;  // tiles in the run, each kRunBN columns further
+};
+static_assert(sizeof(RunInfo) == 24, "RunShape::kSharedBytes");
+
+constexpr int kRunBN = 128;
+constexpr int kRunRing = 8;
+constexpr int kRunBBytes = (kRunBN / 64) * kBoxBytes;  // b's boxes of one stage
+
+struct RunShape : CtaLayout<kRunBN, 1> {
+  using Layout = CtaLayout<kRunBN, 1>;
+  static constexpr int kStages = Layout::kStages;
+  // A slots, then B slots, then the staging buffer, the mbarriers (full and empty per stage, then
+  // a_full and a_free) and the ring of runs.
+  static constexpr int kBarriersBytes = (2 * kStages + 2) * 8;
+  static constexpr int kSharedBytes =
+      1024 + kStages * (kTileABytes + kRunBBytes) + kStagingBytes + kBarriersBytes + kRunRing * 24;
+  static_assert(Layout::fits(kSharedBytes), "more shared memory than the CTAs of an SM may have");
+  static_assert(kRunRing > kStages, "the producer runs at most kStages stages, so kStages runs, ahead");
+};
+
+struct RunProblem {
+  const int32_t* ends;
+  __nv_bfloat16* out;
+  int m;
+  int n;
+  int m_tiles;
+  int n_tiles;
+  int runs_per_row;  // runs per (expert, 128 rows of M): ceil(n_tiles / run_tiles)
+  int run_tiles;
+  int runs;          // all runs
+};
+
+struct RunParams {
+  CUtensorMap map_a;
+  CUtensorMap map_b;
+  RunProblem p;
+};
+
+#ifdef LIGHTNING_MOE_WGMMA
+__device__ __forceinline__ RunInfo decode_run(const RunProblem& p, int run) {
+  if (run >= p.runs) return RunInfo{-1, 0, 0, 0, 0, 0};
+  const int rest = run / p.runs_per_row;
+  const int group = rest / p.m_tiles;
+  const int first_tile = (run % p.runs_per_row) * p.run_tiles;
+  const int row_start = group == 0 ? 0 : p.ends[group - 1];
+  return RunInfo{group,
+                 row_start,
+                 p.ends[group] - row_start,
+                 (rest % p.m_tiles) * kBM,
+                 first_tile * kRunBN,
+                 min(p.run_tiles, p.n_tiles - first_tile)};
+}
+
+// Zeroes rows valid to kBK - 1 of `boxes` 64-column boxes from `stage` (all 128 consumer threads).
+__device__ __forceinline__ void zero_rows_past(uint8_t* stage, int boxes, int valid, int ctid) {
+  for (int box = 0; box < boxes; ++box) {
+    for (int i = ctid; i < (kBK - valid) * 8; i += 128) {
+      *reinterpret_cast<uint4*>(stage + box * kBoxBytes + (valid + i / 8) * kRowBytes + (i % 8) * 16) =
+          make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+#endif  // LIGHTNING_MOE_WGMMA
+
+__global__ void __launch_bounds__(RunShape::kThreads, RunShape::kCtasPerSm)
+    weight_grad_runs_kernel(const __grid_constant__ RunParams params) {
+#ifdef LIGHTNING_MOE_WGMMA
+  using S = RunShape;
+  constexpr int kStages = S::kStages;
+  const RunProblem& p = params.p;
+  extern __shared__ uint8_t shared_raw[];
+  const uint32_t raw_address = shared_address(shared_raw);
+  const uint32_t base = (raw_address + 1023u) & ~1023u;  // the swizzle reads address bits 4-9
+  uint8_t* const shared = shared_raw + (base - raw_address);
+  const uint32_t a_slots = base;
+  const uint32_t b_slots = base + kStages * kTileABytes;
+  const uint32_t staging_offset = kStages * (kTileABytes + kRunBBytes);
+  const uint32_t full_bar = base + staging_offset + kStagingBytes;
+  const uint32_t empty_bar = full_bar + kStages * 8;
+  const uint32_t a_full_bar = empty_bar + kStages * 8;
+  const uint32_t a_free_bar = a_full_bar + 8;
+  RunInfo* const ring = reinterpret_cast<RunInfo*>(shared + staging_offset + kStagingBytes + S::kBarriersBytes);
+
+  const int tid = threadIdx.x;
+  const int warpgroup = tid / 128;
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(full_bar + s * 8, 1);
+      mbarrier_init(empty_bar + s * 8, 1);
+    }
+    mbarrier_init(a_full_bar, 1);
+    mbarrier_init(a_free_bar, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    producer_registers<kRunBN, 1>();
+    if (tid != 0) return;  // one producer thread
+    StageRing<kStages> pipe;
+    // Runs with rows so far: the A slots may be rewritten once the consumer has finished the last.
+    uint32_t data_runs = 0;
+    RunInfo upcoming = decode_run(p, blockIdx.x);
+    for (int run = blockIdx.x, count = 0;; run += gridDim.x, ++count) {
+      const RunInfo info = upcoming;
+      upcoming = decode_run(p, run + gridDim.x);
+      const int steps = (info.rows + kBK - 1) / kBK;
+      if (info.group < 0 || steps == 0) {
+        // The end, or an expert without rows: the description alone, on a stage without data.
+        mbarrier_wait(empty_bar + pipe.stage * 8, pipe.phase ^ 1);
+        ring[count % kRunRing] = info;
+        mbarrier_arrive(full_bar + pipe.stage * 8);
+        if (info.group < 0) return;
+        pipe.advance();
+        continue;
+      }
+      const bool resident = steps <= kStages;
+      // The consumer has multiplied the previous run's last tile: its A slots are free.
+      mbarrier_wait(a_free_bar, (data_runs & 1) ^ 1);
+      ++data_runs;
+      if (resident) {
+        mbarrier_arrive_expect_tx(a_full_bar, steps * kTileABytes);
+        for (int step = 0; step < steps; ++step) {
+#pragma unroll
+          for (int box = 0; box < 2; ++box) {
+            tma_load_2d(a_slots + step * kTileABytes + box * kBoxBytes, &params.map_a, a_full_bar, info.m0 + box * 64,
+                        info.row_start + step * kBK);
+          }
+        }
+      }
+      for (int t = 0; t < info.tiles; ++t) {
+        const int n0 = info.n0 + t * kRunBN;
+        for (int step = 0; step < steps; ++step) {
+          mbarrier_wait(empty_bar + pipe.stage * 8, pipe.phase ^ 1);
+          if (t == 0 && step == 0) ring[count % kRunRing] = info;
+          const uint32_t bar = full_bar + pipe.stage * 8;
+          const int row = info.row_start + step * kBK;
+          mbarrier_arrive_expect_tx(bar, resident ? kRunBBytes : kTileABytes + kRunBBytes);
+          if (!resident) {
+#pragma unroll
+            for (int box = 0; box < 2; ++box) {
+              tma_load_2d(a_slots + pipe.stage * kTileABytes + box * kBoxBytes, &params.map_a, bar,
+                          info.m0 + box * 64, row);
+            }
+          }
+#pragma unroll
+          for (int box = 0; box < kRunBN / 64; ++box) {
+            tma_load_2d(b_slots + pipe.stage * kRunBBytes + box * kBoxBytes, &params.map_b, bar, n0 + box * 64, row);
+          }
+          pipe.advance();
+        }
+      }
+    }
+  }
+
+  consumer_registers<kRunBN, 1>();
+  const int ctid = tid % 128;
+  __nv_bfloat16* const staging = reinterpret_cast<__nv_bfloat16*>(shared + staging_offset);
+  float acc[2][1][64];  // both of a's boxes: the tile's 128 rows
+  float(&all_acc)[2 * 64] = reinterpret_cast<float(&)[2 * 64]>(acc);
+  StageRing<kStages> pipe;
+  uint32_t resident_runs = 0;
+  for (int count = 0;; ++count) {
+    mbarrier_wait(full_bar + pipe.stage * 8, pipe.phase);
+    const RunInfo info = ring[count % kRunRing];
+    if (info.group < 0) break;
+    const int steps = (info.rows + kBK - 1) / kBK;
+    __nv_bfloat16* const out_rows = p.out + (static_cast<int64_t>(info.group) * p.m + info.m0) * p.n + info.n0;
+    if (steps == 0) {
+      if (ctid == 0) mbarrier_arrive(empty_bar + pipe.stage * 8);
+      pipe.advance();
+      for (int i = ctid; i < 128 * (kRunBN / 8) * info.tiles; i += 128) {
+        const int tile = i / (128 * (kRunBN / 8)), within = i % (128 * (kRunBN / 8));
+        *reinterpret_cast<uint4*>(out_rows + static_cast<int64_t>(within / (kRunBN / 8)) * p.n + tile * kRunBN +
+                                  (within % (kRunBN / 8)) * 8) = make_uint4(0, 0, 0, 0);
+      }
+      continue;
+    }
+    const bool resident = steps <= kStages;
+    if (resident) {
+      mbarrier_wait(a_full_bar, resident_runs & 1);
+      ++resident_runs;
+    }
+    const int last_valid = info.rows - (steps - 1) * kBK;  // rows of the last step, 1 to kBK
+    for (int t = 0; t < info.tiles; ++t) {
+      ConsumerStages<kStages> stages{pipe, empty_bar, ctid};
+      for (int step = 0; step < steps; ++step) {
+        if (t > 0 || step > 0) mbarrier_wait(full_bar + pipe.stage * 8, pipe.phase);
+        const uint32_t tile_a = a_slots + (resident ? step : pipe.stage) * kTileABytes;
+        const uint32_t tile_b = b_slots + pipe.stage * kRunBBytes;
+        if (step == steps - 1 && last_valid < kBK) {
+          // Rows past the expert (the next expert's, or TMA's zero fill): zeroed in a and b so that
+          // not even an infinity there reaches this sum. A resident a is zeroed once per run.
+          if (!resident || t == 0) zero_rows_past(shared + (tile_a - base), 2, last_valid, ctid);
+          zero_rows_past(shared + (tile_b - base), kRunBN / 64, last_valid, ctid);
+          // Hand the zeros to the async proxy that wgmma reads through.
+          asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+          named_barrier(3, 128);
+        }
+        wgmma_fence();
+        multiply<kRunBN, 2, kBK / 16>(acc, tile_a, tile_b, 0, step == 0);
+        wgmma_commit();
+        stages.next(all_acc);
+      }
+      stages.finish(all_acc);
+      // The run's a has been read for the last time: the producer may load the next run's.
+      if (t == info.tiles - 1 && ctid == 0) mbarrier_arrive(a_free_bar);
+#pragma unroll
+      for (int bx = 0; bx < 2; ++bx) {
+        __nv_bfloat16* const box_rows = out_rows + static_cast<int64_t>(bx) * 64 * p.n + t * kRunBN;
+        store_rows(acc[bx], staging, ctid, 1, 64, [&](int row, int column, uint4 value) {
+          *reinterpret_cast<uint4*>(box_rows + static_cast<int64_t>(row) * p.n + column) = value;
+        });
+      }
+    }
+  }
+#else
+  __trap();  // built without sm_90a: grouped_gemm_available() reports false and no caller launches this
+#endif
+}
+
 // Validates the operands; returns (M, N).
 std::pair<int64_t, int64_t> check_operands(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends,
                                            int64_t tile_n, int64_t ctas_per_sm) {
@@ -257,14 +491,27 @@ std::pair<int64_t, int64_t> check_operands(const at::Tensor& a, const at::Tensor
   return {m, n};
 }
 
+// Encodes a's and b's tensor maps into `params` and launches `kernel` persistently: one CTA per
+// unit of work, at most `ctas_per_sm` per SM.
+template <class P>
+void launch_persistent(const void* kernel, P* params, const at::Tensor& a, const at::Tensor& b, int64_t work,
+                       int threads, int ctas_per_sm, int shared_bytes) {
+  encode_tensor_map(&params->map_a, a.data_ptr(), a.size(0), a.size(1), kBK);
+  encode_tensor_map(&params->map_b, b.data_ptr(), a.size(0), b.size(1), kBK);
+  const int sms = multiprocessors(a.device().index());
+  const unsigned ctas = static_cast<unsigned>(std::min<int64_t>(work, int64_t{sms} * ctas_per_sm));
+  allow_shared_memory(kernel, shared_bytes, a.device().index());
+  void* args[] = {params};
+  C10_CUDA_CHECK(cudaLaunchKernel(kernel, dim3(ctas), dim3(threads), args, shared_bytes,
+                                  c10::cuda::getCurrentCUDAStream()));
+}
+
 template <int kBN, int kConsumers>
 void launch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, const at::Tensor& out) {
   using S = Shape<kBN, kConsumers>;
-  const int64_t groups = ends.size(0), rows = a.size(0), m = a.size(1), n = b.size(1);
+  const int64_t m = a.size(1), n = b.size(1);
+  const int64_t tiles = ends.size(0) * (m / kBM) * (n / kBN);
   auto params = std::make_unique<Params>();
-  encode_tensor_map(&params->map_a, a.data_ptr(), rows, m, kBK);
-  encode_tensor_map(&params->map_b, b.data_ptr(), rows, n, kBK);
-  const int64_t tiles = groups * (m / kBM) * (n / kBN);
   params->p = Problem{ends.data_ptr<int32_t>(),
                       reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
                       static_cast<int>(m),
@@ -272,25 +519,44 @@ void launch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, co
                       static_cast<int>(m / kBM),
                       static_cast<int>(n / kBN),
                       static_cast<int>(tiles)};
-  const int sms = multiprocessors(a.device().index());
-  const unsigned ctas = static_cast<unsigned>(std::min<int64_t>(tiles, int64_t{sms} * S::kCtasPerSm));
-  const void* kernel = reinterpret_cast<const void*>(weight_grad_kernel<kBN, kConsumers>);
-  allow_shared_memory(kernel, S::kSharedBytes, a.device().index());
-  void* args[] = {params.get()};
-  C10_CUDA_CHECK(cudaLaunchKernel(kernel, dim3(ctas), dim3(S::kThreads), args, S::kSharedBytes,
-                                  c10::cuda::getCurrentCUDAStream()));
+  launch_persistent(reinterpret_cast<const void*>(weight_grad_kernel<kBN, kConsumers>), params.get(), a, b, tiles,
+                    S::kThreads, S::kCtasPerSm, S::kSharedBytes);
+}
+
+void launch_runs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, const at::Tensor& out,
+                 int64_t run_tiles) {
+  using S = RunShape;
+  const int64_t m = a.size(1), n = b.size(1);
+  const int64_t n_tiles = n / kRunBN, runs_per_row = (n_tiles + run_tiles - 1) / run_tiles;
+  const int64_t runs = ends.size(0) * (m / kBM) * runs_per_row;
+  auto params = std::make_unique<RunParams>();
+  params->p = RunProblem{ends.data_ptr<int32_t>(),
+                         reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
+                         static_cast<int>(m),
+                         static_cast<int>(n),
+                         static_cast<int>(m / kBM),
+                         static_cast<int>(n_tiles),
+                         static_cast<int>(runs_per_row),
+                         static_cast<int>(run_tiles),
+                         static_cast<int>(runs)};
+  launch_persistent(reinterpret_cast<const void*>(weight_grad_runs_kernel), params.get(), a, b, runs, S::kThreads,
+                    S::kCtasPerSm, S::kSharedBytes);
 }
 
 }  // namespace
 
 at::Tensor grouped_gemm_weight_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, int64_t tile_n,
-                                    int64_t ctas_per_sm) {
+                                    int64_t ctas_per_sm, int64_t run_tiles) {
   const auto [m, n] = check_operands(a, b, ends, tile_n, ctas_per_sm);
+  TORCH_CHECK(run_tiles >= 1, "run_tiles must be at least 1, got ", text(run_tiles));
+  TORCH_CHECK(run_tiles == 1 || ctas_per_sm == 2, "run_tiles above 1 needs ctas_per_sm 2, got ", text(ctas_per_sm));
   const c10::cuda::CUDAGuard guard(a.device());
   if (a.size(0) == 0) return at::zeros({ends.size(0), m, n}, a.options());
   auto out = at::empty({ends.size(0), m, n}, a.options());
   bind_context(a.device().index());
-  if (ctas_per_sm == 2) {
+  if (run_tiles > 1) {
+    launch_runs(a, b, ends, out, run_tiles);
+  } else if (ctas_per_sm == 2) {
     launch<128, 1>(a, b, ends, out);
   } else {
     tile_n == 256 ? launch<256, 2>(a, b, ends, out) : launch<128, 2>(a, b, ends, out);

@@ -49,6 +49,12 @@ TILE_N_MIN_WAVES = 2
 # and the row kernel faster on some GEMMs, slower on others (benchmarks/RESULTS.md, twelfth session).
 ROW_CTAS_PER_SM = 1
 WEIGHT_GRAD_CTAS_PER_SM = 2
+# Output tiles a weight-gradient CTA takes in a row (with two CTAs per SM) that share an expert and
+# 128 rows of its gradient: for experts of at most 192 rows that slice is then read from L2 once
+# per run rather than once per tile. 1: one tile at a time. On an H200 runs of 4 made the two weight
+# gradients at 128 rows per expert 3-5% faster over 64 experts (1024 x 4096, 2048 x 1408) and
+# 6-15% faster over 8 (benchmarks/RESULTS.md, sixteenth session).
+WEIGHT_GRAD_RUN_TILES = 4
 # Rows per tile of the row kernel where its tiles are 256 columns wide and the experts average more
 # than TALL_TILE_MIN_ROWS and at most TALL_TILE_MAX_ROWS rows: 192 (three consumer warpgroups), else
 # 128. At 112-160 rows per expert, random routing gives many experts 129-192 rows; 128-row tiles
@@ -142,7 +148,9 @@ def _input_grad(grad_NM: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
 def _weight_grad(grad_NM: Tensor, x_NK: Tensor, ends_E: Tensor) -> Tensor:
     # grad_w[e] = grad[rows e].T @ x[rows e], ragged along the contraction: tiles of 128 rows of M.
     if WEIGHT_GRAD_CTAS_PER_SM == 2:
-        return require_extension().grouped_gemm_weight_grad(grad_NM, x_NK, ends_E, FEATURE_MULTIPLE, 2)
+        return require_extension().grouped_gemm_weight_grad(
+            grad_NM, x_NK, ends_E, FEATURE_MULTIPLE, 2, WEIGHT_GRAD_RUN_TILES
+        )
     row_tiles = ends_E.shape[0] * (grad_NM.shape[1] // 128)
     tile_n = tile_columns(row_tiles, x_NK.shape[1], _num_sms(x_NK.device.index))
     return require_extension().grouped_gemm_weight_grad(grad_NM, x_NK, ends_E, tile_n, 1)

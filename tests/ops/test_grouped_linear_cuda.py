@@ -95,12 +95,12 @@ def test_row_kernel_matches_the_oracle(
 
 @pytest.mark.parametrize("split", SPLITS.values(), ids=SPLITS.keys())
 @pytest.mark.parametrize(
-    ("tile_n", "ctas_per_sm", "k"),
-    [(128, 1, 384), (256, 1, 512), (128, 2, 384)],
-    ids=["tile128", "tile256", "two_ctas"],
+    ("tile_n", "ctas_per_sm", "k", "run_tiles"),
+    [(128, 1, 384, 1), (256, 1, 512, 1), (128, 2, 384, 1), (128, 2, 384, 2), (128, 2, 512, 4)],
+    ids=["tile128", "tile256", "two_ctas", "runs2", "runs4"],
 )
 def test_weight_grad_kernel_matches_the_oracle(
-    split: list[int], tile_n: int, ctas_per_sm: int, k: int, generator: torch.Generator
+    split: list[int], tile_n: int, ctas_per_sm: int, k: int, run_tiles: int, generator: torch.Generator
 ) -> None:
     # Experts of 1, 5, 127-130 and 300 rows: stages that run past an expert into the next one's rows.
     rows = sum(split)
@@ -108,7 +108,7 @@ def test_weight_grad_kernel_matches_the_oracle(
     b_NK = torch.randn(rows, k, generator=generator).to("cuda", torch.bfloat16)
     ends_E = torch.tensor(split).cumsum(0).to("cuda", torch.int32)
     poison_float_blocks()
-    got_EMK = require_extension().grouped_gemm_weight_grad(a_NM, b_NK, ends_E, tile_n, ctas_per_sm)
+    got_EMK = require_extension().grouped_gemm_weight_grad(a_NM, b_NK, ends_E, tile_n, ctas_per_sm, run_tiles)
     starts = [0, *ends_E.tolist()]
     blocks = [(a_NM[s:e].double().t() @ b_NK[s:e].double()) for s, e in zip(starts[:-1], starts[1:], strict=True)]
     oracle_EMK = torch.stack(blocks)
@@ -120,19 +120,49 @@ def test_weight_grad_kernel_matches_the_oracle(
     assert_close_to_gpu_oracle(got_EMK, torch_EMK, oracle_EMK)
 
 
-@pytest.mark.parametrize(("tile_n", "ctas_per_sm"), KERNEL_CHOICES.values(), ids=KERNEL_CHOICES.keys())
+@pytest.mark.parametrize(
+    ("tile_n", "ctas_per_sm", "run_tiles"),
+    [(*choice, 1) for choice in KERNEL_CHOICES.values()] + [(128, 2, 2)],
+    ids=[*KERNEL_CHOICES.keys(), "runs2"],
+)
 def test_weight_grad_kernel_keeps_each_expert_to_its_rows(
-    tile_n: int, ctas_per_sm: int, generator: torch.Generator
+    tile_n: int, ctas_per_sm: int, run_tiles: int, generator: torch.Generator
 ) -> None:
     # Expert 0's 3 rows share a 64-row stage with expert 1's, which hold infinities.
     a_NM = torch.randn(8, 128, generator=generator).to("cuda", torch.bfloat16)
     b_NK = torch.randn(8, 256, generator=generator).to("cuda", torch.bfloat16)
     a_NM[3:], b_NK[3:] = float("inf"), float("inf")
     ends_E = torch.tensor([3, 8], dtype=torch.int32, device="cuda")
-    got_EMK = require_extension().grouped_gemm_weight_grad(a_NM, b_NK, ends_E, tile_n, ctas_per_sm)
+    got_EMK = require_extension().grouped_gemm_weight_grad(a_NM, b_NK, ends_E, tile_n, ctas_per_sm, run_tiles)
     expected_MK = (a_NM[:3].double().t() @ b_NK[:3].double()).to(torch.bfloat16)
     torch.testing.assert_close(got_EMK[0], expected_MK, rtol=1e-2, atol=1e-2)
     assert got_EMK[1].isinf().all()
+
+
+@pytest.mark.parametrize("run_tiles", [2, 3, 4, 32])
+@pytest.mark.parametrize("split", SPLITS.values(), ids=SPLITS.keys())
+def test_weight_grad_runs_give_the_bits_of_single_tiles(
+    split: list[int], run_tiles: int, generator: torch.Generator
+) -> None:
+    # Runs read each expert's slice of a once per run (experts of at most 192 rows) or per stage
+    # (larger ones), and must sum in the same order as the one-tile kernel.
+    rows = sum(split)
+    a_NM = torch.randn(rows, 384, generator=generator).to("cuda", torch.bfloat16)
+    b_NK = torch.randn(rows, 1024, generator=generator).to("cuda", torch.bfloat16)
+    ends_E = torch.tensor(split).cumsum(0).to("cuda", torch.int32)
+    expected_EMK = require_extension().grouped_gemm_weight_grad(a_NM, b_NK, ends_E, 128, 2, 1)
+    poison_float_blocks()
+    got_EMK = require_extension().grouped_gemm_weight_grad(a_NM, b_NK, ends_E, 128, 2, run_tiles)
+    assert torch.equal(got_EMK, expected_EMK)
+
+
+def test_weight_grad_runs_need_two_ctas_per_sm() -> None:
+    x = torch.zeros(8, 128, device="cuda", dtype=torch.bfloat16)
+    ends_E = torch.tensor([8], dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="run_tiles above 1 needs ctas_per_sm 2"):
+        require_extension().grouped_gemm_weight_grad(x, x, ends_E, 128, 1, 2)
+    with pytest.raises(RuntimeError, match="run_tiles must be at least 1"):
+        require_extension().grouped_gemm_weight_grad(x, x, ends_E, 128, 2, 0)
 
 
 def test_row_kernel_launched_from_another_thread_matches_the_main_thread(generator: torch.Generator) -> None:
@@ -197,14 +227,15 @@ def test_grouped_linear_rejects_bad_input_by_name(change: str, message: str, gen
         grouped_linear(x_NK, w_EMK, ends_E)
 
 
-@pytest.mark.parametrize("kernel", ["one_cta", "two_ctas", "tall"])
+@pytest.mark.parametrize("kernel", ["one_cta", "two_ctas", "tall", "wgrad_runs"])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_experts_with_few_rows_each_take_the_kernels_and_match_the_loop(
     activation: str, kernel: str, generator: torch.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ctas_per_sm = 2 if kernel == "two_ctas" else 1
+    ctas_per_sm = 2 if kernel in ("two_ctas", "wgrad_runs") else 1
     monkeypatch.setattr(grouped_linear_module, "ROW_CTAS_PER_SM", ctas_per_sm)
     monkeypatch.setattr(grouped_linear_module, "WEIGHT_GRAD_CTAS_PER_SM", ctas_per_sm)
+    monkeypatch.setattr(grouped_linear_module, "WEIGHT_GRAD_RUN_TILES", 2 if kernel == "wgrad_runs" else 1)
     if kernel == "tall":  # 256-column tiles wherever they divide the columns, and 192 rows
         monkeypatch.setattr(grouped_linear_module, "TALL_ROW_TILES", True)
         monkeypatch.setattr(grouped_linear_module, "TALL_TILE_MIN_ROWS", 0)
