@@ -104,11 +104,16 @@ class MoELightningModule(LightningModule):
         if not stats:
             return
         log_step = self._logs_routing_step()
-        for name, value in zip(_ROUTING_METRICS, _mean_over_layers(stats).to(self.device).unbind(), strict=True):
+        values = _mean_over_layers(stats).to(self.device)
+        # Lightning converts the progress bar's values to numbers at every batch, the last logged
+        # ones included: a device tensor there would make the host wait for the GPU at every batch.
+        # One host copy of the four values, made at the steps that log them, waits once.
+        shown = values.cpu().unbind() if log_step else (None,) * len(_ROUTING_METRICS)
+        for name, value, host_value in zip(_ROUTING_METRICS, values.unbind(), shown, strict=True):
             metric = cast(_StepMean, self.moe_metrics[name])
             # Every step counts towards the epoch mean, logged or not: Lightning computes the
             # metric object at the end of the epoch.
-            metric(value)
+            metric(value, host_value)
             if log_step:
                 # One self.log per key is the bulk of the host time; log_dict would only loop over
                 # self.log and can't put just one key in the progress bar.
@@ -117,16 +122,41 @@ class MoELightningModule(LightningModule):
     def _logs_routing_step(self) -> bool:
         """Whether this batch logs the routing metrics: every ``routing_log_every_n_steps``
         optimizer steps, and at the last batch of an epoch or of the run, so that every epoch logs
-        its mean."""
-        trainer = self.trainer
+        its mean. Asked after the batch's optimizer step."""
+        step = self.trainer.global_step
+        return step % self._step_log_interval() == 0 or self._ends_epoch_or_run(step) or self.trainer.should_stop
+
+    def logs_step_values(self) -> bool:
+        """Whether the training batch now running is one that logs step values; for
+        ``training_step`` to ask before it logs.
+
+        True in the batches of the optimizer steps at which the routing metrics are logged (every
+        ``routing_log_every_n_steps``, by default the Trainer's ``log_every_n_steps``, the steps at
+        which Lightning writes step metrics to the logger), and in the last batch of an epoch or
+        run. Lightning converts the progress bar's values to numbers at every batch, the last
+        logged ones included; for a value on the GPU the host then waits for the GPU to finish the
+        batch, so it never gets ahead to queue the next batch's kernels while the GPU runs, and the
+        GPU waits for every launch of the next forward. Logging a host copy of a progress-bar value
+        (``loss.detach().cpu()``) when this is True waits once per logging step instead; this is
+        what :class:`~lightning_moe.models.MoEGPTModule` does with ``train_loss``, and this class
+        with its routing metrics.
+        """
+        step = self.trainer.global_step + 1  # the optimizer step this batch's gradients go to
+        return step % self._step_log_interval() == 0 or self._ends_epoch_or_run(step)
+
+    def _step_log_interval(self) -> int:
         every = self.routing_log_every_n_steps
         if every is None:
             # Set on the Trainer by Lightning's logger connector, hence unknown to type checkers.
-            every = max(1, trainer.log_every_n_steps)  # type: ignore[attr-defined]
-        elif every < 1:
+            return max(1, self.trainer.log_every_n_steps)  # type: ignore[attr-defined]
+        if every < 1:
             raise ValueError(f"routing_log_every_n_steps must be at least 1 (or None), got {every}")
-        last_step = trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps
-        return trainer.global_step % every == 0 or trainer.is_last_batch or trainer.should_stop or last_step
+        return every
+
+    def _ends_epoch_or_run(self, step: int) -> bool:
+        """Whether this batch is the last of its epoch, or ``step`` the run's last optimizer step."""
+        trainer = self.trainer
+        return trainer.is_last_batch or (trainer.max_steps >= 0 and step >= trainer.max_steps)
 
 
 def _mean_over_layers(stats: list[dict[str, Tensor]]) -> Tensor:
@@ -185,8 +215,10 @@ class _StepMean(Metric):
         return self.total / self.steps
 
     @override
-    def forward(self, value: Tensor) -> Tensor:
+    def forward(self, value: Tensor, shown: Tensor | None = None) -> Tensor:
+        """Add ``value`` to the sums; ``shown`` (default ``value``) is the step value Lightning
+        reads when the metric is logged, e.g. a host copy of ``value``."""
         self.update(value)
         # Lightning reads the step value logged with a metric from here.
-        self._forward_cache = value  # type: ignore[assignment]  # torchmetrics leaves it unannotated, inferred as None
+        self._forward_cache = value if shown is None else shown  # type: ignore[assignment]  # unannotated upstream
         return value

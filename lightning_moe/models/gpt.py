@@ -214,6 +214,10 @@ class MoEGPTModule(MoELightningModule):
     Batches are ``(inputs, targets)``, both (B, S) int64 with targets the inputs shifted by one.
     Logs ``train_loss`` and ``val_loss`` (mean cross-entropy in nats per token); the balance
     losses of the MoE layers reach the gradient on their own and are logged by the base class.
+    ``train_loss`` is logged, and shown in the progress bar, at the steps at which the logger
+    writes step metrics (the Trainer's ``log_every_n_steps``, or ``routing_log_every_n_steps``)
+    and at the last batch of an epoch or run, not at every step: reading it at every step would
+    make the host wait for the GPU each time (see :meth:`logs_step_values`).
 
     The model arguments are those of :class:`MoEGPT`, repeated here for the command line's help.
 
@@ -306,7 +310,9 @@ class MoEGPTModule(MoELightningModule):
     @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self.next_token_loss(batch)
-        self.log("train_loss", loss, prog_bar=True)
+        if self.logs_step_values():
+            # Not at every batch, and as a host copy: see logs_step_values.
+            self.log("train_loss", loss.detach().cpu(), prog_bar=True)
         return loss
 
     @override

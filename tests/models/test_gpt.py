@@ -207,3 +207,51 @@ def test_compile_model_takes_a_torch_compile_mode(
 def test_an_unknown_compile_mode_is_refused_with_the_choices() -> None:
     with pytest.raises(ValueError, match="reduce-overhead"):
         MoEGPTModule(**TINY, compile_model="fast")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("trainer_every", "accumulate", "expected_steps"),
+    [(3, 1, [3, 6, 8]), (3, 2, [3, 3, 6, 6, 8, 8]), (1, 1, [1, 2, 3, 4, 5, 6, 7, 8])],
+    ids=["every3", "every3-accumulate2", "every-step"],
+)
+def test_train_loss_is_logged_at_the_logger_steps_and_the_last(trainer_every, accumulate, expected_steps):
+    """train_loss goes to the logger and progress bar at the optimizer steps whose step metrics
+    Lightning writes, and at the run's last batch; not at every batch, where reading it would make
+    the host wait for the GPU."""
+    import lightning as L
+
+    from lightning_moe.data import ByteCorpusDataModule
+
+    class RecordingModule(MoEGPTModule):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.losses, self.logged = [], []
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.losses.append(loss.item())
+            return loss
+
+        def log(self, name, value, *args, **kwargs):
+            if name == "train_loss":
+                # The optimizer step (1-based) this batch's gradients go to.
+                self.logged.append((self.trainer.global_step + 1, value.item(), kwargs.get("prog_bar")))
+            super().log(name, value, *args, **kwargs)
+
+    module = RecordingModule(**TINY)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=8,
+        accumulate_grad_batches=accumulate,
+        log_every_n_steps=trainer_every,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=ByteCorpusDataModule(block_size=16, batch_size=4))
+    assert len(module.losses) == 8 * accumulate
+    assert [step for step, _, _ in module.logged] == expected_steps
+    assert all(prog_bar for _, _, prog_bar in module.logged)
+    assert trainer.progress_bar_metrics["train_loss"] == pytest.approx(module.losses[-1])
