@@ -1,11 +1,15 @@
 """Training throughput of the built-in GPT: MoE feed-forwards against dense ones of equal active size.
 
-    python benchmarks/gpt_train.py [--size default,large] [--steps 60] [--warmup 20] [--profile] [--compile [MODE]]
+    python benchmarks/gpt_train.py [--size default,large] [--steps 60] [--warmup 20] [--accumulate 1]
+        [--profile] [--compile [MODE]]
 
 Both models are :class:`~lightning_moe.models.gpt.MoEGPTModule` trained by a Lightning ``Trainer``
 on one GPU under ``bf16-mixed`` on the built-in byte corpus; the dense one has each block's MoE
 replaced by one GELU MLP of hidden size ``top_k * d_hidden``, so a token passes through the same
 number of feed-forward weights in both. Tokens/s counts the optimizer steps after ``--warmup``.
+``--accumulate N`` accumulates the gradients of N batches per optimizer step, so that the work that
+grows with the parameter count (the optimizer, clipping, the float32 weights' casts), of which the
+MoE model has more, is spread over N times the tokens.
 ``--compile`` builds both with ``compile_model=True`` (``torch.compile``; the warm-up steps then
 include the compilation), ``--compile reduce-overhead`` with that mode (CUDA graphs).
 ``--profile`` lists each model's largest GPU kernels per step, the GPU's idle time between kernels
@@ -113,6 +117,7 @@ def tokens_per_second(
     warmup: int,
     profile: bool = False,
     compile_model: bool | CompileMode = False,
+    accumulate: int = 1,
 ) -> float:
     L.seed_everything(0, verbose=False)
     model_args = {k: v for k, v in size.items() if k != "batch_size"}
@@ -128,6 +133,7 @@ def tokens_per_second(
         devices=1,
         precision="bf16-mixed",
         max_steps=warmup + steps,
+        accumulate_grad_batches=accumulate,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -137,7 +143,7 @@ def tokens_per_second(
         callbacks=[timer],
     )
     trainer.fit(module, datamodule=data)
-    return steps * size["batch_size"] * size["block_size"] / (timer.end - timer.start)
+    return steps * accumulate * size["batch_size"] * size["block_size"] / (timer.end - timer.start)
 
 
 def main() -> None:
@@ -145,6 +151,7 @@ def main() -> None:
     parser.add_argument("--size", default="default,large")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--accumulate", type=int, default=1, help="batches per optimizer step (default 1)")
     parser.add_argument("--profile", action="store_true", help="list each model's largest GPU kernels and idle gaps")
     parser.add_argument(
         "--compile",
@@ -158,8 +165,9 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA kernels: {ops.cuda_kernels_available()}")
     print(f"{'size':<10}{'dense tok/s':>14}{'MoE tok/s':>14}{'MoE/dense':>11}")
     for name in args.size.split(","):
-        dense = tokens_per_second(SIZES[name], True, args.steps, args.warmup, args.profile, args.compile)
-        moe = tokens_per_second(SIZES[name], False, args.steps, args.warmup, args.profile, args.compile)
+        run = (args.steps, args.warmup, args.profile, args.compile, args.accumulate)
+        dense = tokens_per_second(SIZES[name], True, *run)
+        moe = tokens_per_second(SIZES[name], False, *run)
         print(f"{name:<10}{dense:>14,.0f}{moe:>14,.0f}{moe / dense:>11.2f}", flush=True)
 
 
