@@ -141,6 +141,8 @@ class MoELightningModule(LightningModule):
         what :class:`~lightning_moe.models.MoEGPTModule` does with ``train_loss``, and this class
         with its routing metrics.
         """
+        if self._trainer is None:  # a training_step called outside a Trainer logs nothing anyway
+            return False
         step = self.trainer.global_step + 1  # the optimizer step this batch's gradients go to
         return step % self._step_log_interval() == 0 or self._ends_epoch_or_run(step)
 

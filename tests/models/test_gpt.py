@@ -255,3 +255,10 @@ def test_train_loss_is_logged_at_the_logger_steps_and_the_last(trainer_every, ac
     assert [step for step, _, _ in module.logged] == expected_steps
     assert all(prog_bar for _, _, prog_bar in module.logged)
     assert trainer.progress_bar_metrics["train_loss"] == pytest.approx(module.losses[-1])
+
+
+def test_training_step_runs_outside_a_trainer():
+    module = MoEGPTModule(**TINY)
+    inputs = torch.randint(0, 256, (2, 16))
+    loss = module.training_step((inputs, inputs.roll(-1, dims=1)), 0)
+    assert loss.ndim == 0 and torch.isfinite(loss)
