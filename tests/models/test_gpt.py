@@ -16,6 +16,26 @@ def tiny_model(**overrides) -> MoEGPT:
     return MoEGPT(**{**TINY, **overrides})
 
 
+def fit_on_bytes(module, **trainer_kwargs):
+    """Fit ``module`` on CPU on the built-in byte corpus, 16-token blocks of batch 4, without
+    logger, checkpoints or validation; the Trainer."""
+    import lightning as L
+
+    from lightning_moe.data import ByteCorpusDataModule
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        **trainer_kwargs,
+    )
+    trainer.fit(module, datamodule=ByteCorpusDataModule(block_size=16, batch_size=4))
+    return trainer
+
+
 @pytest.mark.parametrize(
     "overrides",
     [{}, {"num_shared_experts": 1}, {"activation": "swiglu"}, {"top_k": 1, "dropout": 0.1}],
@@ -143,8 +163,6 @@ def test_fused_adamw_trains_and_gradient_clipping_still_applies(clip, precision)
     # Under bf16-mixed, Lightning itself refuses to clip for a fused optimizer; the module clips.
     import lightning as L
 
-    from lightning_moe.data import ByteCorpusDataModule
-
     norms = []
 
     class RecordClippedNorm(L.Callback):
@@ -154,19 +172,9 @@ def test_fused_adamw_trains_and_gradient_clipping_still_applies(clip, precision)
             norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
 
     module = MoEGPTModule(**TINY)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        precision=precision,
-        max_steps=3,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        gradient_clip_val=clip,
-        callbacks=[RecordClippedNorm()],
+    trainer = fit_on_bytes(
+        module, precision=precision, max_steps=3, gradient_clip_val=clip, callbacks=[RecordClippedNorm()]
     )
-    trainer.fit(module, datamodule=ByteCorpusDataModule(block_size=16, batch_size=4))
     (optimizer,) = trainer.optimizers
     assert all(group["fused"] for group in optimizer.param_groups)
     assert len(norms) == 3
@@ -218,9 +226,6 @@ def test_train_loss_is_logged_at_the_logger_steps_and_the_last(trainer_every, ac
     """train_loss goes to the logger and progress bar at the optimizer steps whose step metrics
     Lightning writes, and at the run's last batch; not at every batch, where reading it would make
     the host wait for the GPU."""
-    import lightning as L
-
-    from lightning_moe.data import ByteCorpusDataModule
 
     class RecordingModule(MoEGPTModule):
         def __init__(self, **kwargs):
@@ -239,18 +244,7 @@ def test_train_loss_is_logged_at_the_logger_steps_and_the_last(trainer_every, ac
             super().log(name, value, *args, **kwargs)
 
     module = RecordingModule(**TINY)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=8,
-        accumulate_grad_batches=accumulate,
-        log_every_n_steps=trainer_every,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, datamodule=ByteCorpusDataModule(block_size=16, batch_size=4))
+    trainer = fit_on_bytes(module, max_steps=8, accumulate_grad_batches=accumulate, log_every_n_steps=trainer_every)
     assert len(module.losses) == 8 * accumulate
     assert [step for step, _, _ in module.logged] == expected_steps
     assert all(prog_bar for _, _, prog_bar in module.logged)
