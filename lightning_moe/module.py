@@ -35,7 +35,8 @@ class MoELightningModule(LightningModule):
     ``log_every_n_steps``, the steps at which Lightning writes step metrics to the logger) and at
     the last batch of an epoch or run: each ``self.log`` call costs a fraction of a millisecond of
     host time, a large share of a step for a small model. Set ``routing_log_every_n_steps = 1``
-    to log them at every step.
+    to log them at every step. :meth:`logs_step_values` tells a ``training_step`` when to log its
+    own step values, and why progress-bar values are best logged as host copies.
 
     Subclasses that override :meth:`on_train_start`, :meth:`on_train_batch_start` or
     :meth:`on_train_batch_end` call
