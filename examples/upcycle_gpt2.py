@@ -78,8 +78,7 @@ class UpcycledGPT2(MoELightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.next_byte_loss(batch)
-        if self.logs_step_values():  # a host copy at the logging steps: no wait for the GPU each step
-            self.log("train_loss", loss.detach().cpu(), prog_bar=True)
+        self.log_step_value("train_loss", loss)  # a host copy at the logging steps: no wait for the GPU
         return loss  # the MoE balance losses reach the gradients by themselves
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

@@ -35,8 +35,8 @@ class MoELightningModule(LightningModule):
     ``log_every_n_steps``, the steps at which Lightning writes step metrics to the logger) and at
     the last batch of an epoch or run: each ``self.log`` call costs a fraction of a millisecond of
     host time, a large share of a step for a small model. Set ``routing_log_every_n_steps = 1``
-    to log them at every step. :meth:`logs_step_values` tells a ``training_step`` when to log its
-    own step values, and why progress-bar values are best logged as host copies.
+    to log them at every step. :meth:`log_step_value` logs a ``training_step``'s own step values
+    the same way, as host copies at those steps (see :meth:`logs_step_values` for why).
 
     Subclasses that override :meth:`on_train_start`, :meth:`on_train_batch_start` or
     :meth:`on_train_batch_end` call
@@ -138,14 +138,21 @@ class MoELightningModule(LightningModule):
         logged ones included; for a value on the GPU the host then waits for the GPU to finish the
         batch, so it never gets ahead to queue the next batch's kernels while the GPU runs, and the
         GPU waits for every launch of the next forward. Logging a host copy of a progress-bar value
-        (``loss.detach().cpu()``) when this is True waits once per logging step instead; this is
-        what :class:`~lightning_moe.models.MoEGPTModule` does with ``train_loss``, and this class
-        with its routing metrics.
+        (``loss.detach().cpu()``) when this is True waits once per logging step instead, which
+        :meth:`log_step_value` does; :class:`~lightning_moe.models.MoEGPTModule` logs its
+        ``train_loss`` that way, and this class its routing metrics likewise.
         """
         if self._trainer is None:  # a training_step called outside a Trainer logs nothing anyway
             return False
         step = self.trainer.global_step + 1  # the optimizer step this batch's gradients go to
         return step % self._step_log_interval() == 0 or self._ends_epoch_or_run(step)
+
+    def log_step_value(self, name: str, value: Tensor) -> None:
+        """Log ``value`` (a scalar tensor) as ``name``, shown in the progress bar, when
+        :meth:`logs_step_values` says so, as a host copy: the way to log a training step's value
+        without making the host wait for the GPU at every batch."""
+        if self.logs_step_values():
+            self.log(name, value.detach().cpu(), prog_bar=True)
 
     def _step_log_interval(self) -> int:
         every = self.routing_log_every_n_steps

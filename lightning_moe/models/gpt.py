@@ -310,9 +310,7 @@ class MoEGPTModule(MoELightningModule):
     @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self.next_token_loss(batch)
-        if self.logs_step_values():
-            # Not at every batch, and as a host copy: see logs_step_values.
-            self.log("train_loss", loss.detach().cpu(), prog_bar=True)
+        self.log_step_value("train_loss", loss)  # not at every batch: see logs_step_values
         return loss
 
     @override
