@@ -88,7 +88,18 @@ class Throughput(L.Callback):
                 trace = Path(directory) / "trace.json"
                 self.profiler.export_chrome_trace(str(trace))
                 idle_ms, gaps = idle_gaps(json.loads(trace.read_text())["traceEvents"])
-            print(f"  GPU idle between kernels: {idle_ms / steps:.2f} ms/step; the longest gaps, us:")
+            print(f"  GPU idle between kernels: {idle_ms / steps:.2f} ms/step; by length of gap:")
+            for low, high in ((2, 4), (4, 8), (8, 20), (20, 100), (100, float("inf"))):
+                within = [gap[0] for gap in gaps if low < gap[0] <= high]
+                count, total_ms = len(within) / steps, sum(within) / 1e3 / steps
+                print(f"  {low:>5}-{high:<5} us: {count:7.1f} gaps, {total_ms:6.2f} ms/step")
+            by_next: dict[str, list[float]] = {}
+            for gap_us, _, after in gaps:
+                by_next.setdefault(after[:60], []).append(gap_us)
+            print("  the kernels that waited longest in all (ms/step, gaps/step):")
+            for name, waits in sorted(by_next.items(), key=lambda item: -sum(item[1]))[:8]:
+                print(f"  {sum(waits) / 1e3 / steps:8.3f} {len(waits) / steps:6.1f}  {name}")
+            print("  the longest gaps, us:")
             for gap_us, before, after in gaps[:8]:
                 print(f"  {gap_us:8.0f}  {before[:60]} -> {after[:60]}")
 

@@ -13,11 +13,14 @@ from typing import Any, cast
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor
+from torch.optim import Optimizer
 from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_moe.layers.moe import MoE
+from lightning_moe.strategy import MoEStrategy
 
 # Logged as moe/{name}, averaged over the MoE layers.
 _ROUTING_METRICS = ("aux_loss", "z_loss", "drop_rate", "load_imbalance")
@@ -80,6 +83,49 @@ class MoELightningModule(LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._update_router_biases()
         self._log_routing_metrics()
+
+    @override
+    def configure_gradient_clipping(
+        self,
+        optimizer: Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip as Lightning does, except for a fused Adam or AdamW without loss scaling, whose own
+        step clips by norm.
+
+        Lightning refuses to clip for optimizers that unscale gradients themselves (``fused=True``
+        Adam and AdamW), which only matters under fp16 loss scaling. Without a loss scale, this
+        computes the norm of the model's gradient (every rank's experts counted, under
+        :class:`~lightning_moe.MoEStrategy`) and hands the step ``max(1, norm / clip_val)`` as its
+        gradient divisor (the optimizer's ``grad_scale``, as ``torch.amp.GradScaler`` would). The
+        fused step divides each gradient as it reads it and stores the clipped gradient back: the
+        result of clipping then stepping, without clipping's own pass over every gradient, which
+        costs a read and a write of each float32 gradient (for MoE models, whose experts hold most
+        of the parameters, a large part of the optimizer's time).
+        """
+        by_norm = gradient_clip_algorithm in (None, "norm")
+        if gradient_clip_val and by_norm and _fused_adam(optimizer) and not self._loss_scaling():
+            strategy = self.trainer.strategy
+            if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+                norm = self._gradient_norm(optimizer)
+                _divide_gradients_in_step(optimizer, ((norm + 1e-6) / float(gradient_clip_val)).clamp(min=1.0))
+            else:  # sharded gradients: the strategy's precision plugin knows their norm
+                self.trainer.precision_plugin.clip_grad_by_norm(optimizer, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _gradient_norm(self, optimizer: Optimizer) -> Tensor:
+        """The 2-norm of the gradient of ``optimizer``'s parameters over the whole model."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, MoEStrategy):
+            return strategy.gradient_norm(optimizer)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads).float()
+
+    def _loss_scaling(self) -> bool:
+        """Whether the precision plugin scales the loss (fp16 mixed precision)."""
+        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
 
     def _update_router_biases(self) -> None:
         """Let routers with a balance bias react once after each optimizer step.
@@ -167,6 +213,26 @@ class MoELightningModule(LightningModule):
         """Whether this batch is the last of its epoch, or ``step`` the run's last optimizer step."""
         trainer = self.trainer
         return trainer.is_last_batch or (trainer.max_steps >= 0 and step >= trainer.max_steps)
+
+
+def _fused_adam(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer`` is a torch Adam or AdamW whose every group steps fused: the steps that
+    take a gradient divisor (``grad_scale``) and store the divided gradients back."""
+    groups = optimizer.param_groups
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and all(g.get("fused") for g in groups)
+
+
+def _divide_gradients_in_step(optimizer: Optimizer, divisor: Tensor) -> None:
+    """Have ``optimizer``'s next step divide the gradients by ``divisor`` (a scalar tensor on the
+    gradients' device); the step's post-hook takes the divisor away again."""
+    optimizer.grad_scale = divisor  # type: ignore[attr-defined]
+    if not getattr(optimizer, "_lightning_moe_divisor_hook", False):
+        optimizer.register_step_post_hook(_forget_divisor)
+        optimizer._lightning_moe_divisor_hook = True  # type: ignore[attr-defined]
+
+
+def _forget_divisor(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+    optimizer.__dict__.pop("grad_scale", None)
 
 
 def _mean_over_layers(stats: list[dict[str, Tensor]]) -> Tensor:

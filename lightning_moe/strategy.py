@@ -22,7 +22,7 @@ from lightning.fabric.utilities.init import _materialize_distributed_module
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
@@ -30,7 +30,7 @@ from typing_extensions import override
 
 from lightning_moe import checkpoint as checkpoint_io
 from lightning_moe.parallel.dataloader import EvenBatches
-from lightning_moe.parallel.gradients import clip_grad_norm_, sync_expert_gradients
+from lightning_moe.parallel.gradients import clip_grad_norm_, gradient_norm, sync_expert_gradients
 from lightning_moe.parallel.mesh import EXPERT_AXIS, EXPERT_DATA_AXIS, build_expert_mesh
 from lightning_moe.parallel.sharding import (
     expert_parameter_names,
@@ -195,12 +195,22 @@ class MoEStrategy(DDPStrategy):
         if self._expert_params:
             sync_expert_gradients(self._expert_params, self.expert_data_group, self.world_size)
 
+    def gradient_norm(self, optimizer: Optimizer, norm_type: float = 2.0) -> Tensor:
+        """The norm of the gradient of ``optimizer``'s parameters over the whole model, as one
+        process would compute it: each rank's experts counted once, combined over the
+        expert-parallel group (call it on every rank). Gradient clipping by norm uses it."""
+        replicated, experts = self._replicated_and_expert_params(optimizer)
+        group = self.expert_group if experts else None
+        return gradient_norm(replicated, experts, group, norm_type)
+
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: float) -> None:
+        replicated, experts = self._replicated_and_expert_params(optimizer)
+        clip_grad_norm_(replicated, experts, float(clip_val), self.expert_group)
+
+    def _replicated_and_expert_params(self, optimizer: Optimizer) -> tuple[list[Tensor], list[Tensor]]:
         expert_ids = {id(p) for p in self._expert_params}
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        replicated = [p for p in params if id(p) not in expert_ids]
-        experts = [p for p in params if id(p) in expert_ids]
-        clip_grad_norm_(replicated, experts, float(clip_val), self.expert_group)
+        return [p for p in params if id(p) not in expert_ids], [p for p in params if id(p) in expert_ids]
 
     @property
     @override

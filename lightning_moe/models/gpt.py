@@ -347,28 +347,6 @@ class MoEGPTModule(MoELightningModule):
             return False
         return not self._loss_scaling() or not self.trainer.gradient_clip_val
 
-    def _loss_scaling(self) -> bool:
-        """Whether the precision plugin scales the loss (fp16 mixed precision)."""
-        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
-
-    @override
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        # Lightning refuses to clip for optimizers that unscale gradients themselves (fused AdamW),
-        # which only matters under fp16 loss scaling. Without a scaler the gradients are already
-        # unscaled: clip them by norm as Lightning's precision plugin (or MoEStrategy's global
-        # norm over the experts of every rank) would.
-        fused = any(group.get("fused") for group in optimizer.param_groups)
-        by_norm = gradient_clip_algorithm in (None, "norm")
-        if fused and gradient_clip_val and by_norm and not self._loss_scaling():
-            self.trainer.precision_plugin.clip_grad_by_norm(optimizer, gradient_clip_val)
-            return
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
     def _lr_factor(self, step: int) -> float:
         """Multiplier of the peak learning rate at optimizer step ``step``."""
         warmup_steps = self.hparams["warmup_steps"]

@@ -48,6 +48,40 @@ def sync_expert_gradients(
 
 
 @torch.no_grad()
+def gradient_norm(
+    replicated_params: Iterable[Tensor],
+    expert_params: Iterable[Tensor],
+    expert_group: dist.ProcessGroup | None,
+    norm_type: float = 2.0,
+) -> Tensor:
+    """The norm of the whole model's gradient, as one process would compute it.
+
+    Replicated gradients are identical on every rank and are counted once; expert gradients are
+    counted on the rank that holds them and combined over the expert-parallel group.
+
+    Args:
+        replicated_params: Parameters every rank holds (their gradients already synchronised).
+        expert_params: This rank's expert parameters (gradients already synchronised).
+        expert_group: The expert-parallel group; ``None`` when EP is 1.
+        norm_type: 2.0, any p > 0, or ``inf``.
+
+    Returns:
+        The norm (float32 scalar).
+    """
+    replicated = [p.grad for p in replicated_params if p.grad is not None]
+    experts = [p.grad for p in expert_params if p.grad is not None]
+    device = (replicated + experts)[0].device if replicated + experts else torch.device("cpu")
+    replicated_part = _norm_power(replicated, norm_type, device)
+    expert_part = _norm_power(experts, norm_type, device)
+    if expert_group is not None and dist.get_world_size(expert_group) > 1:
+        op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
+        dist.all_reduce(expert_part, op=op, group=expert_group)
+    if math.isinf(norm_type):
+        return torch.maximum(replicated_part, expert_part)
+    return (replicated_part + expert_part) ** (1.0 / norm_type)
+
+
+@torch.no_grad()
 def clip_grad_norm_(
     replicated_params: Iterable[Tensor],
     expert_params: Iterable[Tensor],
@@ -55,10 +89,8 @@ def clip_grad_norm_(
     expert_group: dist.ProcessGroup | None,
     norm_type: float = 2.0,
 ) -> Tensor:
-    """Clip all gradients by the norm of the whole model's gradient, as one process would.
-
-    Replicated gradients are identical on every rank and are counted once; expert gradients are
-    counted on the rank that holds them and combined over the expert-parallel group.
+    """Clip all gradients by the norm of the whole model's gradient (:func:`gradient_norm`), as
+    one process would.
 
     Args:
         replicated_params: Parameters every rank holds (their gradients already synchronised).
@@ -70,21 +102,12 @@ def clip_grad_norm_(
     Returns:
         The total norm before clipping (float32 scalar).
     """
-    replicated = [p.grad for p in replicated_params if p.grad is not None]
-    experts = [p.grad for p in expert_params if p.grad is not None]
-    device = (replicated + experts)[0].device if replicated + experts else torch.device("cpu")
-    replicated_part = _norm_power(replicated, norm_type, device)
-    expert_part = _norm_power(experts, norm_type, device)
-    if expert_group is not None and dist.get_world_size(expert_group) > 1:
-        op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
-        dist.all_reduce(expert_part, op=op, group=expert_group)
-    if math.isinf(norm_type):
-        total = torch.maximum(replicated_part, expert_part)
-    else:
-        total = (replicated_part + expert_part) ** (1.0 / norm_type)
+    replicated, experts = list(replicated_params), list(expert_params)
+    total = gradient_norm(replicated, experts, expert_group, norm_type)
     clip_coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for grad in replicated + experts:
-        grad.mul_(clip_coef.to(grad.dtype))
+    for param in replicated + experts:
+        if param.grad is not None:
+            param.grad.mul_(clip_coef.to(param.grad.dtype))
     return total
 
 

@@ -184,6 +184,55 @@ def test_fused_adamw_trains_and_gradient_clipping_still_applies(clip, precision)
         assert max(norms) <= clip * (1 + 1e-3)
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_fused_adamw_clips_in_its_step_as_clipping_then_stepping_would(precision, monkeypatch):
+    # The fused step divides the gradients by max(1, norm / clip) itself; the reference clips them
+    # with Lightning's own clipping before a plain (for-each) AdamW step.
+    import lightning as L
+
+    clip = 1e-3
+    seen = {}
+
+    class Record(L.Callback):
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            grads = [p.grad for p in module.parameters() if p.grad is not None]
+            seen.setdefault("norms", []).append(torch.nn.utils.get_total_norm(grads).item())
+            # This hook runs inside the step, before the clipping; a post-hook registered now runs
+            # after the update, before the module's own post-hook takes the divisor away.
+            if "hooked" not in seen:
+                seen["hooked"] = optimizer.register_step_post_hook(
+                    lambda opt, *_: seen.setdefault("divisors", []).append(getattr(opt, "grad_scale", None))
+                )
+
+    runs = {}
+    for fused in (True, False):
+        monkeypatch.setattr(MoEGPTModule, "_fused_optimizer", lambda self, fused=fused: fused)
+        seen.clear()
+        torch.manual_seed(0)
+        module = MoEGPTModule(**TINY)
+        trainer = fit_on_bytes(module, precision=precision, max_steps=3, gradient_clip_val=clip, callbacks=[Record()])
+        (optimizer,) = trainer.optimizers
+        assert all(bool(group["fused"]) == fused for group in optimizer.param_groups)
+        assert min(seen["norms"]) > 10 * clip  # every step clips
+        if fused:
+            divisors = seen["divisors"]
+            assert len(divisors) == 3 and all(d is not None for d in divisors)
+            for divisor, norm in zip(divisors, seen["norms"], strict=True):
+                assert divisor.item() == pytest.approx(norm / clip, rel=1e-4)
+            assert not hasattr(optimizer, "grad_scale")  # taken away after each step
+        else:
+            assert seen["divisors"] == [None, None, None]
+        state = [optimizer.state[p] for p in module.parameters()]
+        runs[fused] = (
+            [p.detach().clone() for p in module.parameters()],
+            [s["exp_avg"].clone() for s in state],  # scales with the clipped gradients, unlike the update
+            [p.grad.clone() for p in module.parameters()],  # clipped, in both
+        )
+    for got, want in zip(runs[True], runs[False], strict=True):
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
 def test_compiled_model_gives_the_eager_loss_and_gradients_and_keeps_checkpoint_keys():
     torch.manual_seed(0)
     eager = MoEGPTModule(**TINY)

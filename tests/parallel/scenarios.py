@@ -39,6 +39,8 @@ class RunConfig:
     # True: the micro-batches of the data ranks a process stands for arrive as one Lightning batch
     # (the model loops over them); False: as separate batches, through gradient accumulation.
     pack_data_ranks: bool = False
+    # AdamW with fused=True: clipping by norm then happens inside its step (MoELightningModule).
+    fused_adam: bool = False
     # Seconds each training step sleeps: gives a test time to kill a run mid-training.
     step_sleep: float = 0.0
 
@@ -80,7 +82,7 @@ class TwoLayerMoE(MoELightningModule):
     def configure_optimizers(self):
         # eps well above float32 rounding of the gradients: Adam's first steps divide a gradient by
         # its own magnitude, which would blow rounding noise on near-zero gradients up to lr.
-        return torch.optim.AdamW(self.parameters(), lr=0.05, weight_decay=0.01, eps=1e-3)
+        return torch.optim.AdamW(self.parameters(), lr=0.05, weight_decay=0.01, eps=1e-3, fused=self.config.fused_adam)
 
 
 def batch(step: int, micro: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

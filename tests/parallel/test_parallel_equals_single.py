@@ -23,6 +23,7 @@ VARIANTS = [
     dict(clip=0.05, capacity_factor=1.0),
     dict(accumulate=2, capacity_factor=0.75),
     dict(router="sigmoid", clip=0.05),
+    dict(clip=0.05, fused_adam=True),
 ]
 
 
