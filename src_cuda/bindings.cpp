@@ -5,6 +5,7 @@
 
 #include "activation.h"
 #include "capacity_mask.h"
+#include "cast.h"
 #include "grouped_gemm.h"
 #include "grouped_gemm_weight_grad.h"
 #include "permute.h"
@@ -15,7 +16,7 @@
 #include "unpermute.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "lightning_moe CUDA kernels: sort_by_expert, permute, unpermute, routing, router logits, activations, grouped GEMMs";
+  m.doc() = "lightning_moe CUDA kernels: sort_by_expert, permute, unpermute, routing, router logits, activations, grouped GEMMs, casts";
   m.def("sort_by_expert", &lightning_moe::sort_by_expert, py::arg("expert_ids"), py::arg("num_experts"));
   m.def("capacity_mask", &lightning_moe::capacity_mask, py::arg("expert_ids"), py::arg("priorities"),
         py::arg("num_experts"), py::arg("capacity"));
@@ -47,6 +48,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("activation"));
   m.def("activation_backward", &lightning_moe::activation_backward, py::arg("grad_h"), py::arg("a"),
         py::arg("gate"), py::arg("activation"));
+  m.def("cast_to_float", &lightning_moe::cast_to_float, py::arg("x"));
   m.def("grouped_gemm_available", &lightning_moe::grouped_gemm_available);
   m.def("grouped_gemm_rows", &lightning_moe::grouped_gemm_rows, py::arg("a"), py::arg("b"), py::arg("ends"),
         py::arg("b_is_kn"), py::arg("tile_n") = 128, py::arg("ctas_per_sm") = 1, py::arg("tile_m") = 128);

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from lightning_moe.layers.activations import check_activation, is_glu
 from lightning_moe.ops.activation import GluKind, KernelActivation, glu
 from lightning_moe.ops.activation import activation as apply_activation
+from lightning_moe.ops.cast import cast as cast_op
 from lightning_moe.ops.grouped_mm import grouped_mlp, grouped_mm_usable
 
 
@@ -219,8 +220,10 @@ def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor: ...
 @overload
 def _cast(tensor: None, dtype: torch.dtype) -> None: ...
 def _cast(tensor: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """``tensor.to(dtype)``, skipping the dispatch when it is already in ``dtype`` (host time)."""
-    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
+    """``tensor.to(dtype)``, skipping the dispatch when it is already in ``dtype`` (host time);
+    through :func:`lightning_moe.ops.cast`, whose backward casts float32 weights' gradients back
+    faster on CUDA."""
+    return tensor if tensor is None or tensor.dtype == dtype else cast_op(tensor, dtype)
 
 
 def _compute_dtype(x_ND: Tensor, weight_dtype: torch.dtype) -> torch.dtype:

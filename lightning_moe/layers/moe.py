@@ -222,7 +222,7 @@ class MoE(nn.Module):
             return x_TD
         dtype = self.experts.compute_dtype(x_TD)
         if torch.finfo(dtype).bits < torch.finfo(x_TD.dtype).bits:
-            return x_TD.to(dtype)
+            return ops.cast(x_TD, dtype)
         return x_TD
 
     def _all_tokens_to_one_expert(self, routing: Routing, num_tokens: int) -> bool:

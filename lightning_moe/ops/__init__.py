@@ -9,11 +9,14 @@ runs the experts as grouped GEMMs; :mod:`lightning_moe.ops.topk_route` fuses a t
 scoring, top-k and loss sums; :mod:`lightning_moe.ops.router_logits` computes a router's float32
 logits and their gradients without float32 copies of the tokens; :mod:`lightning_moe.ops.activation` fuses
 the experts' activation, plain or gated (SwiGLU, GeGLU); :mod:`lightning_moe.ops.grouped_linear` runs the
-experts' GEMMs on Hopper tensor-core kernels of its own where experts get few rows each.
+experts' GEMMs on Hopper tensor-core kernels of its own where experts get few rows each;
+:mod:`lightning_moe.ops.cast` casts float32 tensors (the expert weights under mixed precision) to
+bfloat16 or float16 with a faster cast of their gradients back to float32.
 """
 
 from lightning_moe.ops.activation import activation, glu
 from lightning_moe.ops.capacity_mask import capacity_mask
+from lightning_moe.ops.cast import cast
 from lightning_moe.ops.extension import cuda_kernels_available, load_extension
 from lightning_moe.ops.permute import permute
 from lightning_moe.ops.reference import expert_histogram, token_offsets
@@ -25,6 +28,7 @@ from lightning_moe.ops.unpermute import unpermute
 __all__ = [
     "activation",
     "capacity_mask",
+    "cast",
     "cuda_kernels_available",
     "expert_histogram",
     "glu",

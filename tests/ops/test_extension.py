@@ -131,6 +131,7 @@ def test_every_kernel_source_is_compiled() -> None:
         "activation.cu",
         "bindings.cpp",
         "capacity_mask.cu",
+        "cast.cu",
         "grouped_gemm.cu",
         "grouped_gemm_weight_grad.cu",
         "permute.cu",

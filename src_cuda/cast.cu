@@ -1,0 +1,75 @@
+// Bfloat16 and float16 to float32 in one vectorised pass: see cast.h.
+//
+// PyTorch casts a narrower float to float32 with its elementwise kernel that converts one element
+// at a time (its vectorised copy serves one dtype throughout, and float32 to bfloat16); on an H200
+// that moved about 2 TB/s on the expert weights' gradients, which mixed precision casts back to
+// the float32 weights' dtype at every backward pass. Here each thread reads one 16-byte vector and
+// writes two. The elements past the last whole vector take a scalar tail.
+
+#include "cast.h"
+
+#include <algorithm>
+#include <cstdint>
+
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "checks.h"
+#include "rows.cuh"
+
+namespace lightning_moe {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = int64_t{1} << 16;
+constexpr int kN = 8;  // elements per thread and step: 16 bytes read, 32 written
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) cast_to_float_kernel(const T* __restrict__ in, float* __restrict__ out,
+                                                                 int64_t count) {
+  const int64_t vectors = count / kN;
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  const int64_t first = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  for (int64_t v = first; v < vectors; v += stride) {
+    float values[kN];
+    load_floats<T, kN>(in + v * kN, values);
+    float lo[kN / 2], hi[kN / 2];
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) {
+      lo[i] = values[i];
+      hi[i] = values[i + kN / 2];
+    }
+    store_floats<float, kN / 2>(out + v * kN, lo);
+    store_floats<float, kN / 2>(out + v * kN + kN / 2, hi);
+  }
+  for (int64_t i = vectors * kN + first; i < count; i += stride) out[i] = static_cast<float>(in[i]);
+}
+
+}  // namespace
+
+at::Tensor cast_to_float(const at::Tensor& x) {
+  check_cuda_contiguous(x, "x");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "x must have dtype bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+              "x must start on a 16-byte boundary; cast a view that does not with x.float()");
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  const int64_t count = x.numel();
+  if (count == 0) return out;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t threads_needed = std::max<int64_t>(count / kN, 1);
+  const int64_t blocks = std::min((threads_needed + kThreads - 1) / kThreads, kMaxBlocks);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  float* result = out.data_ptr<float>();
+  if (x.scalar_type() == at::kBFloat16) {
+    cast_to_float_kernel<<<blocks, kThreads, 0, stream>>>(x.data_ptr<c10::BFloat16>(), result, count);
+  } else {
+    cast_to_float_kernel<<<blocks, kThreads, 0, stream>>>(x.data_ptr<c10::Half>(), result, count);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace lightning_moe
