@@ -48,7 +48,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("activation"));
   m.def("activation_backward", &lightning_moe::activation_backward, py::arg("grad_h"), py::arg("a"),
         py::arg("gate"), py::arg("activation"));
-  m.def("cast_to_float", &lightning_moe::cast_to_float, py::arg("x"));
+  m.def("cast_to_float", &lightning_moe::cast_to_float, py::arg("x"),
+        py::arg("addend").none(true) = py::none());
   m.def("grouped_gemm_available", &lightning_moe::grouped_gemm_available);
   m.def("grouped_gemm_rows", &lightning_moe::grouped_gemm_rows, py::arg("a"), py::arg("b"), py::arg("ends"),
         py::arg("b_is_kn"), py::arg("tile_n") = 128, py::arg("ctas_per_sm") = 1, py::arg("tile_m") = 128);

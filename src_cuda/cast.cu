@@ -1,10 +1,12 @@
-// Bfloat16 and float16 to float32 in one vectorised pass: see cast.h.
+// Bfloat16 and float16 to float32 in one vectorised pass, optionally added to a float32 tensor:
+// see cast.h.
 //
 // PyTorch casts a narrower float to float32 with its elementwise kernel that converts one element
 // at a time (its vectorised copy serves one dtype throughout, and float32 to bfloat16); on an H200
 // that moved about 2 TB/s on the expert weights' gradients, which mixed precision casts back to
 // the float32 weights' dtype at every backward pass. Here each thread reads one 16-byte vector and
-// writes two. The elements past the last whole vector take a scalar tail.
+// writes two (reading two more of the addend when there is one). The elements past the last whole
+// vector take a scalar tail.
 
 #include "cast.h"
 
@@ -26,9 +28,11 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = int64_t{1} << 16;
 constexpr int kN = 8;  // elements per thread and step: 16 bytes read, 32 written
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) cast_to_float_kernel(const T* __restrict__ in, float* __restrict__ out,
-                                                                 int64_t count) {
+// out = float(in), plus addend where kAdd.
+template <typename T, bool kAdd>
+__global__ void __launch_bounds__(kThreads) cast_to_float_kernel(const T* __restrict__ in,
+                                                                 const float* __restrict__ addend,
+                                                                 float* __restrict__ out, int64_t count) {
   const int64_t vectors = count / kN;
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
   const int64_t first = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
@@ -36,25 +40,52 @@ __global__ void __launch_bounds__(kThreads) cast_to_float_kernel(const T* __rest
     float values[kN];
     load_floats<T, kN>(in + v * kN, values);
     float lo[kN / 2], hi[kN / 2];
+    if constexpr (kAdd) {
+      load_floats<float, kN / 2>(addend + v * kN, lo);
+      load_floats<float, kN / 2>(addend + v * kN + kN / 2, hi);
+    }
 #pragma unroll
     for (int i = 0; i < kN / 2; ++i) {
-      lo[i] = values[i];
-      hi[i] = values[i + kN / 2];
+      lo[i] = kAdd ? lo[i] + values[i] : values[i];
+      hi[i] = kAdd ? hi[i] + values[i + kN / 2] : values[i + kN / 2];
     }
     store_floats<float, kN / 2>(out + v * kN, lo);
     store_floats<float, kN / 2>(out + v * kN + kN / 2, hi);
   }
-  for (int64_t i = vectors * kN + first; i < count; i += stride) out[i] = static_cast<float>(in[i]);
+  for (int64_t i = vectors * kN + first; i < count; i += stride) {
+    const float value = static_cast<float>(in[i]);
+    out[i] = kAdd ? addend[i] + value : value;
+  }
+}
+
+template <typename T>
+void launch(const T* in, const float* addend, float* out, int64_t count, int64_t blocks, cudaStream_t stream) {
+  if (addend != nullptr) {
+    cast_to_float_kernel<T, true><<<blocks, kThreads, 0, stream>>>(in, addend, out, count);
+  } else {
+    cast_to_float_kernel<T, false><<<blocks, kThreads, 0, stream>>>(in, nullptr, out, count);
+  }
 }
 
 }  // namespace
 
-at::Tensor cast_to_float(const at::Tensor& x) {
+at::Tensor cast_to_float(const at::Tensor& x, const std::optional<at::Tensor>& addend) {
   check_cuda_contiguous(x, "x");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "x must have dtype bfloat16 or float16, got ", x.scalar_type());
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
               "x must start on a 16-byte boundary; cast a view that does not with x.float()");
+  const float* add = nullptr;
+  if (addend.has_value()) {
+    check_cuda_contiguous(*addend, "addend");
+    check_dtype(*addend, at::kFloat, "addend");
+    check_same_device(*addend, x, "addend");
+    TORCH_CHECK(addend->sizes() == x.sizes(), "addend must have x's shape ", text(x.sizes()), ", got ",
+                text(addend->sizes()));
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(addend->data_ptr()) % 16 == 0,
+                "addend must start on a 16-byte boundary; add a view that does not with addend + x.float()");
+    add = addend->data_ptr<float>();
+  }
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kFloat));
   const int64_t count = x.numel();
   if (count == 0) return out;
@@ -64,9 +95,9 @@ at::Tensor cast_to_float(const at::Tensor& x) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   float* result = out.data_ptr<float>();
   if (x.scalar_type() == at::kBFloat16) {
-    cast_to_float_kernel<<<blocks, kThreads, 0, stream>>>(x.data_ptr<c10::BFloat16>(), result, count);
+    launch(x.data_ptr<c10::BFloat16>(), add, result, count, blocks, stream);
   } else {
-    cast_to_float_kernel<<<blocks, kThreads, 0, stream>>>(x.data_ptr<c10::Half>(), result, count);
+    launch(x.data_ptr<c10::Half>(), add, result, count, blocks, stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -136,7 +136,7 @@ class MoE(nn.Module):
             Tensor of the shape and dtype of ``x``.
         """
         self._check_input(x)
-        x_TD = x.reshape(-1, self.d_model)
+        x_TD, rows_TD = self._fork_tokens(x.reshape(-1, self.d_model))
         routing = self.route(x_TD)
         kept_routing = self.apply_capacity(routing, num_tokens=x_TD.shape[0])
         # Without shared experts to add, the combine writes the output dtype directly.
@@ -149,7 +149,7 @@ class MoE(nn.Module):
             if token_offsets is None:
                 token_offsets = ops.token_offsets(kept_routing.token_ids, x_TD.shape[0])
             x_ND, inverse, tokens_per_kept_expert = self.permute(
-                self._rows_for_experts(x_TD), kept_routing, token_offsets
+                self._rows_for_experts(x_TD) if rows_TD is None else rows_TD, kept_routing, token_offsets
             )
             y_ND = self.compute_experts(x_ND, tokens_per_kept_expert)
             out_TD = self.unpermute(y_ND, kept_routing, inverse, token_offsets, out_dtype)
@@ -210,6 +210,18 @@ class MoE(nn.Module):
             y_ND, routing.token_ids, inverse, routing.weights, token_offsets.shape[0] - 1, out_dtype, token_offsets
         )
 
+    def _fork_tokens(self, x_TD: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The tokens for the router, and the tokens for the experts (:meth:`_rows_for_experts`).
+
+        When the experts compute in a narrower dtype, :func:`lightning_moe.ops.fork_cast` makes
+        both, so that the backward sums the two gradients in one pass. With one expert the second
+        is None: that layer may skip the permutation, and the cast with it.
+        """
+        if self.num_experts == 1:
+            return x_TD, None
+        dtype = self._narrower_expert_dtype(x_TD)
+        return (x_TD, x_TD) if dtype is None else ops.fork_cast(x_TD, dtype)
+
     def _rows_for_experts(self, x_TD: Tensor) -> Tensor:
         """The tokens in the dtype the built-in experts compute in, when that is narrower.
 
@@ -218,12 +230,15 @@ class MoE(nn.Module):
         bytes the permutation (and its backward) moves and skips a cast of the rows, as an
         ``nn.Linear`` under autocast casts its input once. The values are the same either way.
         """
+        dtype = self._narrower_expert_dtype(x_TD)
+        return x_TD if dtype is None else ops.cast(x_TD, dtype)
+
+    def _narrower_expert_dtype(self, x_TD: Tensor) -> torch.dtype | None:
+        """The dtype the built-in experts compute in, when it is narrower than the tokens'."""
         if not isinstance(self.experts, GroupedExperts):
-            return x_TD
+            return None
         dtype = self.experts.compute_dtype(x_TD)
-        if torch.finfo(dtype).bits < torch.finfo(x_TD.dtype).bits:
-            return ops.cast(x_TD, dtype)
-        return x_TD
+        return dtype if torch.finfo(dtype).bits < torch.finfo(x_TD.dtype).bits else None
 
     def _all_tokens_to_one_expert(self, routing: Routing, num_tokens: int) -> bool:
         """Whether the assignments are exactly token t -> the only expert, for every t in order."""

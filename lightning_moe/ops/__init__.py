@@ -16,7 +16,7 @@ bfloat16 or float16 with a faster cast of their gradients back to float32.
 
 from lightning_moe.ops.activation import activation, glu
 from lightning_moe.ops.capacity_mask import capacity_mask
-from lightning_moe.ops.cast import cast
+from lightning_moe.ops.cast import cast, fork_cast
 from lightning_moe.ops.extension import cuda_kernels_available, load_extension
 from lightning_moe.ops.permute import permute
 from lightning_moe.ops.reference import expert_histogram, token_offsets
@@ -31,6 +31,7 @@ __all__ = [
     "cast",
     "cuda_kernels_available",
     "expert_histogram",
+    "fork_cast",
     "glu",
     "load_extension",
     "permute",

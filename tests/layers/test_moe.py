@@ -402,7 +402,7 @@ def test_tokens_are_cast_to_the_expert_dtype_before_the_permutation(top_k: int, 
     assert permuted_dtypes == [torch.bfloat16]
     assert out.dtype == torch.float32
 
-    monkeypatch.setattr(layer, "_rows_for_experts", lambda x_TD: x_TD)  # permute float32 rows
+    monkeypatch.setattr(layer, "_narrower_expert_dtype", lambda x_TD: None)  # permute float32 rows
     expected = layer(x)
     (expected_grad_x,) = torch.autograd.grad(expected, x, expected.detach().cos())
     assert permuted_dtypes[-1] == torch.float32

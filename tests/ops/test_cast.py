@@ -15,3 +15,12 @@ def test_cast_on_cpu_is_torch_cast_with_its_gradient() -> None:
     (grad_x,) = torch.autograd.grad(y, x, grad)
     assert grad_x.dtype == torch.float32 and torch.equal(grad_x, grad.float())
     assert ops.cast(x, torch.float32) is x
+
+
+def test_fork_cast_on_cpu_gives_both_and_sums_their_gradients() -> None:
+    x = torch.randn(5, 7, requires_grad=True)
+    as_is, cast = ops.fork_cast(x, torch.bfloat16)
+    assert torch.equal(as_is, x) and torch.equal(cast, x.detach().bfloat16())
+    g1, g2 = torch.randn(5, 7), torch.randn(5, 7).bfloat16()
+    (grad_x,) = torch.autograd.grad([as_is, cast], x, [g1, g2])
+    assert torch.equal(grad_x, g1 + g2.float())

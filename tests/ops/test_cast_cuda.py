@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_moe import ops
+from lightning_moe import MoE, ops
+from lightning_moe.ops import cast as cast_module
 from lightning_moe.ops.cast import to_float
 from tests.ops.gpu_checks import GPU_MARKS, poison_float_blocks
 
@@ -17,6 +18,14 @@ NARROW_IDS = ["bfloat16", "float16"]
 # Sizes around the kernel's 8-element vectors (the tail), one past a block of threads, and an
 # expert weight stack.
 SIZES = [0, 1, 7, 8, 9, 2047, 256 * 8 + 5, 8 * 1408 * 2048]
+
+
+def assert_same_floats(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal bits, NaNs only matching as NaNs (an addition's NaN payload is the hardware's)."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
 
 
 def random_bits(size: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
@@ -34,6 +43,16 @@ def test_kernel_gives_the_bits_of_torch(size: int, dtype: torch.dtype, generator
     want = x.float()
     assert got.dtype == torch.float32 and got.shape == want.shape
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", NARROW, ids=NARROW_IDS)
+@pytest.mark.parametrize("size", SIZES)
+def test_kernel_adds_as_torch_adds(size: int, dtype: torch.dtype, generator: torch.Generator) -> None:
+    x = random_bits(size, dtype, generator)
+    addend = torch.randn(size, generator=generator).mul(100.0).cuda()
+    poison_float_blocks()
+    got = ops.load_extension().cast_to_float(x, addend)
+    assert_same_floats(got, addend + x.float())
 
 
 @pytest.mark.parametrize("dtype", NARROW, ids=NARROW_IDS)
@@ -62,3 +81,39 @@ def test_the_kernel_refuses_a_misaligned_start() -> None:
     x = torch.randn(33, device="cuda").bfloat16()[1:]
     with pytest.raises(RuntimeError, match="16-byte boundary"):
         ops.load_extension().cast_to_float(x)
+
+
+@pytest.mark.parametrize("used", ["both", "as_is", "cast"])
+def test_fork_cast_sums_the_gradients_as_autograd_does(used: str, generator: torch.Generator) -> None:
+    x = torch.randn(300, 1024, generator=generator).cuda().requires_grad_()
+    as_is, cast = ops.fork_cast(x, torch.bfloat16)
+    assert torch.equal(as_is, x) and torch.equal(cast, x.detach().bfloat16())
+    grads = [torch.randn(x.shape, generator=generator).cuda(), torch.randn(x.shape, generator=generator).cuda()]
+    grads[1] = grads[1].bfloat16()
+    outputs, reference_outputs = [as_is, cast], [x, x.to(torch.bfloat16)]
+    keep = {"both": [0, 1], "as_is": [0], "cast": [1]}[used]
+    poison_float_blocks()
+    (got,) = torch.autograd.grad([outputs[i] for i in keep], x, [grads[i] for i in keep])
+    (want,) = torch.autograd.grad([reference_outputs[i] for i in keep], x, [grads[i] for i in keep])
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def test_layer_under_autocast_forks_the_tokens_and_gets_the_same_gradients(monkeypatch, generator) -> None:
+    torch.manual_seed(0)
+    layer = MoE(256, 8, top_k=2, d_hidden=512).cuda()
+    x = torch.randn(4, 128, 256, generator=generator).cuda()
+    grad = torch.randn(x.shape, generator=generator).cuda()
+    calls = []
+    fork = cast_module._ForkCastFunction.apply
+    monkeypatch.setattr(cast_module._ForkCastFunction, "apply", lambda *a: calls.append(1) or fork(*a))
+    results = []
+    for forked in (True, False):
+        if not forked:  # the two consumers as autograd sees them without the fork: a cast, then an add
+            monkeypatch.setattr(ops, "fork_cast", lambda t, dtype: (t, t.to(dtype)))
+        x_in = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = layer(x_in)
+        results.append(torch.autograd.grad(out, [x_in, layer.router.weight, layer.experts.w1], grad))
+    assert calls == [1]
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
