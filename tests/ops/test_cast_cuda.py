@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from lightning_moe import MoE, ops
-from lightning_moe.ops import cast as cast_module
-from lightning_moe.ops.cast import to_float
+from lightning_moe.ops.cast import _ForkCastFunction, to_float
 from tests.ops.gpu_checks import GPU_MARKS, poison_float_blocks
 
 pytestmark = GPU_MARKS
@@ -104,8 +103,8 @@ def test_layer_under_autocast_forks_the_tokens_and_gets_the_same_gradients(monke
     x = torch.randn(4, 128, 256, generator=generator).cuda()
     grad = torch.randn(x.shape, generator=generator).cuda()
     calls = []
-    fork = cast_module._ForkCastFunction.apply
-    monkeypatch.setattr(cast_module._ForkCastFunction, "apply", lambda *a: calls.append(1) or fork(*a))
+    fork = _ForkCastFunction.apply
+    monkeypatch.setattr(_ForkCastFunction, "apply", lambda *a: calls.append(1) or fork(*a))
     results = []
     for forked in (True, False):
         if not forked:  # the two consumers as autograd sees them without the fork: a cast, then an add
