@@ -95,8 +95,9 @@ class MoELightningModule(LightningModule):
         step clips by norm.
 
         Lightning refuses to clip for optimizers that unscale gradients themselves (``fused=True``
-        Adam and AdamW), which only matters under fp16 loss scaling. Without a loss scale, this
-        computes the norm of the model's gradient (every rank's experts counted, under
+        Adam and AdamW), which only matters under fp16 loss scaling. Without a loss scale, clipping
+        by value runs as Lightning's would, and clipping by norm
+        takes the norm of the model's gradient (every rank's experts counted, under
         :class:`~lightning_moe.MoEStrategy`) and hands the step ``max(1, norm / clip_val)`` as its
         gradient divisor (the optimizer's ``grad_scale``, as ``torch.amp.GradScaler`` would). The
         fused step divides each gradient as it reads it and stores the clipped gradient back: the
@@ -104,14 +105,15 @@ class MoELightningModule(LightningModule):
         costs a read and a write of each float32 gradient (for MoE models, whose experts hold most
         of the parameters, a large part of the optimizer's time).
         """
-        by_norm = gradient_clip_algorithm in (None, "norm")
-        if gradient_clip_val and by_norm and _fused_adam(optimizer) and not self._loss_scaling():
-            strategy = self.trainer.strategy
-            if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        if gradient_clip_val and _fused_adam(optimizer) and not self._loss_scaling():
+            plugin = self.trainer.precision_plugin
+            if gradient_clip_algorithm not in (None, "norm"):  # by value: Lightning's own clipping
+                plugin.clip_grad_by_value(optimizer, gradient_clip_val)
+            elif isinstance(self.trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
                 norm = self._gradient_norm(optimizer)
                 _divide_gradients_in_step(optimizer, ((norm + 1e-6) / float(gradient_clip_val)).clamp(min=1.0))
             else:  # sharded gradients: the strategy's precision plugin knows their norm
-                self.trainer.precision_plugin.clip_grad_by_norm(optimizer, gradient_clip_val)
+                plugin.clip_grad_by_norm(optimizer, gradient_clip_val)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 

@@ -184,6 +184,28 @@ def test_fused_adamw_trains_and_gradient_clipping_still_applies(clip, precision)
         assert max(norms) <= clip * (1 + 1e-3)
 
 
+def test_fused_adamw_clips_by_value_under_bf16_mixed():
+    # Lightning refuses any clipping for a fused optimizer under bf16-mixed; the module clips.
+    import lightning as L
+
+    clip = 1e-4
+    largest = []
+
+    class RecordLargest(L.Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            largest.append(max(p.grad.abs().max().item() for p in module.parameters() if p.grad is not None))
+
+    fit_on_bytes(
+        MoEGPTModule(**TINY),
+        precision="bf16-mixed",
+        max_steps=2,
+        gradient_clip_val=clip,
+        gradient_clip_algorithm="value",
+        callbacks=[RecordLargest()],
+    )
+    assert largest == [pytest.approx(clip, rel=1e-6)] * 2  # every gradient within the bound, some at it
+
+
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_fused_adamw_clips_in_its_step_as_clipping_then_stepping_would(precision, monkeypatch):
     # The fused step divides the gradients by max(1, norm / clip) itself; the reference clips them
