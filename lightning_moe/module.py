@@ -96,14 +96,13 @@ class MoELightningModule(LightningModule):
 
         Lightning refuses to clip for optimizers that unscale gradients themselves (``fused=True``
         Adam and AdamW), which only matters under fp16 loss scaling. Without a loss scale, clipping
-        by value runs as Lightning's would, and clipping by norm
-        takes the norm of the model's gradient (every rank's experts counted, under
-        :class:`~lightning_moe.MoEStrategy`) and hands the step ``max(1, norm / clip_val)`` as its
-        gradient divisor (the optimizer's ``grad_scale``, as ``torch.amp.GradScaler`` would). The
-        fused step divides each gradient as it reads it and stores the clipped gradient back: the
-        result of clipping then stepping, without clipping's own pass over every gradient, which
-        costs a read and a write of each float32 gradient (for MoE models, whose experts hold most
-        of the parameters, a large part of the optimizer's time).
+        by value runs as Lightning's would. Clipping by norm takes the norm of the model's gradient
+        (every rank's experts counted, under :class:`~lightning_moe.MoEStrategy`) and hands the
+        step ``max(1, norm / clip_val)`` as its gradient divisor (the optimizer's ``grad_scale``,
+        as ``torch.amp.GradScaler`` would). The fused step divides each gradient as it reads it and
+        stores the clipped gradient back: the result of clipping then stepping, without clipping's
+        own pass over every gradient, which costs a read and a write of each float32 gradient (for
+        MoE models, whose experts hold most of the parameters, a large part of the optimizer's time).
         """
         if gradient_clip_val and _fused_adam(optimizer) and not self._loss_scaling():
             plugin = self.trainer.precision_plugin
