@@ -63,30 +63,38 @@ struct TileInfo {
 };
 static_assert(sizeof(TileInfo) == 20, "Shape::kSharedBytes");
 
-struct Problem {
+// The output and its tiling, shared by both kernels' problems.
+struct Grid {
   const int32_t* ends;
   __nv_bfloat16* out;
   int m;
   int n;
   int m_tiles;
   int n_tiles;
+};
+
+struct Problem {
+  Grid grid;
   int tiles;
 };
 
-struct Params {
+// A kernel's parameters, passed to cudaLaunchKernel from heap storage (see launch_persistent).
+template <class P>
+struct KernelParams {
   CUtensorMap map_a;
   CUtensorMap map_b;
-  Problem p;
+  P p;
 };
+using Params = KernelParams<Problem>;
 
 #ifdef LIGHTNING_MOE_WGMMA
 template <int kBN>
 __device__ __forceinline__ TileInfo decode(const Problem& p, int tile) {
   if (tile >= p.tiles) return TileInfo{-1, 0, 0, 0, 0};
-  const int rest = tile / p.n_tiles;
-  const int group = rest / p.m_tiles;
-  const int row_start = group == 0 ? 0 : p.ends[group - 1];
-  return TileInfo{group, row_start, p.ends[group] - row_start, (rest % p.m_tiles) * kBM, (tile % p.n_tiles) * kBN};
+  const int rest = tile / p.grid.n_tiles;
+  const int group = rest / p.grid.m_tiles;
+  const int row_start = group == 0 ? 0 : p.grid.ends[group - 1];
+  return TileInfo{group, row_start, p.grid.ends[group] - row_start, (rest % p.grid.m_tiles) * kBM, (tile % p.grid.n_tiles) * kBN};
 }
 
 // kSlices k16 slices of one stage into the accumulators of consumer `half`, which owns a's boxes
@@ -187,12 +195,12 @@ __global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, k
     if (info.group < 0) break;
     const int steps = (info.rows + kBK - 1) / kBK;
     __nv_bfloat16* const out_rows =
-        p.out + (static_cast<int64_t>(info.group) * p.m + info.m0 + half * 64 * S::kBoxes) * p.n + info.n0;
+        p.grid.out + (static_cast<int64_t>(info.group) * p.grid.m + info.m0 + half * 64 * S::kBoxes) * p.grid.n + info.n0;
     if (steps == 0) {
       if (ctid == 0) mbarrier_arrive(empty_bar + pipe.stage * 8);
       pipe.advance();
       for (int i = ctid; i < 64 * S::kBoxes * (kBN / 8); i += 128) {
-        *reinterpret_cast<uint4*>(out_rows + static_cast<int64_t>(i / (kBN / 8)) * p.n + (i % (kBN / 8)) * 8) =
+        *reinterpret_cast<uint4*>(out_rows + static_cast<int64_t>(i / (kBN / 8)) * p.grid.n + (i % (kBN / 8)) * 8) =
             make_uint4(0, 0, 0, 0);
       }
       continue;
@@ -229,9 +237,9 @@ __global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, k
 
 #pragma unroll
     for (int bx = 0; bx < S::kBoxes; ++bx) {
-      __nv_bfloat16* const box_rows = out_rows + static_cast<int64_t>(bx) * 64 * p.n;
+      __nv_bfloat16* const box_rows = out_rows + static_cast<int64_t>(bx) * 64 * p.grid.n;
       store_rows(acc[bx], staging, ctid, 1 + half, 64, [&](int row, int column, uint4 value) {
-        *reinterpret_cast<uint4*>(box_rows + static_cast<int64_t>(row) * p.n + column) = value;
+        *reinterpret_cast<uint4*>(box_rows + static_cast<int64_t>(row) * p.grid.n + column) = value;
       });
     }
   }
@@ -274,36 +282,26 @@ struct RunShape : CtaLayout<kRunBN, 1> {
 };
 
 struct RunProblem {
-  const int32_t* ends;
-  __nv_bfloat16* out;
-  int m;
-  int n;
-  int m_tiles;
-  int n_tiles;
+  Grid grid;
   int runs_per_row;  // runs per (expert, 128 rows of M): ceil(n_tiles / run_tiles)
   int run_tiles;
   int runs;          // all runs
 };
-
-struct RunParams {
-  CUtensorMap map_a;
-  CUtensorMap map_b;
-  RunProblem p;
-};
+using RunParams = KernelParams<RunProblem>;
 
 #ifdef LIGHTNING_MOE_WGMMA
 __device__ __forceinline__ RunInfo decode_run(const RunProblem& p, int run) {
   if (run >= p.runs) return RunInfo{-1, 0, 0, 0, 0, 0};
   const int rest = run / p.runs_per_row;
-  const int group = rest / p.m_tiles;
+  const int group = rest / p.grid.m_tiles;
   const int first_tile = (run % p.runs_per_row) * p.run_tiles;
-  const int row_start = group == 0 ? 0 : p.ends[group - 1];
+  const int row_start = group == 0 ? 0 : p.grid.ends[group - 1];
   return RunInfo{group,
                  row_start,
-                 p.ends[group] - row_start,
-                 (rest % p.m_tiles) * kBM,
+                 p.grid.ends[group] - row_start,
+                 (rest % p.grid.m_tiles) * kBM,
                  first_tile * kRunBN,
-                 min(p.run_tiles, p.n_tiles - first_tile)};
+                 min(p.run_tiles, p.grid.n_tiles - first_tile)};
 }
 
 // Zeroes rows valid to kBK - 1 of `boxes` 64-column boxes from `stage` (all 128 consumer threads).
@@ -420,13 +418,13 @@ __global__ void __launch_bounds__(RunShape::kThreads, RunShape::kCtasPerSm)
     const RunInfo info = ring[count % kRunRing];
     if (info.group < 0) break;
     const int steps = (info.rows + kBK - 1) / kBK;
-    __nv_bfloat16* const out_rows = p.out + (static_cast<int64_t>(info.group) * p.m + info.m0) * p.n + info.n0;
+    __nv_bfloat16* const out_rows = p.grid.out + (static_cast<int64_t>(info.group) * p.grid.m + info.m0) * p.grid.n + info.n0;
     if (steps == 0) {
       if (ctid == 0) mbarrier_arrive(empty_bar + pipe.stage * 8);
       pipe.advance();
       for (int i = ctid; i < 128 * (kRunBN / 8) * info.tiles; i += 128) {
         const int tile = i / (128 * (kRunBN / 8)), within = i % (128 * (kRunBN / 8));
-        *reinterpret_cast<uint4*>(out_rows + static_cast<int64_t>(within / (kRunBN / 8)) * p.n + tile * kRunBN +
+        *reinterpret_cast<uint4*>(out_rows + static_cast<int64_t>(within / (kRunBN / 8)) * p.grid.n + tile * kRunBN +
                                   (within % (kRunBN / 8)) * 8) = make_uint4(0, 0, 0, 0);
       }
       continue;
@@ -462,9 +460,9 @@ __global__ void __launch_bounds__(RunShape::kThreads, RunShape::kCtasPerSm)
       if (t == info.tiles - 1 && ctid == 0) mbarrier_arrive(a_free_bar);
 #pragma unroll
       for (int bx = 0; bx < 2; ++bx) {
-        __nv_bfloat16* const box_rows = out_rows + static_cast<int64_t>(bx) * 64 * p.n + t * kRunBN;
+        __nv_bfloat16* const box_rows = out_rows + static_cast<int64_t>(bx) * 64 * p.grid.n + t * kRunBN;
         store_rows(acc[bx], staging, ctid, 1, 64, [&](int row, int column, uint4 value) {
-          *reinterpret_cast<uint4*>(box_rows + static_cast<int64_t>(row) * p.n + column) = value;
+          *reinterpret_cast<uint4*>(box_rows + static_cast<int64_t>(row) * p.grid.n + column) = value;
         });
       }
     }
@@ -506,19 +504,19 @@ void launch_persistent(const void* kernel, P* params, const at::Tensor& a, const
                                   c10::cuda::getCurrentCUDAStream()));
 }
 
+// The output grid of an (E, m, n) gradient `out` in kBM-row tiles and `n_tiles` column tiles.
+Grid grid(const at::Tensor& ends, const at::Tensor& out, int64_t m, int64_t n, int64_t n_tiles) {
+  return Grid{ends.data_ptr<int32_t>(), reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), static_cast<int>(m),
+              static_cast<int>(n), static_cast<int>(m / kBM), static_cast<int>(n_tiles)};
+}
+
 template <int kBN, int kConsumers>
 void launch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, const at::Tensor& out) {
   using S = Shape<kBN, kConsumers>;
   const int64_t m = a.size(1), n = b.size(1);
   const int64_t tiles = ends.size(0) * (m / kBM) * (n / kBN);
   auto params = std::make_unique<Params>();
-  params->p = Problem{ends.data_ptr<int32_t>(),
-                      reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
-                      static_cast<int>(m),
-                      static_cast<int>(n),
-                      static_cast<int>(m / kBM),
-                      static_cast<int>(n / kBN),
-                      static_cast<int>(tiles)};
+  params->p = Problem{grid(ends, out, m, n, n / kBN), static_cast<int>(tiles)};
   launch_persistent(reinterpret_cast<const void*>(weight_grad_kernel<kBN, kConsumers>), params.get(), a, b, tiles,
                     S::kThreads, S::kCtasPerSm, S::kSharedBytes);
 }
@@ -530,14 +528,7 @@ void launch_runs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& end
   const int64_t n_tiles = n / kRunBN, runs_per_row = (n_tiles + run_tiles - 1) / run_tiles;
   const int64_t runs = ends.size(0) * (m / kBM) * runs_per_row;
   auto params = std::make_unique<RunParams>();
-  params->p = RunProblem{ends.data_ptr<int32_t>(),
-                         reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
-                         static_cast<int>(m),
-                         static_cast<int>(n),
-                         static_cast<int>(m / kBM),
-                         static_cast<int>(n_tiles),
-                         static_cast<int>(runs_per_row),
-                         static_cast<int>(run_tiles),
+  params->p = RunProblem{grid(ends, out, m, n, n_tiles), static_cast<int>(runs_per_row), static_cast<int>(run_tiles),
                          static_cast<int>(runs)};
   launch_persistent(reinterpret_cast<const void*>(weight_grad_runs_kernel), params.get(), a, b, runs, S::kThreads,
                     S::kCtasPerSm, S::kSharedBytes);
