@@ -20,6 +20,7 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_moe.layers.moe import MoE
+from lightning_moe.optim import AdamW
 from lightning_moe.strategy import MoEStrategy
 
 # Logged as moe/{name}, averaged over the MoE layers.
@@ -91,18 +92,20 @@ class MoELightningModule(LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Clip as Lightning does, except for a fused Adam or AdamW without loss scaling, whose own
-        step clips by norm.
+        """Clip as Lightning does, except for :class:`lightning_moe.optim.AdamW` and fused torch
+        Adam or AdamW without loss scaling, whose own step clips by norm.
 
         Lightning refuses to clip for optimizers that unscale gradients themselves (``fused=True``
         Adam and AdamW), which only matters under fp16 loss scaling. Without a loss scale, clipping
         by value runs as Lightning's would. Clipping by norm takes the norm of the model's gradient
         (every rank's experts counted, under :class:`~lightning_moe.MoEStrategy`) and hands the
         step ``max(1, norm / clip_val)`` as its gradient divisor (the optimizer's ``grad_scale``,
-        as ``torch.amp.GradScaler`` would). The fused step divides each gradient as it reads it and
-        stores the clipped gradient back: the result of clipping then stepping, without clipping's
-        own pass over every gradient, which costs a read and a write of each float32 gradient (for
-        MoE models, whose experts hold most of the parameters, a large part of the optimizer's time).
+        as ``torch.amp.GradScaler`` would). The step divides each gradient as it reads it: the
+        result of clipping then stepping, without clipping's own pass over every gradient, which
+        costs a read and a write of each float32 gradient (for MoE models, whose experts hold most
+        of the parameters, a large part of the optimizer's time). Torch's fused step stores the
+        clipped gradients back; the kernel step of :class:`lightning_moe.optim.AdamW` leaves them
+        unclipped.
         """
         if gradient_clip_val and _fused_adam(optimizer) and not self._loss_scaling():
             plugin = self.trainer.precision_plugin
@@ -217,8 +220,10 @@ class MoELightningModule(LightningModule):
 
 
 def _fused_adam(optimizer: Optimizer) -> bool:
-    """Whether ``optimizer`` is a torch Adam or AdamW whose every group steps fused: the steps that
-    take a gradient divisor (``grad_scale``) and store the divided gradients back."""
+    """Whether ``optimizer``'s step takes a gradient divisor (``grad_scale``): a
+    :class:`lightning_moe.optim.AdamW`, or a torch Adam or AdamW whose every group steps fused."""
+    if isinstance(optimizer, AdamW):
+        return True
     groups = optimizer.param_groups
     return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and all(g.get("fused") for g in groups)
 

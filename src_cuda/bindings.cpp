@@ -4,6 +4,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include "activation.h"
+#include "adamw.h"
 #include "capacity_mask.h"
 #include "cast.h"
 #include "grouped_gemm.h"
@@ -16,7 +17,7 @@
 #include "unpermute.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "lightning_moe CUDA kernels: sort_by_expert, permute, unpermute, routing, router logits, activations, grouped GEMMs, casts";
+  m.doc() = "lightning_moe CUDA kernels: sort_by_expert, permute, unpermute, routing, router logits, activations, grouped GEMMs, casts, AdamW step";
   m.def("sort_by_expert", &lightning_moe::sort_by_expert, py::arg("expert_ids"), py::arg("num_experts"));
   m.def("capacity_mask", &lightning_moe::capacity_mask, py::arg("expert_ids"), py::arg("priorities"),
         py::arg("num_experts"), py::arg("capacity"));
@@ -50,6 +51,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("gate"), py::arg("activation"));
   m.def("cast_to_float", &lightning_moe::cast_to_float, py::arg("x"),
         py::arg("addend").none(true) = py::none());
+  m.def("adamw_step", &lightning_moe::adamw_step, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
+        py::arg("exp_avg_sqs"), py::arg("copies"), py::arg("lr"), py::arg("weight_decay"), py::arg("beta1"),
+        py::arg("beta2"), py::arg("eps"), py::arg("steps"), py::arg("grad_divisor").none(true) = py::none());
   m.def("grouped_gemm_available", &lightning_moe::grouped_gemm_available);
   m.def("grouped_gemm_rows", &lightning_moe::grouped_gemm_rows, py::arg("a"), py::arg("b"), py::arg("ends"),
         py::arg("b_is_kn"), py::arg("tile_n") = 128, py::arg("ctas_per_sm") = 1, py::arg("tile_m") = 128);

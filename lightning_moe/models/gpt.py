@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_moe import ops
 from lightning_moe.layers.activations import Activation
 from lightning_moe.layers.moe import MoE
 from lightning_moe.module import MoELightningModule
+from lightning_moe.optim import AdamW
 from lightning_moe.routers import RouterName
 
 # torch.compile modes; "reduce-overhead" replays CUDA graphs, so a step no longer waits for the host.
@@ -324,7 +326,7 @@ class MoEGPTModule(MoELightningModule):
         for param in self.parameters():
             # Matrices (and the experts' stacked matrices) are decayed; gains and biases are not.
             (decay if param.dim() >= 2 else no_decay).append(param)
-        optimizer = torch.optim.AdamW(
+        optimizer = AdamW(
             [
                 {"params": decay, "weight_decay": self.hparams["weight_decay"]},
                 {"params": no_decay, "weight_decay": 0.0},
@@ -336,14 +338,19 @@ class MoEGPTModule(MoELightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def _fused_optimizer(self) -> bool:
-        """Whether AdamW runs fused: one kernel per step instead of several passes over every
-        parameter, which counts for MoE models, whose experts hold most of the parameters.
+    def _fused_optimizer(self) -> bool | None:
+        """``fused`` for :class:`lightning_moe.optim.AdamW`: ``None`` (its kernel step) for CUDA
+        parameters with the extension loaded, else whether torch's fused step runs, one kernel per
+        step instead of several passes over every parameter, which counts for MoE models, whose
+        experts hold most of the parameters.
 
-        Not under fp16 loss scaling with gradient clipping, which a fused optimizer (it unscales
-        the gradients itself) cannot be combined with.
+        Torch's fused step is not used under fp16 loss scaling with gradient clipping, which an
+        optimizer that unscales the gradients itself cannot be combined with.
         """
-        if any(param.device.type not in ("cuda", "cpu") for param in self.parameters()):
+        devices = {param.device.type for param in self.parameters()}
+        if devices == {"cuda"} and ops.cuda_kernels_available():
+            return None
+        if not devices <= {"cuda", "cpu"}:
             return False
         return not self._loss_scaling() or not self.trainer.gradient_clip_val
 

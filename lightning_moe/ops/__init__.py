@@ -11,7 +11,9 @@ logits and their gradients without float32 copies of the tokens; :mod:`lightning
 the experts' activation, plain or gated (SwiGLU, GeGLU); :mod:`lightning_moe.ops.grouped_linear` runs the
 experts' GEMMs on Hopper tensor-core kernels of its own where experts get few rows each;
 :mod:`lightning_moe.ops.cast` casts float32 tensors (the expert weights under mixed precision) to
-bfloat16 or float16 with a faster cast of their gradients back to float32.
+bfloat16 or float16 with a faster cast of their gradients back to float32, and keeps the casts of
+the weights an optimizer step updates (:func:`lightning_moe.ops.cast.keep_casts`);
+:mod:`lightning_moe.ops.adamw` is the AdamW step of :class:`lightning_moe.optim.AdamW`.
 """
 
 from lightning_moe.ops.activation import activation, glu

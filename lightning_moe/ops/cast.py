@@ -9,16 +9,22 @@ bfloat16 (or float16) to float32 copy converts one element at a time: on an H200
 ``src_cuda/cast.cu`` instead, which reads and writes 16-byte vectors; converting to float32 is
 exact, so the values are those of PyTorch's copy.
 
+The casts of parameters registered with :func:`keep_casts` are kept between forward passes, and
+:class:`lightning_moe.optim.AdamW` writes them in its step, so that the forward pass after a step
+takes the updated weights' casts without casting them.
+
 Under ``torch.compile`` the plain ``x.to(dtype)`` is traced instead: inductor writes its own
 vectorised casts and can fuse them with their neighbours.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from lightning_moe.ops.extension import require_extension, use_cuda_kernels
 
@@ -68,8 +74,97 @@ def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
         return x
     if x.dtype == torch.float32 and dtype in NARROW_DTYPES and x.is_cuda and not torch.compiler.is_compiling():
         if x.requires_grad and torch.is_grad_enabled() and use_cuda_kernels(x):
-            return _CastFunction.apply(x, dtype)
+            kept = _KEPT_CASTS.get(x)
+            return _CastFunction.apply(x, dtype) if kept is None else kept.cast(x, dtype)
     return x.to(dtype)
+
+
+class _KeptCast:
+    """The last cast of one float32 parameter, valid while the parameter has the version and the
+    storage it had when the cast was made (or when an optimizer step last wrote the cast)."""
+
+    __slots__ = ("copy", "version", "data_ptr")
+
+    def __init__(self) -> None:
+        self.copy: Tensor | None = None
+        self.version = -1
+        self.data_ptr = 0
+
+    def current(self, param: Tensor) -> Tensor | None:
+        """The copy, when one was made of ``param``'s present storage (whatever its version)."""
+        copy = self.copy
+        if copy is None or self.data_ptr != param.data_ptr() or copy.shape != param.shape:
+            return None
+        return copy
+
+    def cast(self, param: Tensor, dtype: torch.dtype) -> Tensor:
+        """``param`` cast to ``dtype``: the kept copy while it is valid, else a new cast, kept."""
+        copy = self.current(param)
+        if copy is not None and copy.dtype == dtype and self.version == param._version:
+            return _KeptCastFunction.apply(param, copy)
+        out = _CastFunction.apply(param, dtype)
+        self.copy, self.version, self.data_ptr = out.detach(), param._version, param.data_ptr()
+        return out
+
+
+class _KeptCastFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, param: Tensor, copy: Tensor) -> Tensor:
+        # A new tensor object on the copy's storage, sharing its version counter: a graph that
+        # saved it sees an optimizer step's write into the copy.
+        return copy.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return to_float(grad), None
+
+
+# Parameters whose casts are kept, by identity (tensors compare by value).
+_KEPT_CASTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def keep_casts(params: Iterable[Tensor]) -> None:
+    """Keep the casts :func:`cast` makes of these float32 parameters from one forward pass to the
+    next, for an optimizer that writes each updated parameter's cast in its step
+    (:class:`lightning_moe.optim.AdamW`): the forward pass after the step then takes that copy
+    instead of casting the parameter again.
+
+    A kept cast is used while the parameter holds the storage and the version (autograd's count of
+    in-place changes, ``param._version``) it had when the cast was made or last written by the
+    optimizer. Changes made through ``param.data`` are not counted in the version: after changing a
+    parameter that way, call :func:`forget_casts`. Each kept cast holds the parameter's values in the
+    compute dtype (2 bytes per element) between steps.
+    """
+    for param in params:
+        if param not in _KEPT_CASTS:
+            _KEPT_CASTS[param] = _KeptCast()
+
+
+def forget_casts(params: Iterable[Tensor] | None = None) -> None:
+    """Drop the kept casts of ``params`` (all when ``None``); the next forward pass casts afresh.
+    The parameters stay registered with :func:`keep_casts`."""
+    for param in list(_KEPT_CASTS.keys()) if params is None else params:
+        kept = _KEPT_CASTS.get(param)
+        if kept is not None:
+            kept.copy = None
+
+
+def kept_cast(param: Tensor) -> Tensor | None:
+    """The kept cast of ``param`` for an optimizer step to overwrite with the updated parameter's
+    cast, or ``None`` when it has none made of its present storage. After writing it, call
+    :func:`mark_casts_current`."""
+    kept = _KEPT_CASTS.get(param)
+    return None if kept is None else kept.current(param)
+
+
+def mark_casts_current(params: Iterable[Tensor]) -> None:
+    """Record that the kept casts of ``params`` hold their present values (an optimizer step wrote
+    both, and bumped the parameters' versions)."""
+    for param in params:
+        kept = _KEPT_CASTS.get(param)
+        if kept is not None:
+            kept.version = param._version
 
 
 class _ForkCastFunction(torch.autograd.Function):

@@ -207,10 +207,14 @@ def test_fused_adamw_clips_by_value_under_bf16_mixed():
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-def test_fused_adamw_clips_in_its_step_as_clipping_then_stepping_would(precision, monkeypatch):
-    # The fused step divides the gradients by max(1, norm / clip) itself; the reference clips them
-    # with Lightning's own clipping before a plain (for-each) AdamW step.
+def test_adamw_clips_in_its_step_as_clipping_then_stepping_would(precision, monkeypatch):
+    # lightning_moe's AdamW and torch's fused step divide the gradients by max(1, norm / clip)
+    # themselves; the reference clips them with Lightning's own clipping before a plain (for-each)
+    # torch AdamW step. (On the CPU lightning_moe's AdamW runs torch's step after dividing the
+    # gradients; its kernel step is compared in tests/ops/test_adamw_cuda.py.)
     import lightning as L
+
+    from lightning_moe.models import gpt
 
     clip = 1e-3
     seen = {}
@@ -227,16 +231,23 @@ def test_fused_adamw_clips_in_its_step_as_clipping_then_stepping_would(precision
                 )
 
     runs = {}
-    for fused in (True, False):
+    variants = {
+        "torch-fused": (gpt.AdamW, True),
+        "lightning_moe": (gpt.AdamW, False),
+        "reference": (torch.optim.AdamW, False),
+    }
+    for name, (optimizer_class, fused) in variants.items():
+        monkeypatch.setattr(gpt, "AdamW", optimizer_class)
         monkeypatch.setattr(MoEGPTModule, "_fused_optimizer", lambda self, fused=fused: fused)
         seen.clear()
         torch.manual_seed(0)
         module = MoEGPTModule(**TINY)
         trainer = fit_on_bytes(module, precision=precision, max_steps=3, gradient_clip_val=clip, callbacks=[Record()])
         (optimizer,) = trainer.optimizers
+        assert type(optimizer) is optimizer_class
         assert all(bool(group["fused"]) == fused for group in optimizer.param_groups)
         assert min(seen["norms"]) > 10 * clip  # every step clips
-        if fused:
+        if name != "reference":
             divisors = seen["divisors"]
             assert len(divisors) == 3 and all(d is not None for d in divisors)
             for divisor, norm in zip(divisors, seen["norms"], strict=True):
@@ -245,14 +256,15 @@ def test_fused_adamw_clips_in_its_step_as_clipping_then_stepping_would(precision
         else:
             assert seen["divisors"] == [None, None, None]
         state = [optimizer.state[p] for p in module.parameters()]
-        runs[fused] = (
+        runs[name] = (
             [p.detach().clone() for p in module.parameters()],
             [s["exp_avg"].clone() for s in state],  # scales with the clipped gradients, unlike the update
-            [p.grad.clone() for p in module.parameters()],  # clipped, in both
+            [p.grad.clone() for p in module.parameters()],  # clipped, in all three
         )
-    for got, want in zip(runs[True], runs[False], strict=True):
-        for a, b in zip(got, want, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    for name in ("torch-fused", "lightning_moe"):
+        for got, want in zip(runs[name], runs["reference"], strict=True):
+            for a, b in zip(got, want, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 
 def test_compiled_model_gives_the_eager_loss_and_gradients_and_keeps_checkpoint_keys():

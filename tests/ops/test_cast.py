@@ -24,3 +24,48 @@ def test_fork_cast_on_cpu_gives_both_and_sums_their_gradients() -> None:
     g1, g2 = torch.randn(5, 7), torch.randn(5, 7).bfloat16()
     (grad_x,) = torch.autograd.grad([as_is, cast], x, [g1, g2])
     assert torch.equal(grad_x, g1 + g2.float())
+
+
+def test_a_kept_cast_is_reused_until_the_parameter_changes() -> None:
+    # _KeptCast is what ops.cast consults for parameters registered with keep_casts (on CUDA);
+    # its rules hold on any device.
+    from lightning_moe.ops.cast import _KeptCast
+
+    w = torch.nn.Parameter(torch.randn(4, 6))
+    kept = _KeptCast()
+    first = kept.cast(w, torch.bfloat16)
+    assert torch.equal(first, w.detach().bfloat16())
+    again = kept.cast(w, torch.bfloat16)
+    assert again.data_ptr() == first.data_ptr()  # the kept copy, not a new cast
+    grad = torch.randn(4, 6).bfloat16()
+    (grad_w,) = torch.autograd.grad(again, w, grad)
+    assert grad_w.dtype == torch.float32 and torch.equal(grad_w, grad.float())
+
+    with torch.no_grad():
+        w.mul_(2)  # an in-place change bumps the version: cast afresh
+    changed = kept.cast(w, torch.bfloat16)
+    assert changed.data_ptr() != first.data_ptr() and torch.equal(changed, w.detach().bfloat16())
+
+    w.data = torch.randn(4, 6)  # new storage, same version: cast afresh
+    replaced = kept.cast(w, torch.bfloat16)
+    assert torch.equal(replaced, w.detach().bfloat16())
+    assert kept.cast(w, torch.float16).dtype == torch.float16  # another dtype: cast afresh
+
+
+def test_kept_casts_are_offered_to_the_optimizer_and_forgotten_on_request() -> None:
+    from lightning_moe.ops.cast import _KEPT_CASTS, forget_casts, keep_casts, kept_cast, mark_casts_current
+
+    w = torch.nn.Parameter(torch.randn(3, 5))
+    assert kept_cast(w) is None  # not registered
+    keep_casts([w])
+    assert kept_cast(w) is None  # registered, nothing cast yet
+    copy = _KEPT_CASTS[w].cast(w, torch.bfloat16)
+    assert kept_cast(w).data_ptr() == copy.data_ptr()
+    with torch.no_grad():  # what an optimizer step does: update both, then mark them current
+        w.add_(1.0)
+        kept_cast(w).copy_(w)
+    mark_casts_current([w])
+    assert _KEPT_CASTS[w].cast(w, torch.bfloat16).data_ptr() == copy.data_ptr()
+    forget_casts([w])
+    assert kept_cast(w) is None
+    assert torch.equal(_KEPT_CASTS[w].cast(w, torch.bfloat16), w.detach().bfloat16())

@@ -129,6 +129,7 @@ def test_every_kernel_source_is_compiled() -> None:
     names = [path.name for path in extension.compiled_sources(extension.source_dir())]
     assert names == [
         "activation.cu",
+        "adamw.cu",
         "bindings.cpp",
         "capacity_mask.cu",
         "cast.cu",
