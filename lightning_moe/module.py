@@ -20,6 +20,7 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_moe.layers.moe import MoE
+from lightning_moe.ops.cast import gradient_norm as kept_casts_gradient_norm
 from lightning_moe.optim import AdamW
 from lightning_moe.strategy import MoEStrategy
 
@@ -105,7 +106,8 @@ class MoELightningModule(LightningModule):
         costs a read and a write of each float32 gradient (for MoE models, whose experts hold most
         of the parameters, a large part of the optimizer's time). Torch's fused step stores the
         clipped gradients back; the kernel step of :class:`lightning_moe.optim.AdamW` leaves them
-        unclipped.
+        unclipped. On one device, the norm takes the square sums that the backward of the weights'
+        kept casts computed (:func:`lightning_moe.ops.cast.gradient_norm`) where they still hold.
         """
         if gradient_clip_val and _fused_adam(optimizer) and not self._loss_scaling():
             plugin = self.trainer.precision_plugin
@@ -124,8 +126,12 @@ class MoELightningModule(LightningModule):
         strategy = self.trainer.strategy
         if isinstance(strategy, MoEStrategy):
             return strategy.gradient_norm(optimizer)
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        return torch.nn.utils.get_total_norm(grads).float()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if isinstance(strategy, SingleDeviceStrategy):
+            # With the square sums of the expert weights' gradients taken as their backward cast
+            # them (lightning_moe.optim.AdamW's kept casts), instead of reading them again.
+            return kept_casts_gradient_norm(params)
+        return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).float()
 
     def _loss_scaling(self) -> bool:
         """Whether the precision plugin scales the loss (fp16 mixed precision)."""

@@ -51,6 +51,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("gate"), py::arg("activation"));
   m.def("cast_to_float", &lightning_moe::cast_to_float, py::arg("x"),
         py::arg("addend").none(true) = py::none());
+  m.def("cast_to_float_square_sums", &lightning_moe::cast_to_float_square_sums, py::arg("x"));
   m.def("adamw_step", &lightning_moe::adamw_step, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
         py::arg("exp_avg_sqs"), py::arg("copies"), py::arg("lr"), py::arg("weight_decay"), py::arg("beta1"),
         py::arg("beta2"), py::arg("eps"), py::arg("steps"), py::arg("grad_divisor").none(true) = py::none());

@@ -7,6 +7,9 @@
 // the float32 weights' dtype at every backward pass. Here each thread reads one 16-byte vector and
 // writes two (reading two more of the addend when there is one). The elements past the last whole
 // vector take a scalar tail.
+//
+// cast_to_float_square_sums also sums the squares of the float32 results, one partial sum per
+// block, for the gradient norm of clipping: the results are then not read again to take it.
 
 #include "cast.h"
 
@@ -28,11 +31,29 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = int64_t{1} << 16;
 constexpr int kN = 8;  // elements per thread and step: 16 bytes read, 32 written
 
-// out = float(in), plus addend where kAdd.
-template <typename T, bool kAdd>
+// The sum of every thread's value, in thread 0 (a fixed order: the same bits on every run).
+__device__ __forceinline__ float block_sum(float value) {
+  __shared__ float warp_sums[kThreads / 32];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = value;
+  __syncthreads();
+  float total = 0.0f;
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
+  }
+  return total;
+}
+
+// out = float(in), plus addend where kAdd; where kSquares, partials[block] = the block's sum of
+// out's squares.
+template <typename T, bool kAdd, bool kSquares = false>
 __global__ void __launch_bounds__(kThreads) cast_to_float_kernel(const T* __restrict__ in,
                                                                  const float* __restrict__ addend,
-                                                                 float* __restrict__ out, int64_t count) {
+                                                                 float* __restrict__ out, int64_t count,
+                                                                 float* __restrict__ partials = nullptr) {
+  float squares = 0.0f;
   const int64_t vectors = count / kN;
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
   const int64_t first = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
@@ -51,10 +72,19 @@ __global__ void __launch_bounds__(kThreads) cast_to_float_kernel(const T* __rest
     }
     store_floats<float, kN / 2>(out + v * kN, lo);
     store_floats<float, kN / 2>(out + v * kN + kN / 2, hi);
+    if constexpr (kSquares) {
+#pragma unroll
+      for (int i = 0; i < kN / 2; ++i) squares += lo[i] * lo[i] + hi[i] * hi[i];
+    }
   }
   for (int64_t i = vectors * kN + first; i < count; i += stride) {
     const float value = static_cast<float>(in[i]);
     out[i] = kAdd ? addend[i] + value : value;
+    if constexpr (kSquares) squares += out[i] * out[i];
+  }
+  if constexpr (kSquares) {
+    const float total = block_sum(squares);
+    if (threadIdx.x == 0) partials[blockIdx.x] = total;
   }
 }
 
@@ -67,7 +97,38 @@ void launch(const T* in, const float* addend, float* out, int64_t count, int64_t
   }
 }
 
+int64_t block_count(int64_t count) {
+  const int64_t threads_needed = std::max<int64_t>(count / kN, 1);
+  return std::min((threads_needed + kThreads - 1) / kThreads, kMaxBlocks);
+}
+
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> cast_to_float_square_sums(const at::Tensor& x) {
+  check_cuda_contiguous(x, "x");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "x must have dtype bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+              "x must start on a 16-byte boundary; cast a view that does not with x.float()");
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  const int64_t count = x.numel();
+  const int64_t blocks = count == 0 ? 0 : block_count(count);
+  at::Tensor partials = at::empty({blocks}, x.options().dtype(at::kFloat));
+  if (count == 0) return {out, partials};
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  float* result = out.data_ptr<float>();
+  float* sums = partials.data_ptr<float>();
+  if (x.scalar_type() == at::kBFloat16) {
+    cast_to_float_kernel<c10::BFloat16, false, true>
+        <<<blocks, kThreads, 0, stream>>>(x.data_ptr<c10::BFloat16>(), nullptr, result, count, sums);
+  } else {
+    cast_to_float_kernel<c10::Half, false, true>
+        <<<blocks, kThreads, 0, stream>>>(x.data_ptr<c10::Half>(), nullptr, result, count, sums);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, partials};
+}
 
 at::Tensor cast_to_float(const at::Tensor& x, const std::optional<at::Tensor>& addend) {
   check_cuda_contiguous(x, "x");
@@ -90,8 +151,7 @@ at::Tensor cast_to_float(const at::Tensor& x, const std::optional<at::Tensor>& a
   const int64_t count = x.numel();
   if (count == 0) return out;
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t threads_needed = std::max<int64_t>(count / kN, 1);
-  const int64_t blocks = std::min((threads_needed + kThreads - 1) / kThreads, kMaxBlocks);
+  const int64_t blocks = block_count(count);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   float* result = out.data_ptr<float>();
   if (x.scalar_type() == at::kBFloat16) {

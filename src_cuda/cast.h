@@ -2,6 +2,7 @@
 #pragma once
 
 #include <optional>
+#include <tuple>
 
 #include <ATen/core/Tensor.h>
 
@@ -18,5 +19,13 @@ namespace lightning_moe {
 // Returns:
 //   A new float32 tensor of x's shape.
 at::Tensor cast_to_float(const at::Tensor& x, const std::optional<at::Tensor>& addend);
+
+// (x.float(), partials): partials (a float32 vector, one entry per block of the kernel, empty for
+// an empty x) sums to the sum of the squares of x.float(), for the gradient norm of clipping. The
+// partials, and so their sum in a fixed order, are the same on every run.
+//
+// Args:
+//   x: bfloat16 or float16 CUDA tensor, contiguous, starting on a 16-byte boundary, of any shape.
+std::tuple<at::Tensor, at::Tensor> cast_to_float_square_sums(const at::Tensor& x);
 
 }  // namespace lightning_moe

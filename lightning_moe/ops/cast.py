@@ -79,16 +79,30 @@ def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.to(dtype)
 
 
+def to_float_with_square_sums(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x.float(), partials)`` for a bfloat16 or float16 ``x``, where ``partials`` (a float32
+    vector) sums to the sum of the squares of ``x.float()``: the kernel's sums per block where it
+    applies (as for :func:`to_float`), else one sum."""
+    if x.dtype in NARROW_DTYPES and _kernel_layout(x) and use_cuda_kernels(x):
+        return require_extension().cast_to_float_square_sums(x)
+    out = x.float()
+    return out, out.square().sum().reshape(1)
+
+
 class _KeptCast:
     """The last cast of one float32 parameter, valid while the parameter has the version and the
-    storage it had when the cast was made (or when an optimizer step last wrote the cast)."""
+    storage it had when the cast was made (or when an optimizer step last wrote the cast); and the
+    square sums of the gradient the cast's backward last produced."""
 
-    __slots__ = ("copy", "version", "data_ptr")
+    __slots__ = ("copy", "version", "data_ptr", "grad_data_ptr", "grad_param_version", "grad_square_sums")
 
     def __init__(self) -> None:
         self.copy: Tensor | None = None
         self.version = -1
         self.data_ptr = 0
+        self.grad_data_ptr = 0
+        self.grad_param_version = -1
+        self.grad_square_sums: Tensor | None = None
 
     def current(self, param: Tensor) -> Tensor | None:
         """The copy, when one was made of ``param``'s present storage (whatever its version)."""
@@ -100,24 +114,41 @@ class _KeptCast:
     def cast(self, param: Tensor, dtype: torch.dtype) -> Tensor:
         """``param`` cast to ``dtype``: the kept copy while it is valid, else a new cast, kept."""
         copy = self.current(param)
-        if copy is not None and copy.dtype == dtype and self.version == param._version:
-            return _KeptCastFunction.apply(param, copy)
-        out = _CastFunction.apply(param, dtype)
-        self.copy, self.version, self.data_ptr = out.detach(), param._version, param.data_ptr()
-        return out
+        if copy is None or copy.dtype != dtype or self.version != param._version:
+            copy = param.detach().to(dtype)
+            self.copy, self.version, self.data_ptr = copy, param._version, param.data_ptr()
+        return _KeptCastFunction.apply(param, copy, self)
+
+    def note_gradient(self, param: Tensor, grad: Tensor, square_sums: Tensor) -> None:
+        # Not the gradient itself: a reference would keep autograd from handing it to param.grad.
+        self.grad_data_ptr, self.grad_param_version = grad.data_ptr(), param._version
+        self.grad_square_sums = square_sums
+
+    def gradient_square_sums(self, param: Tensor) -> Tensor | None:
+        """The square sums of ``param.grad`` if it is the gradient the cast's backward produced,
+        unchanged since (version 0) and of the parameter unchanged since, else ``None``."""
+        grad, sums = param.grad, self.grad_square_sums
+        if sums is None or grad is None or grad.dtype != torch.float32 or grad.shape != param.shape:
+            return None
+        if grad.data_ptr() != self.grad_data_ptr or grad._version != 0 or param._version != self.grad_param_version:
+            return None
+        return sums
 
 
 class _KeptCastFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, param: Tensor, copy: Tensor) -> Tensor:
+    def forward(ctx: Any, param: Tensor, copy: Tensor, kept: _KeptCast) -> Tensor:
+        ctx.param, ctx.kept = param, kept
         # A new tensor object on the copy's storage, sharing its version counter: a graph that
         # saved it sees an optimizer step's write into the copy.
         return copy.detach()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return to_float(grad), None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        out, square_sums = to_float_with_square_sums(grad)
+        ctx.kept.note_gradient(ctx.param, out, square_sums)
+        return out, None, None
 
 
 # Parameters whose casts are kept, by identity (tensors compare by value).
@@ -156,6 +187,35 @@ def kept_cast(param: Tensor) -> Tensor | None:
     :func:`mark_casts_current`."""
     kept = _KEPT_CASTS.get(param)
     return None if kept is None else kept.current(param)
+
+
+def gradient_norm(params: Iterable[Tensor]) -> Tensor:
+    """The 2-norm of the gradients of ``params`` (those that have one), as
+    ``torch.nn.utils.get_total_norm`` gives it, in float32.
+
+    For a parameter registered with :func:`keep_casts` whose gradient is the one the backward of its
+    kept cast produced, unchanged since, the squares that backward summed while it cast the
+    gradient to float32 stand in for reading the gradient again: for MoE models under mixed
+    precision, the experts' weights, most of the parameters. An in-place change of the gradient
+    (gradient accumulation, an all-reduce, unscaling) or of the parameter voids those sums.
+    """
+    sums: list[Tensor] = []
+    grads: list[Tensor] = []
+    for param in params:
+        if param.grad is None:
+            continue
+        kept = _KEPT_CASTS.get(param)
+        square_sums = None if kept is None else kept.gradient_square_sums(param)
+        if square_sums is None:
+            grads.append(param.grad)
+        else:
+            sums.append(square_sums)
+    if not sums:
+        return torch.nn.utils.get_total_norm(grads).float()
+    total = torch.cat(sums).sum()
+    if grads:
+        total = total + torch.nn.utils.get_total_norm(grads).float().square()
+    return total.sqrt()
 
 
 def mark_casts_current(params: Iterable[Tensor]) -> None:

@@ -195,3 +195,56 @@ def test_a_fused_optimizers_checkpoint_resumes_on_the_kernel_step() -> None:
     losses = train(ours, optimizer, 2), train(theirs, fused, 2)
     torch.testing.assert_close(torch.stack(losses[0]), torch.stack(losses[1]), rtol=1e-4, atol=1e-6)
     assert all(optimizer.state[p]["step"].device.type == "cpu" for p in ours.parameters())
+
+
+def test_gpt_clips_by_the_norm_of_the_backward_square_sums(monkeypatch: pytest.MonkeyPatch) -> None:
+    # MoEGPTModule on one GPU under bf16-mixed: lightning_moe.optim.AdamW's kernel step, clipping by
+    # norm inside it, the norm taken from the square sums of the experts' gradient casts.
+    import lightning as L
+
+    from lightning_moe import module as module_file
+    from lightning_moe.data import ByteCorpusDataModule
+    from lightning_moe.models import MoEGPTModule
+    from lightning_moe.ops.cast import _KEPT_CASTS
+
+    clip, seen = 1e-3, {"from_sums": [], "norms": [], "divisors": []}
+    norm_of = module_file.kept_casts_gradient_norm
+
+    def counting_norm(params):
+        params = list(params)
+        sums = [p for p in params if p in _KEPT_CASTS and _KEPT_CASTS[p].gradient_square_sums(p) is not None]
+        seen["from_sums"].append(len(sums))
+        return norm_of(params)
+
+    monkeypatch.setattr(module_file, "kept_casts_gradient_norm", counting_norm)
+
+    class Record(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen["norms"].append(torch.nn.utils.get_total_norm([p.grad for p in pl_module.parameters()]).item())
+            if len(seen["norms"]) == 1:
+                optimizer.register_step_post_hook(
+                    lambda opt, *_: seen["divisors"].append((opt.grad_scale.item(), opt.kernel_step_applies()))
+                )
+
+    torch.manual_seed(0)
+    gpt = MoEGPTModule(block_size=64, n_layer=2, n_head=2, d_model=64, num_experts=4, top_k=2, d_hidden=128)
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=3,
+        gradient_clip_val=clip,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[Record()],
+    )
+    trainer.fit(gpt, datamodule=ByteCorpusDataModule(block_size=64, batch_size=8))
+    (optimizer,) = trainer.optimizers
+    assert isinstance(optimizer, AdamW)
+    assert seen["from_sums"] == [4] * 3  # both layers' two expert weights, at every step
+    assert min(seen["norms"]) > 10 * clip
+    for (divisor, kernel_step), norm in zip(seen["divisors"], seen["norms"], strict=True):
+        assert kernel_step and divisor == pytest.approx(norm / clip, rel=1e-4)

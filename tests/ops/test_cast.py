@@ -69,3 +69,32 @@ def test_kept_casts_are_offered_to_the_optimizer_and_forgotten_on_request() -> N
     forget_casts([w])
     assert kept_cast(w) is None
     assert torch.equal(_KEPT_CASTS[w].cast(w, torch.bfloat16), w.detach().bfloat16())
+
+
+def test_the_gradient_norm_takes_the_square_sums_of_the_kept_casts_backward() -> None:
+    from lightning_moe.ops.cast import _KEPT_CASTS, gradient_norm, keep_casts
+
+    kept, plain = torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(7))
+    keep_casts([kept])
+    loss = (_KEPT_CASTS[kept].cast(kept, torch.bfloat16).float() * torch.randn(6, 5)).sum() + plain.square().sum()
+    loss.backward()
+    assert _KEPT_CASTS[kept].gradient_square_sums(kept) is not None  # the backward's sums are current
+    want = torch.nn.utils.get_total_norm([kept.grad, plain.grad])
+    torch.testing.assert_close(gradient_norm([kept, plain]), want, rtol=1e-6, atol=0)
+
+    kept.grad.mul_(3.0)  # an in-place change of the gradient voids the sums
+    assert _KEPT_CASTS[kept].gradient_square_sums(kept) is None
+    torch.testing.assert_close(gradient_norm([kept, plain]), torch.nn.utils.get_total_norm([kept.grad, plain.grad]))
+
+    # A second backward accumulates into the gradient in place: its sums no longer describe it.
+    kept.grad = None
+    for _ in range(2):
+        (_KEPT_CASTS[kept].cast(kept, torch.bfloat16).float() * torch.randn(6, 5)).sum().backward()
+    assert _KEPT_CASTS[kept].gradient_square_sums(kept) is None
+    torch.testing.assert_close(gradient_norm([kept]), kept.grad.norm())
+
+    kept.grad = None
+    (_KEPT_CASTS[kept].cast(kept, torch.bfloat16).float().sum()).backward()
+    with torch.no_grad():
+        kept.add_(1.0)  # an optimizer step: the sums were of the previous step's gradient
+    assert _KEPT_CASTS[kept].gradient_square_sums(kept) is None

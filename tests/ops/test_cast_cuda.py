@@ -116,3 +116,37 @@ def test_layer_under_autocast_forks_the_tokens_and_gets_the_same_gradients(monke
     assert calls == [1]
     for got, want in zip(*results, strict=True):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", NARROW, ids=NARROW_IDS)
+@pytest.mark.parametrize("size", SIZES)
+def test_square_sums_are_those_of_the_cast(size: int, dtype: torch.dtype, generator: torch.Generator) -> None:
+    x = (torch.randn(size, generator=generator) * 3.0).cuda().to(dtype)
+    poison_float_blocks()
+    got, partials = ops.load_extension().cast_to_float_square_sums(x)
+    assert torch.equal(got.view(torch.int32), x.float().view(torch.int32))
+    assert partials.dtype == torch.float32 and partials.dim() == 1 and not partials.isnan().any()
+    oracle = x.double().square().sum()
+    torch_error = (x.float().square().sum().double() - oracle).abs()
+    assert (partials.double().sum() - oracle).abs() <= 2 * torch_error + 1e-6 * oracle
+    again = ops.load_extension().cast_to_float_square_sums(x)[1]
+    assert torch.equal(again, partials)  # the same bits on every run
+
+
+def test_clipping_norm_from_the_kept_casts_square_sums_is_the_gradients_norm() -> None:
+    from lightning_moe.ops.cast import _KEPT_CASTS, gradient_norm
+    from lightning_moe.optim import AdamW
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), MoE(256, 8, top_k=2, d_hidden=512)).cuda()
+    AdamW(model.parameters())  # registers the weights' kept casts
+    x = torch.randn(1024, 256, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(x).float().square().mean()
+    loss.backward()
+    experts = model[1].experts
+    assert all(_KEPT_CASTS[w].gradient_square_sums(w) is not None for w in (experts.w1, experts.w2))
+    params = list(model.parameters())
+    want = torch.nn.utils.get_total_norm([p.grad for p in params]).double()
+    oracle = torch.cat([p.grad.double().flatten() for p in params]).norm()
+    assert (gradient_norm(params).double() - oracle).abs() <= 2 * (want - oracle).abs() + 1e-6 * oracle
