@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from lightning_moe.ops.adamw import adamw_step
+from lightning_moe.ops.adamw import AdamWHyperparameters, adamw_step
 from lightning_moe.ops.cast import keep_casts, kept_cast, mark_casts_current
 from lightning_moe.ops.extension import cuda_kernels_available
 
@@ -159,16 +159,8 @@ class AdamW(torch.optim.AdamW):
                     hyper[name].append(float(value))
         torch._foreach_add_(step_counts, 1.0)
         copies = [kept_cast(p) for p in params] if self.keep_casts else [None] * len(params)
-        adamw_step(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            copies,
-            steps=[float(s) for s in step_counts],
-            grad_divisor=divisor,
-            **hyper,
-        )
+        steps = [float(s) for s in step_counts]
+        adamw_step(params, grads, exp_avgs, exp_avg_sqs, copies, AdamWHyperparameters(**hyper, steps=steps), divisor)
         written = [c for c in copies if c is not None]
         torch.autograd.graph.increment_version([*params, *exp_avgs, *exp_avg_sqs, *written])
         mark_casts_current(p for p, c in zip(params, copies, strict=True) if c is not None)

@@ -12,11 +12,33 @@ next forward pass then takes instead of casting (see :func:`lightning_moe.ops.ca
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
 from lightning_moe.ops.extension import require_extension, use_cuda_kernels
+
+
+@dataclass(frozen=True)
+class AdamWHyperparameters:
+    """Each parameter's AdamW hyperparameters and step count, one entry per parameter.
+
+    Attributes:
+        lr, weight_decay, beta1, beta2, eps: As for ``torch.optim.AdamW`` (``betas = (beta1, beta2)``).
+        steps: The step count, this step included (at least 1).
+    """
+
+    lr: Sequence[float]
+    weight_decay: Sequence[float]
+    beta1: Sequence[float]
+    beta2: Sequence[float]
+    eps: Sequence[float]
+    steps: Sequence[float]
+
+    def columns(self) -> list[list[float]]:
+        """The six sequences as lists, in the order of the fields."""
+        return [list(getattr(self, field.name)) for field in fields(self)]
 
 
 def adamw_step(
@@ -25,13 +47,7 @@ def adamw_step(
     exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor],
     copies: Sequence[Tensor | None],
-    *,
-    lr: Sequence[float],
-    weight_decay: Sequence[float],
-    beta1: Sequence[float],
-    beta2: Sequence[float],
-    eps: Sequence[float],
-    steps: Sequence[float],
+    hyper: AdamWHyperparameters,
     grad_divisor: Tensor | None = None,
 ) -> None:
     """One AdamW step, in place, with the arithmetic of ``torch.optim.AdamW``'s single-tensor step:
@@ -49,48 +65,21 @@ def adamw_step(
         params, grads, exp_avgs, exp_avg_sqs: Equally long sequences of float32 tensors; the i-th
             of each has one shape.
         copies: For each parameter, ``None`` or a bfloat16 or float16 tensor of its shape.
-        lr, weight_decay, beta1, beta2, eps: Each parameter's hyperparameters.
-        steps: Each parameter's step count, this step included (at least 1).
+        hyper: Each parameter's hyperparameters and step count.
         grad_divisor: ``None``, or a float32 scalar tensor on the parameters' device that divides
             every gradient (gradient clipping's ``max(1, norm / max_norm)``).
     """
-    sequences = (params, grads, exp_avgs, exp_avg_sqs, copies, lr, weight_decay, beta1, beta2, eps, steps)
-    lengths = {len(s) for s in sequences}
+    lengths = {len(s) for s in (params, grads, exp_avgs, exp_avg_sqs, copies, *hyper.columns())}
     if len(lengths) > 1:
         raise ValueError(f"adamw_step takes one entry per parameter in every sequence, got lengths {sorted(lengths)}")
     tensors = [*params, *grads, *exp_avgs, *exp_avg_sqs]
     if tensors and all(_kernel_tensor(t, (torch.float32,)) for t in tensors):
         if all(c is None or _kernel_tensor(c, (torch.bfloat16, torch.float16)) for c in copies):
             if (grad_divisor is None or grad_divisor.is_cuda) and use_cuda_kernels(*params):
-                require_extension().adamw_step(
-                    list(params),
-                    list(grads),
-                    list(exp_avgs),
-                    list(exp_avg_sqs),
-                    list(copies),
-                    list(lr),
-                    list(weight_decay),
-                    list(beta1),
-                    list(beta2),
-                    list(eps),
-                    list(steps),
-                    grad_divisor,
-                )
+                lists = (list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(copies))
+                require_extension().adamw_step(*lists, *hyper.columns(), grad_divisor)
                 return
-    adamw_step_reference(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        copies,
-        lr=lr,
-        weight_decay=weight_decay,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        steps=steps,
-        grad_divisor=grad_divisor,
-    )
+    adamw_step_reference(params, grads, exp_avgs, exp_avg_sqs, copies, hyper, grad_divisor)
 
 
 def _kernel_tensor(t: Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
@@ -104,16 +93,11 @@ def adamw_step_reference(
     exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor],
     copies: Sequence[Tensor | None],
-    *,
-    lr: Sequence[float],
-    weight_decay: Sequence[float],
-    beta1: Sequence[float],
-    beta2: Sequence[float],
-    eps: Sequence[float],
-    steps: Sequence[float],
+    hyper: AdamWHyperparameters,
     grad_divisor: Tensor | None = None,
 ) -> None:
     """:func:`adamw_step` in PyTorch ops, one tensor at a time, for any device and float dtype."""
+    lr, weight_decay, beta1, beta2, eps, steps = hyper.columns()
     for i, (p, grad, m, v, copy) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, copies, strict=True)):
         if steps[i] < 1:
             raise ValueError(f"steps[{i}] must be at least 1 (the count including this step), got {steps[i]}")

@@ -16,15 +16,15 @@ def tiny_model(**overrides) -> MoEGPT:
     return MoEGPT(**{**TINY, **overrides})
 
 
-def fit_on_bytes(module, **trainer_kwargs):
-    """Fit ``module`` on CPU on the built-in byte corpus, 16-token blocks of batch 4, without
-    logger, checkpoints or validation; the Trainer."""
+def fit_on_bytes(module, accelerator="cpu", **trainer_kwargs):
+    """Fit ``module`` (on the CPU unless told otherwise) on the built-in byte corpus, 16-token blocks
+    of batch 4, without logger, checkpoints or validation; the Trainer."""
     import lightning as L
 
     from lightning_moe.data import ByteCorpusDataModule
 
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         logger=False,
         enable_progress_bar=False,
         enable_checkpointing=False,

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from lightning_moe.ops.adamw import adamw_step, adamw_step_reference
+from lightning_moe.ops.adamw import AdamWHyperparameters, adamw_step, adamw_step_reference
 
 
 def brute_force_adamw(p, g, m, v, *, lr, weight_decay, beta1, beta2, eps, step, divisor):
@@ -54,7 +54,7 @@ def test_reference_is_the_definition_in_float64(divide: bool, generator: torch.G
         )
     grads_before = [g.clone() for g in grads]
     copies = [None, torch.empty(7, dtype=torch.bfloat16), torch.empty(33, dtype=torch.float16)]
-    adamw_step_reference(params, grads, exp_avgs, exp_avg_sqs, copies, **hyper, grad_divisor=divisor)
+    adamw_step_reference(params, grads, exp_avgs, exp_avg_sqs, copies, AdamWHyperparameters(**hyper), divisor)
     for i in range(len(sizes)):
         p_want, m_want, v_want = (torch.tensor(column, dtype=torch.float64) for column in zip(*want[i], strict=True))
         torch.testing.assert_close(params[i].double(), p_want, rtol=1e-6, atol=1e-7)
@@ -79,7 +79,8 @@ def test_reference_gives_the_bits_of_torch_single_tensor_adamw(generator: torch.
         for p, g in zip(torch_params, grads, strict=True):
             p.grad = g.clone()
         optimizer.step()
-        adamw_step_reference(params, grads, exp_avgs, exp_avg_sqs, [None] * n, **hyper, steps=[step] * n)
+        hyper_now = AdamWHyperparameters(**hyper, steps=[step] * n)
+        adamw_step_reference(params, grads, exp_avgs, exp_avg_sqs, [None] * n, hyper_now)
     for p, m, v, q in zip(params, exp_avgs, exp_avg_sqs, torch_params, strict=True):
         state = optimizer.state[q]
         assert torch.equal(p, q.detach())
@@ -89,15 +90,17 @@ def test_reference_gives_the_bits_of_torch_single_tensor_adamw(generator: torch.
 def test_step_on_cpu_runs_the_reference(generator: torch.Generator) -> None:
     params, grads, exp_avgs, exp_avg_sqs = random_case([10], generator)
     expected = [t[0].clone() for t in (params, exp_avgs, exp_avg_sqs)]
-    hyper = dict(lr=[1e-2], weight_decay=[0.1], beta1=[0.9], beta2=[0.99], eps=[1e-8], steps=[3.0])
-    adamw_step_reference([expected[0]], grads, [expected[1]], [expected[2]], [None], **hyper)
-    adamw_step(params, grads, exp_avgs, exp_avg_sqs, [None], **hyper)
+    hyper = AdamWHyperparameters(lr=[1e-2], weight_decay=[0.1], beta1=[0.9], beta2=[0.99], eps=[1e-8], steps=[3.0])
+    adamw_step_reference([expected[0]], grads, [expected[1]], [expected[2]], [None], hyper)
+    adamw_step(params, grads, exp_avgs, exp_avg_sqs, [None], hyper)
     assert torch.equal(params[0], expected[0]) and torch.equal(exp_avgs[0], expected[1])
 
 
 def test_lists_of_different_lengths_and_step_zero_are_refused() -> None:
     p = [torch.zeros(3)]
     with pytest.raises(ValueError, match="one entry per parameter"):
-        adamw_step(p, p, p, p, [None], lr=[1.0, 2.0], weight_decay=[0], beta1=[0.9], beta2=[0.9], eps=[0], steps=[1])
+        hyper = AdamWHyperparameters(lr=[1.0, 2.0], weight_decay=[0], beta1=[0.9], beta2=[0.9], eps=[0], steps=[1])
+        adamw_step(p, p, p, p, [None], hyper)
     with pytest.raises(ValueError, match="at least 1"):
-        adamw_step(p, p, p, p, [None], lr=[1.0], weight_decay=[0], beta1=[0.9], beta2=[0.9], eps=[0], steps=[0])
+        hyper = AdamWHyperparameters(lr=[1.0], weight_decay=[0], beta1=[0.9], beta2=[0.9], eps=[0], steps=[0])
+        adamw_step(p, p, p, p, [None], hyper)

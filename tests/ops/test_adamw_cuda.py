@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from lightning_moe import MoE, ops
-from lightning_moe.ops.adamw import adamw_step, adamw_step_reference
+from lightning_moe.ops.adamw import AdamWHyperparameters, adamw_step, adamw_step_reference
 from lightning_moe.ops.cast import forget_casts, kept_cast
 from lightning_moe.optim import AdamW
+from tests.models.test_gpt import fit_on_bytes
 from tests.ops.gpu_checks import GPU_MARKS
 
 pytestmark = GPU_MARKS
@@ -38,7 +39,7 @@ def random_tensors(sizes, generator, offset=0):
 
 def hyperparameters(n, generator):
     pick = lambda values: [values[i] for i in torch.randint(len(values), (n,), generator=generator).tolist()]  # noqa: E731
-    return dict(
+    return AdamWHyperparameters(
         lr=pick([1e-3, 3e-2]),
         weight_decay=pick([0.0, 0.1]),
         beta1=pick([0.9, 0.3]),  # 0.3: torch's lerp from the end
@@ -75,12 +76,12 @@ def test_kernel_step_is_the_float64_step(divide: bool, offset: int, generator: t
     grads_before = [g.clone() for g in grads]
     oracle = [[t.double() for t in tensors] for tensors in (params, exp_avgs, exp_avg_sqs)]
     adamw_step_reference(
-        oracle[0], [g.double() for g in grads], oracle[1], oracle[2], [None] * len(sizes), **hyper,
-        grad_divisor=None if divisor is None else divisor.double(),
+        oracle[0], [g.double() for g in grads], oracle[1], oracle[2], [None] * len(sizes), hyper,
+        None if divisor is None else divisor.double(),
     )  # fmt: skip
     torch32 = [[t.clone() for t in tensors] for tensors in (params, exp_avgs, exp_avg_sqs)]
-    adamw_step_reference(*torch32[:1], grads, *torch32[1:], [None] * len(sizes), **hyper, grad_divisor=divisor)
-    adamw_step(params, grads, exp_avgs, exp_avg_sqs, copies, **hyper, grad_divisor=divisor)
+    adamw_step_reference(*torch32[:1], grads, *torch32[1:], [None] * len(sizes), hyper, divisor)
+    adamw_step(params, grads, exp_avgs, exp_avg_sqs, copies, hyper, divisor)
     assert ops.cuda_kernels_available()
     for i in range(len(sizes)):
         for got, same_dtype_torch, want in zip((params, exp_avgs, exp_avg_sqs), torch32, oracle, strict=True):
@@ -203,7 +204,6 @@ def test_gpt_clips_by_the_norm_of_the_backward_square_sums(monkeypatch: pytest.M
     import lightning as L
 
     from lightning_moe import module as module_file
-    from lightning_moe.data import ByteCorpusDataModule
     from lightning_moe.models import MoEGPTModule
     from lightning_moe.ops.cast import _KEPT_CASTS
 
@@ -228,20 +228,9 @@ def test_gpt_clips_by_the_norm_of_the_backward_square_sums(monkeypatch: pytest.M
 
     torch.manual_seed(0)
     gpt = MoEGPTModule(block_size=64, n_layer=2, n_head=2, d_model=64, num_experts=4, top_k=2, d_hidden=128)
-    trainer = L.Trainer(
-        accelerator="gpu",
-        devices=1,
-        precision="bf16-mixed",
-        max_steps=3,
-        gradient_clip_val=clip,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[Record()],
+    trainer = fit_on_bytes(
+        gpt, "gpu", devices=1, precision="bf16-mixed", max_steps=3, gradient_clip_val=clip, callbacks=[Record()]
     )
-    trainer.fit(gpt, datamodule=ByteCorpusDataModule(block_size=64, batch_size=8))
     (optimizer,) = trainer.optimizers
     assert isinstance(optimizer, AdamW)
     assert seen["from_sums"] == [4] * 3  # both layers' two expert weights, at every step
