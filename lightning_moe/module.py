@@ -109,7 +109,7 @@ class MoELightningModule(LightningModule):
         unclipped. On one device, the norm takes the square sums that the backward of the weights'
         kept casts computed (:func:`lightning_moe.ops.cast.gradient_norm`) where they still hold.
         """
-        if gradient_clip_val and _fused_adam(optimizer) and not self._loss_scaling():
+        if gradient_clip_val and _divides_gradients_in_step(optimizer) and not self._loss_scaling():
             plugin = self.trainer.precision_plugin
             if gradient_clip_algorithm not in (None, "norm"):  # by value: Lightning's own clipping
                 plugin.clip_grad_by_value(optimizer, gradient_clip_val)
@@ -225,7 +225,7 @@ class MoELightningModule(LightningModule):
         return trainer.is_last_batch or (trainer.max_steps >= 0 and step >= trainer.max_steps)
 
 
-def _fused_adam(optimizer: Optimizer) -> bool:
+def _divides_gradients_in_step(optimizer: Optimizer) -> bool:
     """Whether ``optimizer``'s step takes a gradient divisor (``grad_scale``): a
     :class:`lightning_moe.optim.AdamW`, or a torch Adam or AdamW whose every group steps fused."""
     if isinstance(optimizer, AdamW):

@@ -168,17 +168,17 @@ class AdamW(torch.optim.AdamW):
     def _torch_step(self, divisor: Tensor | None) -> None:
         """``torch.optim.AdamW``'s step; a gradient divisor is applied to the gradients first
         unless every group steps fused (which takes it as its ``grad_scale``)."""
-        fused = all(group.get("fused") for group in self.param_groups)
-        if divisor is not None and not fused:
-            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-            torch._foreach_div_(grads, divisor)
-            del self.__dict__["grad_scale"]  # torch's non-fused steps refuse one
-            try:
-                _unhooked(torch.optim.AdamW.step)(self)
-            finally:
-                self.__dict__["grad_scale"] = divisor
+        torch_step = _unhooked(torch.optim.AdamW.step)
+        if divisor is None or all(group.get("fused") for group in self.param_groups):
+            torch_step(self)
             return
-        _unhooked(torch.optim.AdamW.step)(self)
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        torch._foreach_div_(grads, divisor)
+        del self.__dict__["grad_scale"]  # torch's non-fused steps refuse one
+        try:
+            torch_step(self)
+        finally:
+            self.__dict__["grad_scale"] = divisor
 
 
 def _unhooked(step: Callable[..., Any]) -> Callable[..., Any]:

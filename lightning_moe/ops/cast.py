@@ -37,11 +37,17 @@ def to_float(x: Tensor, addend: Tensor | None = None) -> Tensor:
     """``x.float()``, or ``addend + x.float()``, for a bfloat16 or float16 ``x``, through the kernel
     where it applies (contiguous CUDA tensors starting on a 16-byte boundary, a float32 addend of
     ``x``'s shape, the extension loaded)."""
-    tensors = (x,) if addend is None else (x, addend)
-    if x.dtype in NARROW_DTYPES and (addend is None or (addend.dtype == torch.float32 and addend.shape == x.shape)):
-        if all(_kernel_layout(t) for t in tensors) and use_cuda_kernels(*tensors):
+    if addend is None or (addend.dtype == torch.float32 and addend.shape == x.shape):
+        if _kernel_applies(x, *(() if addend is None else (addend,))):
             return require_extension().cast_to_float(x, addend)
     return x.float() if addend is None else addend + x.float()
+
+
+def _kernel_applies(x: Tensor, *others: Tensor) -> bool:
+    """Whether the cast kernel takes ``x`` (bfloat16 or float16) and ``others``: contiguous CUDA
+    tensors starting on a 16-byte boundary, the extension loaded."""
+    tensors = (x, *others)
+    return x.dtype in NARROW_DTYPES and all(_kernel_layout(t) for t in tensors) and use_cuda_kernels(*tensors)
 
 
 def _kernel_layout(t: Tensor) -> bool:
@@ -83,7 +89,7 @@ def to_float_with_square_sums(x: Tensor) -> tuple[Tensor, Tensor]:
     """``(x.float(), partials)`` for a bfloat16 or float16 ``x``, where ``partials`` (a float32
     vector) sums to the sum of the squares of ``x.float()``: the kernel's sums per block where it
     applies (as for :func:`to_float`), else one sum."""
-    if x.dtype in NARROW_DTYPES and _kernel_layout(x) and use_cuda_kernels(x):
+    if _kernel_applies(x):
         return require_extension().cast_to_float_square_sums(x)
     out = x.float()
     return out, out.square().sum().reshape(1)
