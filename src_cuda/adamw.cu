@@ -3,10 +3,10 @@
 // An AdamW step is bound by memory: per element it reads the parameter, the gradient and the two
 // moments and writes three of them back. One launch covers up to kMaxTensors tensors, each split
 // into chunks of kChunk elements, one chunk per block; a block finds its tensor in the launch's
-// table of cumulative block counts. Each thread loads kUnroll 16-byte vectors of every stream
-// before it computes. On an H200, over the large GPT's parameters, one vector per thread and
-// stream (small blocks, 28 registers a thread, many blocks resident) moved 4.0 TB/s; two or four
-// vectors, 3.9 TB/s; streaming cache hints or a persistent grid of blocks, 3.6-3.8 TB/s.
+// table of cumulative block counts. Each thread takes one 16-byte vector of every stream. On an
+// H200, over the large GPT's parameters, that (small blocks, 28 registers a thread, many blocks
+// resident) moved 4.0 TB/s; two or four vectors a thread, 3.9 TB/s; streaming cache hints or a
+// persistent grid of blocks, 3.6-3.8 TB/s.
 //
 // Under mixed precision the experts' float32 weights are cast to bfloat16 at every forward pass,
 // a read of 4 bytes and a write of 2 per weight. Where a copy is given the step writes the updated
@@ -33,9 +33,8 @@ namespace lightning_moe {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kVec = 4;     // float32 elements per 16-byte vector
-constexpr int kUnroll = 1;  // vectors per thread and stream
-constexpr int64_t kChunk = int64_t{kThreads} * kVec * kUnroll;
+constexpr int kVec = 4;  // float32 elements per 16-byte vector: one per thread and stream
+constexpr int64_t kChunk = int64_t{kThreads} * kVec;
 constexpr int kMaxTensors = 32;
 
 enum CopyType : int { kNoCopy = 0, kBFloat16Copy = 1, kHalfCopy = 2 };
@@ -75,35 +74,25 @@ __device__ __forceinline__ void update(float& p, float g, float& m, float& v, co
   p = p + h.neg_step_size * (m / denom);
 }
 
-template <typename T>
-__device__ __forceinline__ void store_copy(void* copy, int64_t i, const float (&values)[kVec]) {
-  store_floats<T, kVec>(static_cast<T*>(copy) + i, values);
-}
-
-template <typename T>
-__device__ __forceinline__ void store_copy_scalar(void* copy, int64_t i, float value) {
-  static_cast<T*>(copy)[i] = static_cast<T>(value);
-}
-
-__device__ __forceinline__ void write_copy(const Batch& b, int t, int64_t i, const float (&values)[kVec]) {
+// Writes N updated parameter values from element i to tensor t's copy, in the copy's dtype, if it
+// has one.
+template <int N>
+__device__ __forceinline__ void write_copy(const Batch& b, int t, int64_t i, const float (&values)[N]) {
   if (b.copy_type[t] == kBFloat16Copy) {
-    store_copy<c10::BFloat16>(b.copy[t], i, values);
+    store_floats<c10::BFloat16, N>(static_cast<c10::BFloat16*>(b.copy[t]) + i, values);
   } else if (b.copy_type[t] == kHalfCopy) {
-    store_copy<c10::Half>(b.copy[t], i, values);
+    store_floats<c10::Half, N>(static_cast<c10::Half*>(b.copy[t]) + i, values);
   }
 }
 
 __device__ __forceinline__ void update_scalar(const Batch& b, int t, int64_t i, float divisor) {
-  float p = b.param[t][i], m = b.exp_avg[t][i], v = b.exp_avg_sq[t][i];
-  update(p, b.grad[t][i] / divisor, m, v, b.hyper[t]);
-  b.param[t][i] = p;
+  float p[1] = {b.param[t][i]};
+  float m = b.exp_avg[t][i], v = b.exp_avg_sq[t][i];
+  update(p[0], b.grad[t][i] / divisor, m, v, b.hyper[t]);
+  b.param[t][i] = p[0];
   b.exp_avg[t][i] = m;
   b.exp_avg_sq[t][i] = v;
-  if (b.copy_type[t] == kBFloat16Copy) {
-    store_copy_scalar<c10::BFloat16>(b.copy[t], i, p);
-  } else if (b.copy_type[t] == kHalfCopy) {
-    store_copy_scalar<c10::Half>(b.copy[t], i, p);
-  }
+  write_copy(b, t, i, p);
 }
 
 __global__ void __launch_bounds__(kThreads) adamw_kernel(const __grid_constant__ Batch b,
@@ -118,34 +107,25 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const __grid_constant__
     for (int64_t i = base + threadIdx.x; i < base + kChunk && i < numel; i += kThreads) update_scalar(b, t, i, divisor);
     return;
   }
-  float p[kUnroll][kVec], g[kUnroll][kVec], m[kUnroll][kVec], v[kUnroll][kVec];
-#pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    const int64_t i = base + (int64_t{u} * kThreads + threadIdx.x) * kVec;
-    if (i + kVec <= numel) {
-      load_floats<float, kVec>(b.param[t] + i, p[u]);
-      load_floats<float, kVec>(b.grad[t] + i, g[u]);
-      load_floats<float, kVec>(b.exp_avg[t] + i, m[u]);
-      load_floats<float, kVec>(b.exp_avg_sq[t] + i, v[u]);
-    }
+  const int64_t i = base + int64_t{threadIdx.x} * kVec;
+  if (i + kVec > numel) {
+    for (int64_t j = i; j < numel; ++j) update_scalar(b, t, j, divisor);  // the last partial vector
+    return;
   }
+  float p[kVec], g[kVec], m[kVec], v[kVec];
+  load_floats<float, kVec>(b.param[t] + i, p);
+  load_floats<float, kVec>(b.grad[t] + i, g);
+  load_floats<float, kVec>(b.exp_avg[t] + i, m);
+  load_floats<float, kVec>(b.exp_avg_sq[t] + i, v);
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    const int64_t i = base + (int64_t{u} * kThreads + threadIdx.x) * kVec;
-    if (i + kVec <= numel) {
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        const float grad = grad_divisor == nullptr ? g[u][k] : g[u][k] / divisor;
-        update(p[u][k], grad, m[u][k], v[u][k], b.hyper[t]);
-      }
-      store_floats<float, kVec>(b.param[t] + i, p[u]);
-      store_floats<float, kVec>(b.exp_avg[t] + i, m[u]);
-      store_floats<float, kVec>(b.exp_avg_sq[t] + i, v[u]);
-      write_copy(b, t, i, p[u]);
-    } else {
-      for (int64_t j = i; j < numel; ++j) update_scalar(b, t, j, divisor);  // the last partial vector
-    }
+  for (int k = 0; k < kVec; ++k) {
+    const float grad = grad_divisor == nullptr ? g[k] : g[k] / divisor;
+    update(p[k], grad, m[k], v[k], b.hyper[t]);
   }
+  store_floats<float, kVec>(b.param[t] + i, p);
+  store_floats<float, kVec>(b.exp_avg[t] + i, m);
+  store_floats<float, kVec>(b.exp_avg_sq[t] + i, v);
+  write_copy(b, t, i, p);
 }
 
 bool on_boundary(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }

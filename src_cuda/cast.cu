@@ -88,54 +88,60 @@ __global__ void __launch_bounds__(kThreads) cast_to_float_kernel(const T* __rest
   }
 }
 
-template <typename T>
-void launch(const T* in, const float* addend, float* out, int64_t count, int64_t blocks, cudaStream_t stream) {
-  if (addend != nullptr) {
-    cast_to_float_kernel<T, true><<<blocks, kThreads, 0, stream>>>(in, addend, out, count);
-  } else {
-    cast_to_float_kernel<T, false><<<blocks, kThreads, 0, stream>>>(in, nullptr, out, count);
-  }
-}
-
 int64_t block_count(int64_t count) {
   const int64_t threads_needed = std::max<int64_t>(count / kN, 1);
   return std::min((threads_needed + kThreads - 1) / kThreads, kMaxBlocks);
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> cast_to_float_square_sums(const at::Tensor& x) {
+// The checks of x that both entry points make.
+void check_input(const at::Tensor& x) {
   check_cuda_contiguous(x, "x");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "x must have dtype bfloat16 or float16, got ", x.scalar_type());
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
               "x must start on a 16-byte boundary; cast a view that does not with x.float()");
+}
+
+// Launches the kernel for x's dtype over its count (> 0) elements: plus `addend` unless null, and
+// where kSquares (no addend) with the blocks' partial sums of squares into `partials`.
+template <bool kSquares>
+void launch(const at::Tensor& x, const float* addend, float* out, int64_t blocks, float* partials = nullptr) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t count = x.numel();
+  const auto run = [&](auto zero) {
+    using T = decltype(zero);
+    const T* in = static_cast<const T*>(x.data_ptr());
+    if constexpr (kSquares) {
+      cast_to_float_kernel<T, false, true><<<blocks, kThreads, 0, stream>>>(in, nullptr, out, count, partials);
+    } else if (addend != nullptr) {
+      cast_to_float_kernel<T, true><<<blocks, kThreads, 0, stream>>>(in, addend, out, count);
+    } else {
+      cast_to_float_kernel<T, false><<<blocks, kThreads, 0, stream>>>(in, nullptr, out, count);
+    }
+  };
+  if (x.scalar_type() == at::kBFloat16) {
+    run(c10::BFloat16{});
+  } else {
+    run(c10::Half{});
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> cast_to_float_square_sums(const at::Tensor& x) {
+  check_input(x);
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kFloat));
   const int64_t count = x.numel();
   const int64_t blocks = count == 0 ? 0 : block_count(count);
   at::Tensor partials = at::empty({blocks}, x.options().dtype(at::kFloat));
-  if (count == 0) return {out, partials};
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  float* result = out.data_ptr<float>();
-  float* sums = partials.data_ptr<float>();
-  if (x.scalar_type() == at::kBFloat16) {
-    cast_to_float_kernel<c10::BFloat16, false, true>
-        <<<blocks, kThreads, 0, stream>>>(x.data_ptr<c10::BFloat16>(), nullptr, result, count, sums);
-  } else {
-    cast_to_float_kernel<c10::Half, false, true>
-        <<<blocks, kThreads, 0, stream>>>(x.data_ptr<c10::Half>(), nullptr, result, count, sums);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (count > 0) launch<true>(x, nullptr, out.data_ptr<float>(), blocks, partials.data_ptr<float>());
   return {out, partials};
 }
 
 at::Tensor cast_to_float(const at::Tensor& x, const std::optional<at::Tensor>& addend) {
-  check_cuda_contiguous(x, "x");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-              "x must have dtype bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
-              "x must start on a 16-byte boundary; cast a view that does not with x.float()");
+  check_input(x);
   const float* add = nullptr;
   if (addend.has_value()) {
     check_cuda_contiguous(*addend, "addend");
@@ -149,17 +155,7 @@ at::Tensor cast_to_float(const at::Tensor& x, const std::optional<at::Tensor>& a
   }
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kFloat));
   const int64_t count = x.numel();
-  if (count == 0) return out;
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t blocks = block_count(count);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  float* result = out.data_ptr<float>();
-  if (x.scalar_type() == at::kBFloat16) {
-    launch(x.data_ptr<c10::BFloat16>(), add, result, count, blocks, stream);
-  } else {
-    launch(x.data_ptr<c10::Half>(), add, result, count, blocks, stream);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (count > 0) launch<false>(x, add, out.data_ptr<float>(), block_count(count));
   return out;
 }
 

@@ -145,9 +145,8 @@ __global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, k
   const Problem& p = params.p;
   extern __shared__ uint8_t shared_raw[];
   // 1024-byte alignment: the swizzle pattern is taken from address bits 4-9.
-  const uint32_t raw_address = shared_address(shared_raw);
-  const uint32_t base = (raw_address + 1023u) & ~1023u;
-  uint8_t* const shared = shared_raw + (base - raw_address);
+  uint8_t* shared = nullptr;
+  const uint32_t base = aligned_shared(shared_raw, shared);
   const uint32_t staging_address = base + kStages * kStageBytes;
   const uint32_t full_bar = staging_address + kConsumers * kStagingBytes;  // kStages full, then kStages empty
   const uint32_t empty_bar = full_bar + kStages * 8;

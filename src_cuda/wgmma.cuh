@@ -70,6 +70,15 @@ __device__ __forceinline__ uint32_t shared_address(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
 
+// The shared-space address of the dynamic shared memory `raw` rounded up to its first 1024-byte
+// boundary (the 128-byte swizzle reads address bits 4-9), and `shared`, the same place as a pointer.
+__device__ __forceinline__ uint32_t aligned_shared(uint8_t* raw, uint8_t*& shared) {
+  const uint32_t raw_address = shared_address(raw);
+  const uint32_t base = (raw_address + 1023u) & ~1023u;
+  shared = raw + (base - raw_address);
+  return base;
+}
+
 // Shared-memory matrix descriptor, 128-byte swizzle: start address, leading and stride byte
 // offsets (all in 16-byte units).
 __device__ __forceinline__ uint64_t descriptor(uint32_t address, uint32_t leading, uint32_t stride) {
