@@ -2,8 +2,8 @@
 //
 // The same design as grouped_gemm.cu: a persistent CTA per SM, one producer warp feeding a ring of
 // TMA-filled stages, two consumer warpgroups. An output tile is (expert, 128 rows of M, kBN
-// columns of N), tiles dealt round-robin with the columns fastest. Each stage holds 64 of the
-// expert's rows of a (two 64-column boxes: the tile's M range) and of b (kBN / 64 boxes), both
+// columns of N), tiles dealt round-robin with the columns fastest. Each stage holds kBK (32) of
+// the expert's rows of a (two 64-column boxes: the tile's M range) and of b (kBN / 64 boxes), both
 // MN-major for wgmma. Consumer warpgroup g owns a's box g, i.e. output rows 64g to 64g + 63.
 //
 // A stage may run past the expert's last row into the next expert's rows: the consumers zero
@@ -35,16 +35,25 @@ namespace lightning_moe {
 namespace {
 
 constexpr int kBM = 128;                      // output rows (of M) per tile
-constexpr int kBK = 64;                       // expert rows per stage
+// Expert rows per stage. An expert's last stage is zero-filled past its rows, so 32-row stages load
+// and multiply half the padding of 64-row ones. On an H200 the runs kernel took 3-6% less time with
+// them at about 128 rows per expert spread at random over 64 experts, the same at exactly 128, and
+// the same bits (benchmarks/RESULTS.md, nineteenth session).
+constexpr int kBK = 32;
 constexpr int kBoxBytes = kBK * kRowBytes;    // one 64-column box of kBK rows
 constexpr int kTileABytes = 2 * kBoxBytes;
-constexpr int kRing = 8;
+constexpr int kRing = 16;
+// Stages that hold the bytes of the CTA layout's stages of 64 rows.
+template <class Layout>
+constexpr int stages_of() {
+  return Layout::kStages * 64 / kBK;
+}
 
 // The constants of a CTA (CtaLayout) over tiles kBN columns wide.
 template <int kBN, int kConsumers>
 struct Shape : CtaLayout<kBN, kConsumers> {
   using Layout = CtaLayout<kBN, kConsumers>;
-  static constexpr int kStages = Layout::kStages;
+  static constexpr int kStages = stages_of<Layout>();
   static constexpr int kBoxes = 2 / kConsumers;  // a's 64-column boxes (64 output rows) per consumer
   static constexpr int kHalves = kBN / 128;
   static constexpr int kStageBytes = kTileABytes + (kBN / 64) * kBoxBytes;
@@ -126,9 +135,8 @@ __global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, k
   constexpr int kStages = S::kStages;
   const Problem& p = params.p;
   extern __shared__ uint8_t shared_raw[];
-  const uint32_t raw_address = shared_address(shared_raw);
-  const uint32_t base = (raw_address + 1023u) & ~1023u;  // the swizzle reads address bits 4-9
-  uint8_t* const shared = shared_raw + (base - raw_address);
+  uint8_t* shared = nullptr;
+  const uint32_t base = aligned_shared(shared_raw, shared);
   const uint32_t full_bar = base + kStages * S::kStageBytes + kConsumers * kStagingBytes;
   const uint32_t empty_bar = full_bar + kStages * 8;
   TileInfo* const ring =
@@ -226,7 +234,7 @@ __global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, k
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         named_barrier(3, 128 * kConsumers);
       }
-      // All four k16 slices, zeros included: skipping them by a run-time count makes ptxas
+      // All the stage's k16 slices, zeros included: skipping them by a run-time count makes ptxas
       // serialise the wgmma instructions.
       wgmma_fence();
       multiply<kBN, S::kBoxes, kBK / 16>(acc, tile_a, tile_b, half, step == 0);
@@ -251,7 +259,7 @@ __global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, k
 // The runs kernel (two CTAs per SM, 128 x 128 tiles): a CTA takes a run of up to run_tiles output
 // tiles that share an expert and its 128 rows of M, so they share a's slice. For an expert of at
 // most kStages * kBK rows, a's slice is loaded into shared memory once per run (its A slots, one
-// per 64-row step) and only b's slice streams through the stages: a run of R tiles reads
+// per kBK-row step) and only b's slice streams through the stages: a run of R tiles reads
 // (1 + 1 / R) / 2 of the bytes the one-tile kernel reads from L2. Larger experts stream both, each
 // stage in its own A slot, as the one-tile kernel does. Sums are taken in the same order as there,
 // so both kernels give the same bits.
@@ -266,12 +274,12 @@ struct RunInfo {
 static_assert(sizeof(RunInfo) == 24, "RunShape::kSharedBytes");
 
 constexpr int kRunBN = 128;
-constexpr int kRunRing = 8;
+constexpr int kRunRing = 16;
 constexpr int kRunBBytes = (kRunBN / 64) * kBoxBytes;  // b's boxes of one stage
 
 struct RunShape : CtaLayout<kRunBN, 1> {
   using Layout = CtaLayout<kRunBN, 1>;
-  static constexpr int kStages = Layout::kStages;
+  static constexpr int kStages = stages_of<Layout>();
   // A slots, then B slots, then the staging buffer, the mbarriers (full and empty per stage, then
   // a_full and a_free) and the ring of runs.
   static constexpr int kBarriersBytes = (2 * kStages + 2) * 8;
@@ -322,9 +330,8 @@ __global__ void __launch_bounds__(RunShape::kThreads, RunShape::kCtasPerSm)
   constexpr int kStages = S::kStages;
   const RunProblem& p = params.p;
   extern __shared__ uint8_t shared_raw[];
-  const uint32_t raw_address = shared_address(shared_raw);
-  const uint32_t base = (raw_address + 1023u) & ~1023u;  // the swizzle reads address bits 4-9
-  uint8_t* const shared = shared_raw + (base - raw_address);
+  uint8_t* shared = nullptr;
+  const uint32_t base = aligned_shared(shared_raw, shared);
   const uint32_t a_slots = base;
   const uint32_t b_slots = base + kStages * kTileABytes;
   const uint32_t staging_offset = kStages * (kTileABytes + kRunBBytes);
