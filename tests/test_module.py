@@ -225,6 +225,23 @@ def test_moe_layers_found_in_order() -> None:
     assert list(model.moe_layers()) == [model.moe, model.second]
 
 
+def test_batch_hooks_walk_the_modules_once_per_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The per-batch hooks take the MoE layers found when training started: walking every submodule
+    # at every batch costs a small model several percent of its step.
+    walks = []
+    walk = MoELightningModule.moe_layers
+    monkeypatch.setattr(MoELightningModule, "moe_layers", lambda self: walks.append(self) or walk(self))
+    model = Regressor()
+    fit(model, max_steps=3, accumulate=2)
+    assert len(walks) == 1
+    assert model.moe.aux_loss_scale == pytest.approx(0.5)
+    # A later fit walks again: a layer swapped in between gets its loss scale.
+    model.moe = MoE(6, num_experts=4, d_hidden=8)
+    fit(model, max_steps=1, accumulate=4)
+    assert len(walks) == 2
+    assert model.moe.aux_loss_scale == pytest.approx(0.25)
+
+
 def test_sigmoid_bias_updated_once_per_optimizer_step_with_all_micro_batches(monkeypatch) -> None:
     from lightning_moe.routers import SigmoidRouter
 
