@@ -57,7 +57,8 @@ class MoELightningModule(LightningModule):
         self.moe_metrics = torch.nn.ModuleDict({name: _StepMean() for name in _ROUTING_METRICS})
         self._bias_updated_at_step = 0
         # The MoE layers found when training started (None outside training), for the per-batch
-        # hooks: walking every submodule three times a batch cost a small model 4% of its step.
+        # hooks: walking every submodule took 44 us of host time for the default GPT, three times
+        # a batch.
         self._training_layers: list[MoE] | None = None
 
     def moe_layers(self) -> Iterator[MoE]:

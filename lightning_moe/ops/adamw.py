@@ -69,7 +69,8 @@ def adamw_step(
         grad_divisor: ``None``, or a float32 scalar tensor on the parameters' device that divides
             every gradient (gradient clipping's ``max(1, norm / max_norm)``).
     """
-    lengths = {len(s) for s in (params, grads, exp_avgs, exp_avg_sqs, copies, *hyper.columns())}
+    columns = hyper.columns()
+    lengths = {len(s) for s in (params, grads, exp_avgs, exp_avg_sqs, copies, *columns)}
     if len(lengths) > 1:
         raise ValueError(f"adamw_step takes one entry per parameter in every sequence, got lengths {sorted(lengths)}")
     tensors = [*params, *grads, *exp_avgs, *exp_avg_sqs]
@@ -77,7 +78,7 @@ def adamw_step(
         if all(c is None or _kernel_tensor(c, (torch.bfloat16, torch.float16)) for c in copies):
             if (grad_divisor is None or grad_divisor.is_cuda) and use_cuda_kernels(*params):
                 lists = (list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(copies))
-                require_extension().adamw_step(*lists, *hyper.columns(), grad_divisor)
+                require_extension().adamw_step(*lists, *columns, grad_divisor)
                 return
     adamw_step_reference(params, grads, exp_avgs, exp_avg_sqs, copies, hyper, grad_divisor)
 
