@@ -1,4 +1,4 @@
-// topk_route forward: a token-choice router's picks and loss sums in two launches, no host sync.
+// topk_route forward: a token-choice router's picks, loss sums and losses in three launches, no host sync.
 //
 //   1. route_rows: one warp per token (see topk_route_rows.cuh). The warp computes logsumexp and
 //      the scores, picks the k largest keys one at a time with a warp-wide argmax (largest key,
@@ -7,6 +7,7 @@
 //      end each block sums its warps in warp order into one column of a (E + 1, blocks) partials
 //      buffer (the last row holds lse^2).
 //   2. reduce_partials: one block per row of the partials, a fixed-order tree sum.
+//   3. route_losses: one block, the balance loss and the z-loss from those sums.
 //   The number of blocks depends on T only, so every sum is made in the same order on every run
 //   and every GPU.
 //
@@ -266,9 +267,27 @@ const float* bias_pointer(const std::optional<at::Tensor>& bias, const at::Tenso
   return scoring == Scoring::kSigmoid ? bias->data_ptr<float>() : nullptr;
 }
 
+// One block: the Switch balance loss balance_scale * sum_e tokens_per_expert[e] * prob_sum[e], the
+// terms summed in a fixed order, and the z-loss lse_sq_sum / z_divisor (0 for no tokens).
+__global__ void __launch_bounds__(kReduceThreads)
+    route_losses_kernel(const float* __restrict__ prob_sum, const int64_t* __restrict__ tokens_per_expert,
+                        const float* __restrict__ lse_sq_sum, int num_experts, float balance_scale,
+                        float z_divisor, float* __restrict__ balance_loss, float* __restrict__ z_loss) {
+  __shared__ float warp_totals[kReduceThreads / kWarp];
+  float sum = 0.f;
+  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+    sum = fmaf(static_cast<float>(tokens_per_expert[e]), prob_sum[e], sum);
+  }
+  sum = block_sum(sum, warp_totals);
+  if (threadIdx.x != 0) return;
+  *balance_loss = sum * balance_scale;
+  *z_loss = z_divisor > 0.f ? *lse_sq_sum / z_divisor : 0.f;
+}
+
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_route_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+topk_route_forward(
     const at::Tensor& logits, int64_t top_k, const std::string& scoring, bool normalize,
     const std::optional<at::Tensor>& bias) {
   check_logits(logits);
@@ -308,7 +327,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       partial_sums.data_ptr<float>(), partial_counts.data_ptr<int32_t>(), columns, experts,
       prob_sum.data_ptr<float>(), tokens_per_expert.data_ptr<int64_t>(), lse_sq_sum.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {expert_ids, weights, priorities, tokens_per_expert, prob_sum, lse_sq_sum};
+  // E / (T K T): the mean over experts of (fraction of assignments) x (mean probability), times E^2.
+  const double tokens = static_cast<double>(num_tokens);
+  const double assignments = tokens * static_cast<double>(top_k);
+  const float balance_scale =
+      num_tokens > 0 ? static_cast<float>(static_cast<double>(num_experts) / (assignments * tokens)) : 0.f;
+  at::Tensor balance_loss = at::empty({}, float_options);
+  at::Tensor z_loss = at::empty({}, float_options);
+  route_losses_kernel<<<1, kReduceThreads, 0, stream>>>(
+      prob_sum.data_ptr<float>(), tokens_per_expert.data_ptr<int64_t>(), lse_sq_sum.data_ptr<float>(), experts,
+      balance_scale, static_cast<float>(num_tokens), balance_loss.data_ptr<float>(), z_loss.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {expert_ids, weights, priorities, tokens_per_expert, prob_sum, lse_sq_sum, balance_loss, z_loss};
 }
 
 }  // namespace lightning_moe

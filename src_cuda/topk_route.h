@@ -31,9 +31,12 @@ constexpr int64_t kTopKRouteMaxExperts = 512;
 // Returns:
 //   expert_ids (T, K) int64, weights (T, K) float32, priorities (T, K) float32,
 //   tokens_per_expert (E,) int64, prob_sum (E,) float32 (the sum over tokens),
-//   lse_sq_sum () float32, the sum over tokens of logsumexp(logits)^2.
+//   lse_sq_sum () float32, the sum over tokens of logsumexp(logits)^2,
+//   balance_loss () float32, the Switch balance loss E / (T K T) * sum_e tokens_per_expert[e] prob_sum[e],
+//   z_loss () float32, lse_sq_sum / T; both losses are 0 for T = 0.
 //   The sums are per-block partials reduced in a fixed order: the same on every run.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_route_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+topk_route_forward(
     const at::Tensor& logits, int64_t top_k, const std::string& scoring, bool normalize,
     const std::optional<at::Tensor>& bias);
 

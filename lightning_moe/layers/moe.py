@@ -148,11 +148,17 @@ class MoE(nn.Module):
             token_offsets = kept_routing.token_offsets
             if token_offsets is None:
                 token_offsets = ops.token_offsets(kept_routing.token_ids, x_TD.shape[0])
-            x_ND, inverse, tokens_per_kept_expert = self.permute(
-                self._rows_for_experts(x_TD) if rows_TD is None else rows_TD, kept_routing, token_offsets
-            )
-            y_ND = self.compute_experts(x_ND, tokens_per_kept_expert)
-            out_TD = self.unpermute(y_ND, kept_routing, inverse, token_offsets, out_dtype)
+            rows_TD = self._rows_for_experts(x_TD) if rows_TD is None else rows_TD
+            if self._fused_experts_apply(rows_TD, kept_routing):
+                assert isinstance(self.experts, GroupedExperts)
+                _, inverse, tokens_per_kept_expert = ops.sort_by_expert(kept_routing.expert_ids, self.num_experts)
+                out_TD = self.experts.forward_and_combine(
+                    rows_TD, inverse, token_offsets, kept_routing.weights, tokens_per_kept_expert, out_dtype
+                )
+            else:
+                x_ND, inverse, tokens_per_kept_expert = self.permute(rows_TD, kept_routing, token_offsets)
+                y_ND = self.compute_experts(x_ND, tokens_per_kept_expert)
+                out_TD = self.unpermute(y_ND, kept_routing, inverse, token_offsets, out_dtype)
         if self.shared_experts is not None:
             out_TD = out_TD + self._shared_forward(x_TD)
         out = out_TD.to(x.dtype).reshape(x.shape)
@@ -209,6 +215,20 @@ class MoE(nn.Module):
         return ops.unpermute(
             y_ND, routing.token_ids, inverse, routing.weights, token_offsets.shape[0] - 1, out_dtype, token_offsets
         )
+
+    def _fused_experts_apply(self, rows_TD: Tensor, routing: Routing) -> bool:
+        """Whether :meth:`permute`, :meth:`compute_experts` and :meth:`unpermute` may run as
+        :meth:`GroupedExperts.forward_and_combine`, fewer autograd nodes with the same results:
+        built-in grouped experts (not a subclass) that take these rows
+        (:meth:`GroupedExperts.can_forward_and_combine`), called without hooks, no dispatcher, and
+        none of the three methods overridden by a subclass."""
+        experts = self.experts
+        if self.dispatcher is not None or type(experts) is not GroupedExperts or _has_hooks(experts):
+            return False
+        cls = type(self)
+        if (cls.permute, cls.compute_experts, cls.unpermute) != (MoE.permute, MoE.compute_experts, MoE.unpermute):
+            return False
+        return experts.can_forward_and_combine(rows_TD, routing.expert_ids.shape[0])
 
     def _fork_tokens(self, x_TD: Tensor) -> tuple[Tensor, Tensor | None]:
         """The tokens for the router, and the tokens for the experts (:meth:`_rows_for_experts`).
@@ -300,6 +320,18 @@ class MoE(nn.Module):
             f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
             f"d_hidden={self.d_hidden}, capacity_factor={self.capacity_factor}"
         )
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks, its own or global ones."""
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    global_hooks = (
+        nn.modules.module._global_forward_hooks,
+        nn.modules.module._global_forward_pre_hooks,
+        nn.modules.module._global_backward_hooks,
+        nn.modules.module._global_backward_pre_hooks,
+    )
+    return any(own) or any(global_hooks)
 
 
 def _make_router(

@@ -6,10 +6,13 @@ One op per module (``sort_by_expert``, ``capacity_mask``, ``permute``, ``unpermu
 :mod:`lightning_moe.ops.extension`) with a pure-PyTorch reference in :mod:`lightning_moe.ops.reference`
 for CPU, for when the extension is unavailable, and for tests. :mod:`lightning_moe.ops.grouped_mm`
 runs the experts as grouped GEMMs; :mod:`lightning_moe.ops.topk_route` fuses a token-choice router's
-scoring, top-k and loss sums; :mod:`lightning_moe.ops.router_logits` computes a router's float32
-logits and their gradients without float32 copies of the tokens; :mod:`lightning_moe.ops.activation` fuses
+scoring, top-k and loss sums (and, eager, runs them with the router's logits in one autograd node);
+:mod:`lightning_moe.ops.router_logits` computes a router's float32 logits and their gradients
+without float32 copies of the tokens; :mod:`lightning_moe.ops.activation` fuses
 the experts' activation, plain or gated (SwiGLU, GeGLU); :mod:`lightning_moe.ops.grouped_linear` runs the
-experts' GEMMs on Hopper tensor-core kernels of its own where experts get few rows each;
+experts' GEMMs on Hopper tensor-core kernels of its own where experts get few rows each, and
+:mod:`lightning_moe.ops.expert_mlp` runs those kernels, a dropless layer's permutation and combine
+included, in two autograd nodes (eager);
 :mod:`lightning_moe.ops.cast` casts float32 tensors (the expert weights under mixed precision) to
 bfloat16 or float16 with a faster cast of their gradients back to float32, and keeps the casts of
 the weights an optimizer step updates (:func:`lightning_moe.ops.cast.keep_casts`);
@@ -24,7 +27,7 @@ from lightning_moe.ops.permute import permute
 from lightning_moe.ops.reference import expert_histogram, token_offsets
 from lightning_moe.ops.router_logits import router_logits
 from lightning_moe.ops.sort_by_expert import sort_by_expert
-from lightning_moe.ops.topk_route import TopKRoute, topk_route
+from lightning_moe.ops.topk_route import TopKRoute, router_topk_route, topk_route
 from lightning_moe.ops.unpermute import unpermute
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "load_extension",
     "permute",
     "router_logits",
+    "router_topk_route",
     "sort_by_expert",
     "token_offsets",
     "TopKRoute",

@@ -139,7 +139,7 @@ def unpermute(
 
 def topk_route(
     logits_TE: Tensor, top_k: int, scoring: str, normalize: bool, bias_E: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """A token-choice router's picks and loss sums (see :func:`lightning_moe.ops.topk_route`).
 
     Args:
@@ -152,7 +152,8 @@ def topk_route(
     Returns:
         ``expert_ids_TK`` (T, K) int64, best first; ``weights_TK`` (T, K); ``priorities_TK``
         (T, K), detached; ``tokens_per_expert_E`` (E,) int64; ``prob_sum_E`` (E,) and
-        ``lse_sq_sum`` (), the sums over tokens of the probabilities and of ``logsumexp^2``.
+        ``lse_sq_sum`` (), the sums over tokens of the probabilities and of ``logsumexp^2``;
+        ``balance_loss`` and ``z_loss`` (), from :func:`route_losses`.
     """
     if scoring == "softmax":
         scores_TE = torch.softmax(logits_TE, dim=-1)
@@ -175,7 +176,23 @@ def topk_route(
     priorities_TK = keys_TE.gather(1, expert_ids_TK) if scoring == "sigmoid" else picked_TK.detach()
     tokens_per_expert_E = expert_histogram(expert_ids_TK.reshape(-1), logits_TE.shape[-1])
     lse_sq_sum = torch.logsumexp(logits_TE, dim=-1).square().sum()
-    return expert_ids_TK, weights_TK, priorities_TK, tokens_per_expert_E, masses_TE.sum(dim=0), lse_sq_sum
+    prob_sum_E = masses_TE.sum(dim=0)
+    losses = route_losses(tokens_per_expert_E, prob_sum_E, lse_sq_sum, logits_TE.shape[0], top_k)
+    return expert_ids_TK, weights_TK, priorities_TK, tokens_per_expert_E, prob_sum_E, lse_sq_sum, *losses
+
+
+def route_losses(
+    tokens_per_expert_E: Tensor, prob_sum_E: Tensor, lse_sq_sum: Tensor, num_tokens: int, top_k: int
+) -> tuple[Tensor, Tensor]:
+    """The Switch balance loss ``E * sum_e (tokens_per_expert_E[e] / (T * K)) * (prob_sum_E[e] / T)``
+    and the z-loss ``lse_sq_sum / T`` of T = ``num_tokens`` tokens with K = ``top_k`` picks each;
+    both 0 when there are no tokens (zeros connected to the sums, so gradients still flow, as zeros)."""
+    if num_tokens == 0:
+        return prob_sum_E.sum() * 0, lse_sq_sum * 0
+    num_experts = prob_sum_E.shape[0]
+    counts_E = tokens_per_expert_E.to(prob_sum_E.dtype)
+    balance_loss = torch.dot(counts_E, prob_sum_E) * (num_experts / (num_tokens * top_k * num_tokens))
+    return balance_loss, lse_sq_sum / num_tokens
 
 
 def grouped_linear(x_NK: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -166,15 +166,21 @@ def _eager_function(name: str, forward: Callable[[Tensor, Tensor], Tensor], back
     kernels at less host time per call than going through the op's dispatch."""
 
     class Function(torch.autograd.Function):
+        """Takes the weight twice: as the parameter (which gets the gradient, in its own dtype) and
+        as the float32 tensor the kernels read (the parameter itself, or a detached widened copy of
+        a half-precision one), so that widening takes no autograd node of its own."""
+
         @staticmethod
-        def forward(ctx: Any, x_TD: Tensor, weight_ED: Tensor) -> Tensor:
-            _setup_context(ctx, (x_TD, weight_ED), None)
-            return forward(x_TD, weight_ED)
+        def forward(ctx: Any, x_TD: Tensor, weight_ED: Tensor, weight_f32: Tensor) -> Tensor:
+            _setup_context(ctx, (x_TD, weight_f32), None)
+            ctx.weight_dtype = weight_ED.dtype
+            return forward(x_TD, weight_f32)
 
         @staticmethod
         @torch.autograd.function.once_differentiable
-        def backward(ctx: Any, grad_TE: Tensor) -> tuple[Tensor | None, Tensor | None]:
-            return backward(ctx, grad_TE)
+        def backward(ctx: Any, grad_TE: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+            grad_x, grad_weight = backward(ctx, grad_TE)
+            return grad_x, None if grad_weight is None else grad_weight.to(ctx.weight_dtype), None
 
     Function.__name__ = Function.__qualname__ = name
     return Function
@@ -222,12 +228,37 @@ def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
     """
     if split_accepts(x_TD, weight_ED):
         return _SplitRouterLogits.apply(x_TD.contiguous(), weight_ED.contiguous())
-    weight_f32 = _widened(weight_ED)
+    # Eager, the kernels' autograd node widens a half-precision weight itself (one node rather than
+    # two, less host time); under torch.compile a traced cast does.
+    weight_f32 = _widened(weight_ED if torch.compiler.is_compiling() else weight_ED.detach())
     if _takes_tensor_cores(x_TD, weight_f32):
-        return _tensor_core_router_logits(x_TD, weight_f32)
+        return _tensor_core_router_logits(x_TD, weight_ED, weight_f32)
     if kernels_accept(x_TD, weight_f32):
-        return _kernel_router_logits(x_TD, weight_f32)
+        return _kernel_router_logits(x_TD, weight_ED, weight_f32)
     return reference.router_logits(x_TD, weight_ED)
+
+
+class EagerKernels(NamedTuple):
+    """The kernel calls of one of :func:`router_logits`' kernel families, for callers that run them
+    inside an autograd node of their own (:func:`lightning_moe.ops.topk_route.router_topk_route`)."""
+
+    forward: Callable[[Tensor, Tensor], Tensor]  # (x_TD, weight_f32) -> logits_TE
+    grad_x: _GradX  # (grad_TE, weight_f32, x's dtype) -> grad_x
+    grad_weight: _GradWeight  # (grad_TE, x_TD) -> float32 grad_weight
+
+
+def eager_kernels(x_TD: Tensor, weight_ED: Tensor) -> tuple[Tensor, EagerKernels] | None:
+    """The float32 weight (``weight_ED``, or a detached widened copy of a half-precision one) and the
+    kernels that :func:`router_logits` runs these inputs on, the tensor-core or the SIMT ones; None
+    where it takes the split GEMMs or the reference instead."""
+    if split_accepts(x_TD, weight_ED):
+        return None
+    weight_f32 = _widened(weight_ED.detach())
+    if _takes_tensor_cores(x_TD, weight_f32):
+        return weight_f32, _TENSOR_CORE_KERNELS
+    if kernels_accept(x_TD, weight_f32):
+        return weight_f32, _SIMT_KERNELS
+    return None
 
 
 def takes_tensor_cores(x_TD: Tensor, weight_ED: Tensor) -> bool:
@@ -248,12 +279,20 @@ def _widened(weight_ED: Tensor) -> Tensor:
     return weight_ED.float() if widen else weight_ED
 
 
-def _kernel_router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
-    """The kernels, for inputs that :func:`kernels_accept` (float32 weight, CUDA)."""
-    x_TD, weight_ED = x_TD.contiguous(), weight_ED.contiguous()
+def _kernel_router_logits(x_TD: Tensor, weight_ED: Tensor, weight_f32: Tensor | None = None) -> Tensor:
+    """The kernels, for inputs that :func:`kernels_accept`: ``weight_f32`` is ``weight_ED`` as the
+    float32 tensor they read (None: ``weight_ED`` is float32), from :func:`router_logits`."""
+    return _run_kernels(torch.ops.lightning_moe.router_logits, _RouterLogitsFunction, x_TD, weight_ED, weight_f32)
+
+
+def _run_kernels(op: Any, function: Any, x_TD: Tensor, weight_ED: Tensor, weight_f32: Tensor | None) -> Tensor:
+    """``op`` (the custom op, traced by ``torch.compile``) or, eager, ``function`` on the tokens and
+    the float32 weight (detached or not: gradients reach ``weight_ED`` either way)."""
+    x_TD = x_TD.contiguous()
+    weight_f32 = (weight_ED if weight_f32 is None else weight_f32).contiguous()
     if torch.compiler.is_compiling():
-        return torch.ops.lightning_moe.router_logits(x_TD, weight_ED)
-    return _RouterLogitsFunction.apply(x_TD, weight_ED)
+        return op(x_TD, weight_f32)
+    return function.apply(x_TD, weight_ED, weight_f32)
 
 
 def bf16_parts(t: Tensor, parts: int) -> list[Tensor]:
@@ -450,9 +489,13 @@ def tensor_core_accepts(x_TD: Tensor, weight_ED: Tensor) -> bool:
     )
 
 
-def _tensor_core_router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
-    """The tensor-core kernels, for inputs that :func:`tensor_core_accepts`."""
-    x_TD, weight_ED = x_TD.contiguous(), weight_ED.contiguous()
-    if torch.compiler.is_compiling():
-        return torch.ops.lightning_moe.router_logits_tc(x_TD, weight_ED)
-    return _TensorCoreRouterLogits.apply(x_TD, weight_ED)
+def _tensor_core_router_logits(x_TD: Tensor, weight_ED: Tensor, weight_f32: Tensor | None = None) -> Tensor:
+    """The tensor-core kernels, for inputs that :func:`tensor_core_accepts`; ``weight_f32`` as in
+    :func:`_kernel_router_logits`."""
+    return _run_kernels(torch.ops.lightning_moe.router_logits_tc, _TensorCoreRouterLogits, x_TD, weight_ED, weight_f32)
+
+
+_SIMT_KERNELS = EagerKernels(_forward, _grad_x, _grad_weight)
+_TENSOR_CORE_KERNELS = EagerKernels(
+    _tc_forward, lambda grad_TE, weight_ED, _: _tc_grad_x(grad_TE, weight_ED), _tc_grad_weight
+)

@@ -5,12 +5,14 @@ Shape legend: T tokens, E experts, K top-k.
 From float32 logits (T, E) the op gives everything :class:`~lightning_moe.routers.TopKRouter` and
 :class:`~lightning_moe.routers.SigmoidRouter` (without groups) need: the picked experts, their
 combine weights and priorities, the tokens per expert, the per-expert sum of probabilities (``P_e``
-of the balance loss, times T) and the sum of squared logsumexps (the z-loss, times T). Written in
-PyTorch that is about twenty small kernels forward and as many backward; here it is two launches
-forward (``src_cuda/topk_route.cu``: one warp per token, then a fixed-order reduction of per-block
-partial sums) and one backward (``src_cuda/topk_route_backward.cu``: one warp per token, the
-gradient in closed form), with no atomics on floats, so results are the same on every run, and no
-host sync.
+of the balance loss, times T), the sum of squared logsumexps (the z-loss, times T), and the two
+losses themselves. Written in PyTorch that is about twenty small kernels forward and as many
+backward; here it is three launches forward (``src_cuda/topk_route.cu``: one warp per token, a
+fixed-order reduction of per-block partial sums, then one block for the losses) and one backward
+(``src_cuda/topk_route_backward.cu``: one warp per token, the gradient in closed form), with no
+atomics on floats, so results are the same on every run, and no host sync. The losses' gradients
+fold into those of the sums before the backward kernel runs, so a router pays no autograd nodes of
+its own for them.
 
 The kernels take float32 logits on CUDA with at most :data:`MAX_KERNEL_EXPERTS` experts (a warp
 holds a token's logits in registers, 16 per lane), any ``top_k`` up to E; everything else (CPU,
@@ -32,6 +34,7 @@ from torch import Tensor
 
 from lightning_moe.ops import reference
 from lightning_moe.ops.extension import require_extension, use_cuda_kernels
+from lightning_moe.ops.router_logits import EagerKernels, eager_kernels, router_logits
 
 # One warp holds a token's logits, at most 16 per lane (kTopKRouteMaxExperts in topk_route.h).
 MAX_KERNEL_EXPERTS = 512
@@ -50,6 +53,9 @@ class TopKRoute(NamedTuple):
         tokens_per_expert_E: (E,) int64, how many tokens picked each expert.
         prob_sum_E: (E,), the sum over tokens of each expert's probability (differentiable).
         lse_sq_sum: scalar, the sum over tokens of ``logsumexp(logits)^2`` (differentiable).
+        balance_loss: scalar, the Switch balance loss made of those sums,
+            ``E * sum_e (tokens_per_expert_E[e] / (T * K)) * (prob_sum_E[e] / T)`` (differentiable).
+        z_loss: scalar, ``lse_sq_sum / T`` (differentiable). Both losses are 0 when T = 0.
     """
 
     expert_ids_TK: Tensor
@@ -58,9 +64,11 @@ class TopKRoute(NamedTuple):
     tokens_per_expert_E: Tensor
     prob_sum_E: Tensor
     lse_sq_sum: Tensor
+    balance_loss: Tensor
+    z_loss: Tensor
 
 
-_Outputs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+_Outputs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def _forward(logits_TE: Tensor, top_k: int, scoring: str, normalize: bool, bias_E: Tensor | None) -> _Outputs:
@@ -78,19 +86,28 @@ def _backward_kernel(
 
 
 def _differentiable_grads(
-    grads: tuple[Tensor | None, ...], logits_TE: Tensor, expert_ids_TK: Tensor
+    grads: tuple[Tensor | None, ...], logits_TE: Tensor, expert_ids_TK: Tensor, tokens_per_expert_E: Tensor
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """The gradients of weights, prob_sum and lse_sq_sum as the kernel takes them.
+    """The gradients of weights, prob_sum and lse_sq_sum as the kernel takes them, those of the
+    two losses folded into the sums' (the losses are linear in them).
 
     Gradients are not materialised (an unused output's is None), which spares zero-filled tensors
-    for the outputs that have none (ids, priorities, counts, and the losses' sums when no loss is
-    attached): the kernel counts an absent prob_sum or lse_sq_sum gradient as zeros. An absent
-    weights gradient becomes zeros here.
+    for the outputs that have none (ids, priorities, counts, and the losses and their sums when no
+    loss is attached): the kernel counts an absent prob_sum or lse_sq_sum gradient as zeros. An
+    absent weights gradient becomes zeros here.
     """
-    _, grad_weights, _, _, grad_prob_sum, grad_lse_sq_sum = grads
+    _, grad_weights, _, _, grad_prob_sum, grad_lse_sq_sum, grad_balance, grad_z = grads
     grad_weights = (
         logits_TE.new_zeros(expert_ids_TK.shape) if grad_weights is None else grad_weights.float().contiguous()
     )
+    num_tokens, top_k = expert_ids_TK.shape
+    if num_tokens > 0 and grad_balance is not None:
+        balance_scale = logits_TE.shape[1] / (num_tokens * top_k * num_tokens)
+        term = tokens_per_expert_E * (grad_balance.float() * balance_scale)  # float32, by type promotion
+        grad_prob_sum = term if grad_prob_sum is None else grad_prob_sum + term
+    if num_tokens > 0 and grad_z is not None:
+        term = grad_z.float() / num_tokens
+        grad_lse_sq_sum = term if grad_lse_sq_sum is None else grad_lse_sq_sum + term
     grad_prob_sum, grad_lse_sq_sum = (
         None if grad is None else grad.float().contiguous() for grad in (grad_prob_sum, grad_lse_sq_sum)
     )
@@ -100,14 +117,14 @@ def _differentiable_grads(
 @torch.library.custom_op("lightning_moe::topk_route", mutates_args=())
 def _topk_route_cuda(
     logits_TE: Tensor, top_k: int, scoring: str, normalize: bool, bias_E: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _forward(logits_TE, top_k, scoring, normalize, bias_E)
 
 
 @_topk_route_cuda.register_fake
 def _(
     logits_TE: Tensor, top_k: int, scoring: str, normalize: bool, bias_E: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     num_tokens, num_experts = logits_TE.shape
     return (
         logits_TE.new_empty(num_tokens, top_k, dtype=torch.int64),
@@ -115,6 +132,8 @@ def _(
         logits_TE.new_empty(num_tokens, top_k),
         logits_TE.new_empty(num_experts, dtype=torch.int64),
         logits_TE.new_empty(num_experts),
+        logits_TE.new_empty(()),
+        logits_TE.new_empty(()),
         logits_TE.new_empty(()),
     )
 
@@ -149,8 +168,8 @@ def _(
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: _Outputs) -> None:
     logits_TE, _, scoring, normalize, _ = inputs
-    expert_ids_TK, _, priorities_TK, tokens_per_expert_E, _, _ = output
-    ctx.save_for_backward(logits_TE, expert_ids_TK)
+    expert_ids_TK, _, priorities_TK, tokens_per_expert_E, *_ = output
+    ctx.save_for_backward(logits_TE, expert_ids_TK, tokens_per_expert_E)
     ctx.scoring = scoring
     ctx.normalize = normalize
     ctx.mark_non_differentiable(expert_ids_TK, priorities_TK, tokens_per_expert_E)
@@ -158,9 +177,13 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: _Outputs) -> None:
 
 
 def _backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor, None, None, None, None]:
-    logits_TE, expert_ids_TK = ctx.saved_tensors
+    logits_TE, expert_ids_TK, tokens_per_expert_E = ctx.saved_tensors
     grad_logits = torch.ops.lightning_moe.topk_route_backward(
-        *_differentiable_grads(grads, logits_TE, expert_ids_TK), logits_TE, expert_ids_TK, ctx.scoring, ctx.normalize
+        *_differentiable_grads(grads, logits_TE, expert_ids_TK, tokens_per_expert_E),
+        logits_TE,
+        expert_ids_TK,
+        ctx.scoring,
+        ctx.normalize,
     )
     return grad_logits, None, None, None, None
 
@@ -181,8 +204,8 @@ class _TopKRouteFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor, None, None, None, None]:
-        logits_TE, expert_ids_TK = ctx.saved_tensors
-        upstream = _differentiable_grads(grads, logits_TE, expert_ids_TK)
+        logits_TE, expert_ids_TK, tokens_per_expert_E = ctx.saved_tensors
+        upstream = _differentiable_grads(grads, logits_TE, expert_ids_TK, tokens_per_expert_E)
         grad_logits = _backward_kernel(upstream, logits_TE, expert_ids_TK, ctx.scoring, ctx.normalize)
         return grad_logits, None, None, None, None
 
@@ -203,8 +226,9 @@ def topk_route(
     ``prob_sum_E = sum over tokens of s / sum_e(s)``.
 
     Either way ties go to the lower expert, each token's picks come best first, and
-    ``lse_sq_sum = sum over tokens of logsumexp(logits)^2``. Only ``weights_TK``, ``prob_sum_E``
-    and ``lse_sq_sum`` carry gradients. No host sync; T = 0 gives empty picks and zero sums.
+    ``lse_sq_sum = sum over tokens of logsumexp(logits)^2``; ``balance_loss`` and ``z_loss`` as in
+    :class:`TopKRoute`. Only ``weights_TK``, ``prob_sum_E``, ``lse_sq_sum`` and the two losses carry
+    gradients. No host sync; T = 0 gives empty picks and zero sums and losses.
 
     Args:
         logits_TE: (T, E) router logits, float32 for the CUDA kernels (float64 takes the reference).
@@ -235,3 +259,86 @@ def _kernel_accepts(logits_TE: Tensor, bias_E: Tensor | None) -> bool:
     shape_ok = logits_TE.dim() == 2 and 1 <= logits_TE.shape[1] <= MAX_KERNEL_EXPERTS
     bias_ok = bias_E is None or bias_E.dtype == torch.float32
     return shape_ok and bias_ok and logits_TE.dtype == torch.float32
+
+
+def router_topk_route(
+    x_TD: Tensor,
+    weight_ED: Tensor,
+    top_k: int,
+    scoring: Scoring,
+    normalize: bool,
+    bias_E: Tensor | None = None,
+) -> TopKRoute:
+    """``topk_route(router_logits(x_TD, weight_ED), top_k, scoring, normalize, bias_E)``: a router
+    from its tokens and weight to its route.
+
+    Eager, where both ops run on their kernels (:func:`lightning_moe.ops.router_logits.eager_kernels`
+    and the conditions of :func:`topk_route`), the two ops' kernels run in one autograd node: the
+    same kernels in the same order, saving the same tensors, so the same bits, at less host time
+    (one Python ``autograd.Function`` call and one engine visit fewer per step). Elsewhere, and
+    under ``torch.compile``, it is the composition itself.
+
+    Args:
+        x_TD: (T, D) tokens of any floating dtype.
+        weight_ED: (E, D) router weight.
+        top_k, scoring, normalize, bias_E: As in :func:`topk_route`.
+
+    Returns:
+        A :class:`TopKRoute`; gradients flow to ``x_TD`` and ``weight_ED`` (in their own dtypes).
+    """
+    if not torch.compiler.is_compiling():
+        args = _one_node_args(x_TD, weight_ED, top_k, scoring, normalize, bias_E)
+        if args is not None:
+            return TopKRoute(*_RouterTopKRouteFunction.apply(*args))
+    return topk_route(router_logits(x_TD, weight_ED), top_k, scoring, normalize, bias_E)
+
+
+def _one_node_args(
+    x_TD: Tensor, weight_ED: Tensor, top_k: int, scoring: str, normalize: bool, bias_E: Tensor | None
+) -> tuple[Any, ...] | None:
+    """The arguments of :class:`_RouterTopKRouteFunction` for these inputs, or None where the two
+    ops would not both run on their kernels (the composition then runs, and raises on bad input)."""
+    chosen = eager_kernels(x_TD, weight_ED)
+    if chosen is None or scoring not in _SCORINGS or not 1 <= top_k <= weight_ED.shape[0] <= MAX_KERNEL_EXPERTS:
+        return None
+    bias_E = bias_E if scoring == "sigmoid" else None
+    if bias_E is not None and not (bias_E.is_cuda and bias_E.dtype == torch.float32):
+        return None
+    weight_f32, kernels = chosen
+    bias = None if bias_E is None else bias_E.contiguous()
+    return x_TD.contiguous(), weight_ED, weight_f32.contiguous(), kernels, top_k, scoring, normalize, bias
+
+
+class _RouterTopKRouteFunction(torch.autograd.Function):
+    """The kernels of router_logits and topk_route in one node (see :func:`router_topk_route`)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x_TD: Tensor,
+        weight_ED: Tensor,
+        weight_f32: Tensor,
+        kernels: EagerKernels,
+        top_k: int,
+        scoring: str,
+        normalize: bool,
+        bias_E: Tensor | None,
+    ) -> _Outputs:
+        logits_TE = kernels.forward(x_TD, weight_f32)
+        output = _forward(logits_TE, top_k, scoring, normalize, bias_E)
+        expert_ids_TK, _, priorities_TK, tokens_per_expert_E, *_ = output
+        ctx.save_for_backward(x_TD, weight_f32, logits_TE, expert_ids_TK, tokens_per_expert_E)
+        ctx.mark_non_differentiable(expert_ids_TK, priorities_TK, tokens_per_expert_E)
+        ctx.set_materialize_grads(False)
+        ctx.kernels, ctx.scoring, ctx.normalize, ctx.weight_dtype = kernels, scoring, normalize, weight_ED.dtype
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        x_TD, weight_f32, logits_TE, expert_ids_TK, tokens_per_expert_E = ctx.saved_tensors
+        upstream = _differentiable_grads(grads, logits_TE, expert_ids_TK, tokens_per_expert_E)
+        grad_TE = _backward_kernel(upstream, logits_TE, expert_ids_TK, ctx.scoring, ctx.normalize)
+        grad_x = ctx.kernels.grad_x(grad_TE, weight_f32, x_TD.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = ctx.kernels.grad_weight(grad_TE, x_TD).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight, None, None, None, None, None, None

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lightning_moe import ops
 from lightning_moe.ops.reference import expert_histogram
-from lightning_moe.ops.topk_route import TopKRoute
+from lightning_moe.ops.topk_route import Scoring, TopKRoute
 
 
 @dataclass
@@ -125,6 +125,24 @@ class Router(nn.Module):
         """Choose experts for the tokens ``x_TD`` (T, D). Implemented by each scheme."""
         raise NotImplementedError
 
+    def route_topk(self, x_TD: Tensor, scoring: Scoring, normalize: bool, bias_E: Tensor | None = None) -> TopKRoute:
+        """:func:`lightning_moe.ops.topk_route` of :meth:`logits`, for token-choice routers (pass the
+        result to :func:`routing_from_topk_route` for a :class:`Routing` with its losses).
+
+        Runs through :func:`lightning_moe.ops.router_topk_route`, both ops' kernels in one autograd
+        node when eager on a GPU, unless a subclass computes its logits its own way (overrides
+        :meth:`logits`); then the op runs on those logits.
+
+        Args:
+            x_TD: (T, D) tokens.
+            scoring: ``"softmax"`` or ``"sigmoid"``.
+            normalize: Renormalise each token's picked weights to sum to 1.
+            bias_E: Optional (E,) float32 selection bias of sigmoid scoring.
+        """
+        if type(self).logits is Router.logits:
+            return ops.router_topk_route(x_TD, self.weight, self.top_k, scoring, normalize, bias_E)
+        return ops.topk_route(self.logits(x_TD), self.top_k, scoring, normalize, bias_E)
+
     def forward(self, x_TD: Tensor) -> Routing:
         return self.route(x_TD)
 
@@ -182,26 +200,16 @@ def _build_token_major_layout(num_tokens: int, top_k: int, device: torch.device)
     return token_ids, torch.arange(0, num_tokens * top_k + 1, top_k, device=device)
 
 
-def routing_from_topk_route(route: TopKRoute, num_experts: int) -> Routing:
-    """The :class:`Routing` of an :func:`lightning_moe.ops.topk_route` result, with its losses.
-
-    The balance loss is the Switch form of :func:`switch_balance_loss`,
-    ``E * sum_e (tokens_per_expert_e / N) * (prob_sum_e / T)``, and the z-loss is
-    ``lse_sq_sum / T``; both are 0 when there are no tokens.
-    """
-    num_tokens, top_k = route.expert_ids_TK.shape
-    if num_tokens == 0:
-        aux_loss = z_loss = route.prob_sum_E.new_zeros(())
-    else:
-        counts_E = route.tokens_per_expert_E.to(route.prob_sum_E.dtype)
-        aux_loss = torch.dot(counts_E, route.prob_sum_E) * (num_experts / (num_tokens * top_k * num_tokens))
-        z_loss = route.lse_sq_sum / num_tokens
+def routing_from_topk_route(route: TopKRoute) -> Routing:
+    """The :class:`Routing` of an :func:`lightning_moe.ops.topk_route` result, with its losses: the
+    balance loss of the Switch form of :func:`switch_balance_loss` and the z-loss, as the op
+    computes them."""
     return token_choice_routing(
         route.expert_ids_TK,
         route.weights_TK,
         route.priorities_TK,
-        aux_loss=aux_loss,
-        z_loss=z_loss,
+        aux_loss=route.balance_loss,
+        z_loss=route.z_loss,
         tokens_per_expert=route.tokens_per_expert_E,
     )
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_moe import ops
 from lightning_moe.ops.reference import expert_histogram
 from lightning_moe.routers.base import (
     Router,
@@ -108,12 +107,11 @@ class SigmoidRouter(Router):
         Returns:
             Token-major :class:`Routing` with ``N = T * K`` assignments.
         """
-        logits_TE = self.logits(x_TD)
         if self.num_groups == 1:
-            route = ops.topk_route(logits_TE, self.top_k, "sigmoid", normalize=True, bias_E=self.bias.float())
+            route = self.route_topk(x_TD, "sigmoid", normalize=True, bias_E=self.bias.float())
             self._count_pending(route.tokens_per_expert_E)
-            return routing_from_topk_route(route, self.num_experts)
-        return self._route_in_top_groups(logits_TE)
+            return routing_from_topk_route(route)
+        return self._route_in_top_groups(self.logits(x_TD))
 
     def _route_in_top_groups(self, logits_TE: Tensor) -> Routing:
         """Group-limited routing of the logits (T, E), in plain PyTorch ops."""

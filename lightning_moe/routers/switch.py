@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_moe import ops
 from lightning_moe.routers.base import Router, Routing, routing_from_topk_route
 
 
@@ -58,8 +57,8 @@ class SwitchRouter(Router):
         """
         # Top-1 of the softmax, weighted by its probability, with the Switch balance loss: the
         # fused op of TopKRouter (unnormalised weights), on the jittered tokens' logits.
-        route = ops.topk_route(self.logits(self._jittered(x_TD, jitter)), 1, "softmax", normalize=False)
-        return routing_from_topk_route(route, self.num_experts)
+        route = self.route_topk(self._jittered(x_TD, jitter), "softmax", normalize=False)
+        return routing_from_topk_route(route)
 
     def _jittered(self, x_TD: Tensor, jitter: Tensor | None) -> Tensor:
         """The router input: the tokens, times uniform jitter (in float32) in training."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_moe import ops
 from lightning_moe.routers.base import Router, Routing, routing_from_topk_route
 
 
@@ -35,8 +34,8 @@ class TopKRouter(Router):
         self.normalize = normalize
 
     def route(self, x_TD: Tensor) -> Routing:
-        route = ops.topk_route(self.logits(x_TD), self.top_k, "softmax", self.normalize)
-        return routing_from_topk_route(route, self.num_experts)
+        route = self.route_topk(x_TD, "softmax", self.normalize)
+        return routing_from_topk_route(route)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, normalize={self.normalize}"

@@ -439,3 +439,51 @@ def test_expert_loop_unbinds_each_stacked_weight_once_and_idle_experts_get_zero_
         grad = getattr(experts, name).grad
         assert grad is not None and grad[[1, 3, 4, 5]].abs().max() == 0, name
         assert grad[[0, 2]].abs().max() > 0, name
+
+
+def test_experts_run_in_one_node_only_where_the_composition_is_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-node path stands for permute, compute_experts and unpermute: anything that changes
+    or observes those steps (a subclass, hooks on the experts, a dispatcher) keeps them apart."""
+    from lightning_moe.layers.experts import GroupedExperts
+
+    x = torch.randn(8, 16)
+    layer = MoE(d_model=16, num_experts=4, top_k=2, d_hidden=32)
+    assert not layer._fused_experts_apply(x, layer.route(x))  # CPU tokens: the kernels are not there
+    monkeypatch.setattr(GroupedExperts, "can_forward_and_combine", lambda self, x_TD, num_rows: True)
+    routing = layer.route(x)
+    assert layer._fused_experts_apply(x, routing)
+
+    handle = layer.experts.register_forward_hook(lambda module, args, out: None)
+    assert not layer._fused_experts_apply(x, routing)
+    handle.remove()
+    handle = nn.modules.module.register_module_forward_pre_hook(lambda module, args: None)
+    assert not layer._fused_experts_apply(x, routing)
+    handle.remove()
+    layer.dispatcher = object()  # type: ignore[assignment]
+    assert not layer._fused_experts_apply(x, routing)
+    layer.dispatcher = None
+    assert layer._fused_experts_apply(x, routing)
+
+    class CountingMoE(MoE):
+        def compute_experts(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+            return super().compute_experts(x_ND, tokens_per_expert)
+
+    subclass = CountingMoE(d_model=16, num_experts=4, top_k=2, d_hidden=32)
+    assert not subclass._fused_experts_apply(x, subclass.route(x))
+    module_list = MoE(d_model=16, num_experts=4, top_k=2, d_hidden=32, experts=lambda: nn.Linear(16, 16))
+    assert not module_list._fused_experts_apply(x, module_list.route(x))
+
+
+def test_only_plain_experts_without_biases_forward_and_combine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernels would take the sizes: gated experts (whose two first projections' weight
+    gradients one node would hold together) and experts with biases keep the composition."""
+    import lightning_moe.layers.experts as experts_module
+    from lightning_moe.layers.experts import GroupedExperts
+
+    monkeypatch.setattr(experts_module, "grouped_mm_usable", lambda *args: True)
+    monkeypatch.setattr(experts_module, "expert_mlp_usable", lambda *args: True)
+    x = torch.randn(8, 16)
+    assert GroupedExperts(4, 16, 32, "gelu").can_forward_and_combine(x, 16)
+    assert not GroupedExperts(4, 16, 32, "swiglu").can_forward_and_combine(x, 16)
+    assert not GroupedExperts(4, 16, 32, "gelu", bias=True).can_forward_and_combine(x, 16)
+    assert not GroupedExperts(4, 16, 32, "gelu").can_forward_and_combine(x.double(), 16)  # not the compute dtype

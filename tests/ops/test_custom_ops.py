@@ -35,9 +35,8 @@ def test_fake_implementations_of_topk_route() -> None:
     with FakeTensorMode():
         logits = torch.empty(num_tokens, experts)
         bias = torch.empty(experts)
-        expert_ids, weights, priorities, counts, prob_sum, lse_sq_sum = torch.ops.lightning_moe.topk_route(
-            logits, top_k, "sigmoid", True, bias
-        )
+        outputs = torch.ops.lightning_moe.topk_route(logits, top_k, "sigmoid", True, bias)
+        expert_ids, weights, priorities, counts, prob_sum, lse_sq_sum, balance_loss, z_loss = outputs
         grad_logits = torch.ops.lightning_moe.topk_route_backward(
             weights, prob_sum, lse_sq_sum, logits, expert_ids, "sigmoid", True
         )
@@ -50,6 +49,7 @@ def test_fake_implementations_of_topk_route() -> None:
     assert expert_ids.dtype == counts.dtype == torch.int64
     assert weights.dtype == priorities.dtype == prob_sum.dtype == lse_sq_sum.dtype == torch.float32
     assert counts.shape == prob_sum.shape == (experts,) and lse_sq_sum.shape == ()
+    assert balance_loss.shape == z_loss.shape == () and balance_loss.dtype == z_loss.dtype == torch.float32
     assert grad_logits.shape == (num_tokens, experts) and grad_logits.dtype == torch.float32
 
 

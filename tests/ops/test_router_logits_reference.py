@@ -71,7 +71,7 @@ def test_cpu_inputs_take_the_reference_function() -> None:
 def test_inputs_the_kernels_accept_take_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def kernels(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
+    def kernels(x_TD: torch.Tensor, weight_ED: torch.Tensor, weight_f32: torch.Tensor) -> torch.Tensor:
         calls.append((x_TD.shape, weight_ED.shape))
         return x_TD.float() @ weight_ED.t()
 

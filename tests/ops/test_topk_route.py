@@ -51,7 +51,20 @@ def loop_topk_route(logits_TE: Tensor, top_k: int, scoring: str, normalize: bool
             counts[e] += 1
         prob_sum = [a + m for a, m in zip(prob_sum, masses, strict=True)]
         lse_sq_sum += lse**2
-    return {"picks": picks, "counts": counts, "prob_sum": prob_sum, "lse_sq_sum": lse_sq_sum}
+    num_tokens = len(picks)
+    balance_loss = z_loss = 0.0
+    if num_tokens:
+        fractions = [count / (num_tokens * top_k) for count in counts]
+        balance_loss = num_experts * sum(f * p / num_tokens for f, p in zip(fractions, prob_sum, strict=True))
+        z_loss = lse_sq_sum / num_tokens
+    return {
+        "picks": picks,
+        "counts": counts,
+        "prob_sum": prob_sum,
+        "lse_sq_sum": lse_sq_sum,
+        "balance_loss": balance_loss,
+        "z_loss": z_loss,
+    }
 
 
 def make_inputs(num_tokens: int, bias: bool, seed: int, ties: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -66,9 +79,8 @@ def make_inputs(num_tokens: int, bias: bool, seed: int, ties: bool = False) -> t
 
 
 def assert_matches_loop(logits_TE: Tensor, top_k: int, scoring: str, normalize: bool, bias_E: Tensor | None) -> None:
-    expert_ids, weights, priorities, counts, prob_sum, lse_sq_sum = reference.topk_route(
-        logits_TE, top_k, scoring, normalize, bias_E
-    )
+    outputs = reference.topk_route(logits_TE, top_k, scoring, normalize, bias_E)
+    expert_ids, weights, priorities, counts, prob_sum, lse_sq_sum, balance_loss, z_loss = outputs
     expected = loop_topk_route(logits_TE, top_k, scoring, normalize, bias_E)
     num_tokens = logits_TE.shape[0]
     assert expert_ids.shape == weights.shape == priorities.shape == (num_tokens, top_k)
@@ -81,6 +93,8 @@ def assert_matches_loop(logits_TE: Tensor, top_k: int, scoring: str, normalize: 
     assert counts.tolist() == expected["counts"]
     assert prob_sum.tolist() == pytest.approx(expected["prob_sum"], **close)
     assert lse_sq_sum.shape == () and lse_sq_sum.item() == pytest.approx(expected["lse_sq_sum"], **close)
+    assert balance_loss.shape == () and balance_loss.item() == pytest.approx(expected["balance_loss"], **close)
+    assert z_loss.shape == () and z_loss.item() == pytest.approx(expected["z_loss"], **close)
 
 
 @pytest.mark.parametrize(("scoring", "normalize", "bias"), MODES)
@@ -100,14 +114,14 @@ def test_ties_go_to_the_lower_expert(scoring: str, normalize: bool, bias: bool) 
 def test_one_expert() -> None:
     logits_TE = torch.randn(5, 1, dtype=torch.float64)
     for scoring in ("softmax", "sigmoid"):
-        expert_ids, weights, _, counts, prob_sum, _ = reference.topk_route(logits_TE, 1, scoring, True)
+        expert_ids, weights, _, counts, prob_sum, *_ = reference.topk_route(logits_TE, 1, scoring, True)
         assert expert_ids.tolist() == [[0]] * 5 and counts.tolist() == [5]
         assert torch.allclose(weights, torch.ones_like(weights)) and prob_sum.item() == pytest.approx(5.0)
 
 
 def test_sigmoid_weights_of_underflowing_scores_are_zero_not_nan() -> None:
     logits_TE = torch.full((2, 4), -200.0)
-    _, weights, _, _, _, _ = reference.topk_route(logits_TE, 2, "sigmoid", True)
+    _, weights, *_ = reference.topk_route(logits_TE, 2, "sigmoid", True)
     assert torch.equal(weights, torch.zeros_like(weights))
 
 
@@ -117,9 +131,9 @@ def test_gradcheck_of_the_reference(top_k: int, scoring: str, normalize: bool, b
     logits_TE, bias_E = make_inputs(5, bias, seed=top_k)
     logits_TE.requires_grad_(True)
 
-    def differentiable_outputs(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        _, weights, _, _, prob_sum, lse_sq_sum = reference.topk_route(logits, top_k, scoring, normalize, bias_E)
-        return weights, prob_sum, lse_sq_sum
+    def differentiable_outputs(logits: Tensor) -> tuple[Tensor, ...]:
+        _, weights, _, _, *sums_and_losses = reference.topk_route(logits, top_k, scoring, normalize, bias_E)
+        return weights, *sums_and_losses
 
     assert torch.autograd.gradcheck(differentiable_outputs, (logits_TE,))
 

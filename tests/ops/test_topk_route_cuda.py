@@ -36,7 +36,14 @@ def routed_given_picks(logits_TE: Tensor, expert_ids_TK: Tensor, scoring: str, n
             picked_sum_T1 = picked_sum_T1.clamp_min(torch.finfo(torch.float32).tiny)
         weights_TK = picked_TK / picked_sum_T1
     masses_TE = scores_TE if scoring == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
-    return [weights_TK, masses_TE.sum(0), torch.logsumexp(logits_TE, -1).square().sum()]
+    prob_sum_E, lse_sq_sum = masses_TE.sum(0), torch.logsumexp(logits_TE, -1).square().sum()
+    # The losses, written out: E * sum_e (count_e / (T K)) (prob_sum_e / T), and lse_sq_sum / T.
+    (num_tokens, num_experts), top_k = logits_TE.shape, expert_ids_TK.shape[1]
+    if num_tokens == 0:
+        return [weights_TK, prob_sum_E, lse_sq_sum, prob_sum_E.sum() * 0, lse_sq_sum * 0]
+    counts_E = torch.bincount(expert_ids_TK.reshape(-1), minlength=num_experts).double()
+    balance_loss = num_experts * ((counts_E / (num_tokens * top_k)) * (prob_sum_E / num_tokens)).sum()
+    return [weights_TK, prob_sum_E, lse_sq_sum, balance_loss, lse_sq_sum / num_tokens]
 
 
 @pytest.mark.parametrize(("scoring", "normalize", "bias"), TOPK_ROUTE_MODES)
@@ -66,29 +73,32 @@ def test_topk_route_forward_and_backward(
     bias64 = 0.0 if bias_E is None else bias_E.double().cpu()
     scores64 = torch.softmax(logits64, -1) if scoring == "softmax" else torch.sigmoid(logits64) + bias64
     assert_close_to_oracle(got.priorities_TK, want[2], scores64.detach().gather(1, got.expert_ids_TK.cpu()))
-    differentiable = [got.weights_TK, got.prob_sum_E, got.lse_sq_sum]
-    for output, torch_output, oracle_output in zip(differentiable, (want[1], want[4], want[5]), oracle, strict=True):
+    differentiable = [got.weights_TK, got.prob_sum_E, got.lse_sq_sum, got.balance_loss, got.z_loss]
+    torch_differentiable = [want[1], *want[4:]]
+    for output, torch_output, oracle_output in zip(differentiable, torch_differentiable, oracle, strict=True):
         assert output.dtype == torch.float32 and output.shape == oracle_output.shape
         assert_close_to_oracle(output, torch_output, oracle_output.detach())
 
     upstream = [torch.randn(output.shape, generator=generator).cuda() for output in differentiable]
     poison_cached_memory()
     (grad,) = torch.autograd.grad(differentiable, logits_TE, upstream)
-    (torch_grad,) = torch.autograd.grad([want[1], want[4], want[5]], logits_TE, upstream)
+    (torch_grad,) = torch.autograd.grad(torch_differentiable, logits_TE, upstream)
     (oracle_grad,) = torch.autograd.grad(oracle, logits64, [u.double().cpu() for u in upstream])
     assert_close_to_oracle(grad, torch_grad, oracle_grad)
 
 
-@pytest.mark.parametrize("absent", ["prob_sum", "lse_sq_sum", "both"])
+@pytest.mark.parametrize("absent", ["prob_sum", "lse_sq_sum", "balance_loss", "z_loss", "all"])
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
 def test_absent_loss_gradients_count_as_zeros(scoring: str, absent: str, generator: torch.Generator) -> None:
-    # A layer without a balance or z-loss leaves those sums without a gradient; the backward kernel
-    # then takes none rather than a zero-filled tensor, and must give the same bits as with zeros.
+    # A layer without a balance or z-loss leaves those losses and sums without a gradient; the
+    # backward kernel then takes none rather than a zero-filled tensor, and must give the same bits
+    # as with zeros.
     logits_TE, _ = routing_inputs(300, 16, False, generator)
     route = ops.topk_route(logits_TE, 2, scoring, True)  # type: ignore[arg-type]
-    outputs = [route.weights_TK, route.prob_sum_E, route.lse_sq_sum]
+    names = ("weights", "prob_sum", "lse_sq_sum", "balance_loss", "z_loss")
+    outputs = [route.weights_TK, route.prob_sum_E, route.lse_sq_sum, route.balance_loss, route.z_loss]
     upstream = [torch.randn(output.shape, generator=generator).cuda() for output in outputs]
-    keep = [0] + [i for i, name in ((1, "prob_sum"), (2, "lse_sq_sum")) if absent not in (name, "both")]
+    keep = [0] + [i for i, name in enumerate(names) if i > 0 and absent not in (name, "all")]
     zeroed = [u if i in keep else torch.zeros_like(u) for i, u in enumerate(upstream)]
     (with_zeros,) = torch.autograd.grad(outputs, logits_TE, zeroed, retain_graph=True)
     poison_cached_memory()
@@ -142,3 +152,62 @@ def test_topk_route_and_its_routers_do_not_synchronise_with_the_host(generator: 
         route_and_backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# (token dtype, weight dtype, experts): the tensor-core logits kernels, with a float32 weight and
+# with a bf16 one widened inside the node; the SIMT kernels, few experts and float32 tokens.
+ROUTER_KERNELS = {
+    "tensor_cores": (torch.bfloat16, torch.float32, 64),
+    "tensor_cores_bf16_weight": (torch.bfloat16, torch.bfloat16, 64),
+    "simt_few_experts": (torch.bfloat16, torch.float32, 8),
+    "simt_float32_tokens": (torch.float32, torch.float32, 16),
+}
+
+
+@pytest.mark.parametrize("kernels", ROUTER_KERNELS)
+@pytest.mark.parametrize(("scoring", "bias"), [("softmax", False), ("sigmoid", True)], ids=["softmax", "sigmoid"])
+@pytest.mark.parametrize("num_tokens", [0, 300], ids=lambda t: f"T{t}")
+def test_router_topk_route_in_one_node_gives_the_bits_of_the_composition(
+    kernels: str, scoring: str, bias: bool, num_tokens: int, generator: torch.Generator
+) -> None:
+    x_dtype, weight_dtype, num_experts = ROUTER_KERNELS[kernels]
+    x = torch.randn(num_tokens, 128, generator=generator).to("cuda", x_dtype).requires_grad_()
+    weight = (0.1 * torch.randn(num_experts, 128, generator=generator)).to("cuda", weight_dtype).requires_grad_()
+    bias_E = 0.3 * torch.randn(num_experts, generator=generator).cuda() if bias else None
+    fused = ops.router_topk_route(x, weight, 2, scoring, True, bias_E)  # type: ignore[arg-type]
+    assert type(fused.weights_TK.grad_fn).__name__ == "_RouterTopKRouteFunctionBackward"
+    composed = ops.topk_route(ops.router_logits(x, weight), 2, scoring, True, bias_E)  # type: ignore[arg-type]
+    for got, want in zip(fused, composed, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    outputs = [fused.weights_TK, fused.prob_sum_E, fused.lse_sq_sum, fused.balance_loss, fused.z_loss]
+    upstream = [torch.randn(output.shape, generator=generator).cuda() for output in outputs]
+    grads = torch.autograd.grad(outputs, (x, weight), upstream)
+    composed_outputs = [composed.weights_TK, composed.prob_sum_E, composed.lse_sq_sum, *composed[6:]]
+    expected = torch.autograd.grad(composed_outputs, (x, weight), upstream)
+    for got, want in zip(grads, expected, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def _graph_node_names(tensor: Tensor) -> set[str]:
+    """The names of the autograd nodes ``tensor`` depends on."""
+    names, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_routers_take_the_one_node_route_unless_they_compute_their_logits_otherwise(
+    generator: torch.Generator,
+) -> None:
+    class ScaledLogits(TopKRouter):
+        def logits(self, x_TD: Tensor) -> Tensor:
+            return 2 * super().logits(x_TD)
+
+    x = torch.randn(64, 128, generator=generator).to("cuda", torch.bfloat16)
+    one_node = _graph_node_names(TopKRouter(128, 64, 2).cuda()(x).weights)
+    assert "_RouterTopKRouteFunctionBackward" in one_node and "_TopKRouteFunctionBackward" not in one_node
+    own_logits = _graph_node_names(ScaledLogits(128, 64, 2).cuda()(x).weights)
+    assert "_TopKRouteFunctionBackward" in own_logits and "_RouterTopKRouteFunctionBackward" not in own_logits
