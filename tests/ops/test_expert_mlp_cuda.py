@@ -6,6 +6,8 @@ Shape legend: T tokens, D model dim, F expert hidden, E experts, K top-k, N assi
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 from torch import Tensor
@@ -41,6 +43,25 @@ def _routing(name: str, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     return expert_ids.cuda(), weights.cuda()
 
 
+class _Assignments(NamedTuple):
+    """Token-major assignments on the GPU and what the layer derives from them."""
+
+    token_ids: Tensor  # (N,)
+    token_offsets: Tensor  # (T + 1,)
+    inverse: Tensor  # (N,)
+    tokens_per_expert: Tensor  # (E,)
+    weights: Tensor  # (N,) float32
+
+
+def _assignments(routing: str, generator: torch.Generator) -> _Assignments:
+    expert_ids_TK, weights_TK = _routing(routing, generator)
+    num_tokens, top_k = expert_ids_TK.shape
+    token_ids = torch.arange(num_tokens, device="cuda").repeat_interleave(top_k)
+    token_offsets = torch.arange(0, num_tokens * top_k + 1, top_k, device="cuda")
+    _, inverse, tokens_per_expert = ops.sort_by_expert(expert_ids_TK.reshape(-1), E)
+    return _Assignments(token_ids, token_offsets, inverse, tokens_per_expert, weights_TK.reshape(-1))
+
+
 def _leaf(shape: tuple[int, ...], scale: float, generator: torch.Generator) -> Tensor:
     return (torch.randn(shape, generator=generator) * scale).to("cuda", torch.bfloat16).requires_grad_()
 
@@ -51,14 +72,11 @@ def _leaf(shape: tuple[int, ...], scale: float, generator: torch.Generator) -> T
 def test_expert_mlp_gives_the_bits_of_the_ops_it_fuses(
     routing: str, activation: str, out_dtype: torch.dtype, generator: torch.Generator
 ) -> None:
-    expert_ids_TK, weights_TK = _routing(routing, generator)
-    num_tokens, top_k = expert_ids_TK.shape
-    token_ids = torch.arange(num_tokens, device="cuda").repeat_interleave(top_k)
-    token_offsets = torch.arange(0, num_tokens * top_k + 1, top_k, device="cuda")
-    _, inverse, tokens_per_expert = ops.sort_by_expert(expert_ids_TK.reshape(-1), E)
-    assert expert_mlp_usable(torch.empty(0, D, device="cuda", dtype=torch.bfloat16), num_tokens * top_k, E, D, F)
+    token_ids, token_offsets, inverse, tokens_per_expert, weights = _assignments(routing, generator)
+    num_tokens = token_offsets.shape[0] - 1
+    assert expert_mlp_usable(torch.empty(0, D, device="cuda", dtype=torch.bfloat16), token_ids.shape[0], E, D, F)
     x = _leaf((num_tokens, D), 1.0, generator)
-    weights = weights_TK.reshape(-1).requires_grad_()
+    weights.requires_grad_()
     w1, w2 = _leaf((E, F, D), D**-0.5, generator), _leaf((E, D, F), F**-0.5, generator)
     w3 = _leaf((E, F, D), D**-0.5, generator) if activation == "swiglu" else None
     leaves = [t for t in (x, weights, w1, w2, w3) if t is not None]
@@ -78,12 +96,9 @@ def test_expert_mlp_gives_the_bits_of_the_ops_it_fuses(
 
 def test_expert_mlp_computes_only_the_gradients_asked_for(generator: torch.Generator) -> None:
     """Frozen experts: the tokens and combine weights get their gradients, the weights none."""
-    expert_ids_TK, weights_TK = _routing("random", generator)
-    num_tokens, top_k = expert_ids_TK.shape
-    token_offsets = torch.arange(0, num_tokens * top_k + 1, top_k, device="cuda")
-    _, inverse, tokens_per_expert = ops.sort_by_expert(expert_ids_TK.reshape(-1), E)
-    x = _leaf((num_tokens, D), 1.0, generator)
-    weights = weights_TK.reshape(-1).requires_grad_()
+    _, token_offsets, inverse, tokens_per_expert, weights = _assignments("random", generator)
+    x = _leaf((token_offsets.shape[0] - 1, D), 1.0, generator)
+    weights.requires_grad_()
     w1, w2 = _leaf((E, F, D), D**-0.5, generator), _leaf((E, D, F), F**-0.5, generator)
     args = (x, inverse, token_offsets, weights, tokens_per_expert)
     out = expert_mlp(*args, w1.detach(), w2.detach(), None, "gelu", torch.bfloat16)
@@ -93,20 +108,14 @@ def test_expert_mlp_computes_only_the_gradients_asked_for(generator: torch.Gener
 
 
 def test_expert_mlp_refuses_weights_in_another_dtype(generator: torch.Generator) -> None:
-    expert_ids_TK, weights_TK = _routing("random", generator)
-    num_tokens, top_k = expert_ids_TK.shape
-    token_offsets = torch.arange(0, num_tokens * top_k + 1, top_k, device="cuda")
-    _, inverse, tokens_per_expert = ops.sort_by_expert(expert_ids_TK.reshape(-1), E)
-    x = _leaf((num_tokens, D), 1.0, generator)
+    _, token_offsets, inverse, tokens_per_expert, weights = _assignments("random", generator)
+    x = _leaf((token_offsets.shape[0] - 1, D), 1.0, generator)
     w1, w2 = _leaf((E, F, D), 1.0, generator), _leaf((E, D, F), 1.0, generator)
+    args = (x, inverse, token_offsets, weights, tokens_per_expert)
     with pytest.raises(ValueError, match="bfloat16 weights"):
-        expert_mlp(
-            x, inverse, token_offsets, weights_TK.reshape(-1), tokens_per_expert, w1.float(), w2, None, "gelu", x.dtype
-        )
+        expert_mlp(*args, w1.float(), w2, None, "gelu", x.dtype)
     with pytest.raises(ValueError, match="w3 exactly for the GLU"):
-        expert_mlp(
-            x, inverse, token_offsets, weights_TK.reshape(-1), tokens_per_expert, w1, w2, None, "swiglu", x.dtype
-        )
+        expert_mlp(*args, w1, w2, None, "swiglu", x.dtype)
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
