@@ -81,6 +81,19 @@ def stand_in_extension(expert_ids_TK: Tensor, num_experts: int) -> types.SimpleN
     )
 
 
+def _recording(extension: types.SimpleNamespace, called: set[str]) -> types.SimpleNamespace:
+    """``extension`` with each function adding its name to ``called`` when called."""
+
+    def recorded(name: str, function: Any) -> Any:
+        def call(*args: Any) -> Any:
+            called.add(name)
+            return function(*args)
+
+        return call
+
+    return types.SimpleNamespace(**{name: recorded(name, f) for name, f in vars(extension).items()})
+
+
 def take_the_cuda_path(extension: types.SimpleNamespace) -> None:
     """Point every op of ``lightning_moe.ops`` at ``extension`` for CPU tensors."""
 
@@ -111,12 +124,18 @@ def main() -> None:
     parser.add_argument("--activation", default="gelu")
     parser.add_argument("--aux-loss-weight", type=float, default=0.0)
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--check-path", action="store_true", help="fail unless every stand-in kernel is called")
+    parser.add_argument("--warmup", type=int, default=WARMUP_STEPS)
     args = parser.parse_args()
 
     generator = torch.Generator().manual_seed(0)
     scores = torch.rand(args.tokens, args.experts, generator=generator)
     expert_ids_TK = scores.argsort(dim=1)[:, : args.top_k].contiguous()
-    take_the_cuda_path(stand_in_extension(expert_ids_TK, args.experts))
+    extension = stand_in_extension(expert_ids_TK, args.experts)
+    called: set[str] = set()
+    if args.check_path:
+        extension = _recording(extension, called)
+    take_the_cuda_path(extension)
     torch.manual_seed(0)
     layer = MoE(
         d_model=args.d_model,
@@ -137,8 +156,17 @@ def main() -> None:
         x.grad = None
         layer(x).backward(grad)
 
-    for _ in range(WARMUP_STEPS):
+    for _ in range(args.warmup):
         step()
+    if args.check_path:
+        step()
+        # Every kernel of the step's path ran: the routing, the sort, the expert GEMMs and the rest.
+        logits = {"router_logits_tc_forward", "router_logits_forward"}
+        expected = {"topk_route_forward", "topk_route_backward", "sort_by_expert", "permute_forward"}
+        expected |= {"grouped_gemm_rows", "grouped_gemm_weight_grad", "activation_forward", "unpermute_forward"}
+        missing = sorted(expected - called) + ([] if called & logits else ["router logits"])
+        if missing:
+            raise SystemExit(f"the step did not take the CUDA path: {', '.join(missing)} not called")
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
