@@ -189,10 +189,15 @@ def route_losses(
     both 0 when there are no tokens (zeros connected to the sums, so gradients still flow, as zeros)."""
     if num_tokens == 0:
         return prob_sum_E.sum() * 0, lse_sq_sum * 0
-    num_experts = prob_sum_E.shape[0]
     counts_E = tokens_per_expert_E.to(prob_sum_E.dtype)
-    balance_loss = torch.dot(counts_E, prob_sum_E) * (num_experts / (num_tokens * top_k * num_tokens))
+    balance_loss = torch.dot(counts_E, prob_sum_E) * balance_loss_scale(prob_sum_E.shape[0], num_tokens, top_k)
     return balance_loss, lse_sq_sum / num_tokens
+
+
+def balance_loss_scale(num_experts: int, num_tokens: int, top_k: int) -> float:
+    """``E / (T * K * T)``: the balance loss is this times ``sum_e tokens_per_expert[e] * prob_sum[e]``
+    (``src_cuda/topk_route.cu`` computes the same in double); T > 0."""
+    return num_experts / (num_tokens * top_k * num_tokens)
 
 
 def grouped_linear(x_NK: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:

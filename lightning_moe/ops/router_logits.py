@@ -231,9 +231,10 @@ def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
     # Eager, the kernels' autograd node widens a half-precision weight itself (one node rather than
     # two, less host time); under torch.compile a traced cast does.
     weight_f32 = _widened(weight_ED if torch.compiler.is_compiling() else weight_ED.detach())
-    if _takes_tensor_cores(x_TD, weight_f32):
+    kernels = _kernel_family(x_TD, weight_f32)
+    if kernels is _TENSOR_CORE_KERNELS:
         return _tensor_core_router_logits(x_TD, weight_ED, weight_f32)
-    if kernels_accept(x_TD, weight_f32):
+    if kernels is _SIMT_KERNELS:
         return _kernel_router_logits(x_TD, weight_ED, weight_f32)
     return reference.router_logits(x_TD, weight_ED)
 
@@ -254,10 +255,17 @@ def eager_kernels(x_TD: Tensor, weight_ED: Tensor) -> tuple[Tensor, EagerKernels
     if split_accepts(x_TD, weight_ED):
         return None
     weight_f32 = _widened(weight_ED.detach())
+    kernels = _kernel_family(x_TD, weight_f32)
+    return None if kernels is None else (weight_f32, kernels)
+
+
+def _kernel_family(x_TD: Tensor, weight_f32: Tensor) -> EagerKernels | None:
+    """The kernels :func:`router_logits` takes for inputs the split GEMMs do not take, the weight
+    widened: the tensor-core ones, else the SIMT ones, else None (the reference)."""
     if _takes_tensor_cores(x_TD, weight_f32):
-        return weight_f32, _TENSOR_CORE_KERNELS
+        return _TENSOR_CORE_KERNELS
     if kernels_accept(x_TD, weight_f32):
-        return weight_f32, _SIMT_KERNELS
+        return _SIMT_KERNELS
     return None
 
 

@@ -102,7 +102,7 @@ def _differentiable_grads(
     )
     num_tokens, top_k = expert_ids_TK.shape
     if num_tokens > 0 and grad_balance is not None:
-        balance_scale = logits_TE.shape[1] / (num_tokens * top_k * num_tokens)
+        balance_scale = reference.balance_loss_scale(logits_TE.shape[1], num_tokens, top_k)
         term = tokens_per_expert_E * (grad_balance.float() * balance_scale)  # float32, by type promotion
         grad_prob_sum = term if grad_prob_sum is None else grad_prob_sum + term
     if num_tokens > 0 and grad_z is not None:
@@ -166,10 +166,12 @@ def _(
     return torch.empty_like(logits_TE)
 
 
-def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: _Outputs) -> None:
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: _Outputs, saved_first: tuple[Tensor, ...] = ()) -> None:
+    """Saves ``*saved_first, logits, expert_ids, tokens_per_expert`` (a node that computes the logits
+    too saves what their gradients need first) and marks the outputs without gradients."""
     logits_TE, _, scoring, normalize, _ = inputs
     expert_ids_TK, _, priorities_TK, tokens_per_expert_E, *_ = output
-    ctx.save_for_backward(logits_TE, expert_ids_TK, tokens_per_expert_E)
+    ctx.save_for_backward(*saved_first, logits_TE, expert_ids_TK, tokens_per_expert_E)
     ctx.scoring = scoring
     ctx.normalize = normalize
     ctx.mark_non_differentiable(expert_ids_TK, priorities_TK, tokens_per_expert_E)
@@ -326,11 +328,8 @@ class _RouterTopKRouteFunction(torch.autograd.Function):
     ) -> _Outputs:
         logits_TE = kernels.forward(x_TD, weight_f32)
         output = _forward(logits_TE, top_k, scoring, normalize, bias_E)
-        expert_ids_TK, _, priorities_TK, tokens_per_expert_E, *_ = output
-        ctx.save_for_backward(x_TD, weight_f32, logits_TE, expert_ids_TK, tokens_per_expert_E)
-        ctx.mark_non_differentiable(expert_ids_TK, priorities_TK, tokens_per_expert_E)
-        ctx.set_materialize_grads(False)
-        ctx.kernels, ctx.scoring, ctx.normalize, ctx.weight_dtype = kernels, scoring, normalize, weight_ED.dtype
+        _setup_context(ctx, (logits_TE, top_k, scoring, normalize, bias_E), output, saved_first=(x_TD, weight_f32))
+        ctx.kernels, ctx.weight_dtype = kernels, weight_ED.dtype
         return output
 
     @staticmethod

@@ -8,6 +8,7 @@ from torch import nn
 
 from lightning_moe import MoE
 from lightning_moe.routers import TopKRouter
+from tests.autograd_graph import graph_node_names
 from tests.layers.moe_reference import reference_moe
 
 EXPERT_PARAMS = ("w1", "w2", "w3", "b1", "b2")
@@ -411,19 +412,6 @@ def test_tokens_are_cast_to_the_expert_dtype_before_the_permutation(top_k: int, 
     torch.testing.assert_close(grad_x, expected_grad_x, rtol=1e-2, atol=1e-3)
 
 
-def _graph_node_names(output: torch.Tensor) -> list[str]:
-    """The names of every autograd node behind ``output``."""
-    names, seen, stack = [], set(), [output.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.append(type(node).__name__)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return names
-
-
 def test_expert_loop_unbinds_each_stacked_weight_once_and_idle_experts_get_zero_gradients() -> None:
     # Indexing w[e] per expert would make each backward fill a zero tensor of the whole stack.
     from lightning_moe.layers.experts import GroupedExperts
@@ -431,7 +419,7 @@ def test_expert_loop_unbinds_each_stacked_weight_once_and_idle_experts_get_zero_
     experts = GroupedExperts(6, 4, 8, "swiglu", bias=True, seed=0)
     x_ND = torch.randn(5, 4)
     y_ND = experts(x_ND, torch.tensor([2, 0, 3, 0, 0, 0]))
-    names = _graph_node_names(y_ND)
+    names = graph_node_names(y_ND)
     assert names.count("UnbindBackward0") == 5  # w1, w2, w3, b1, b2
     assert "SelectBackward0" not in names
     y_ND.sum().backward()

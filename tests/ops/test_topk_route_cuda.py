@@ -12,6 +12,7 @@ from torch import Tensor
 from lightning_moe import ops
 from lightning_moe.ops import reference
 from lightning_moe.routers import SigmoidRouter, TopKRouter
+from tests.autograd_graph import graph_node_names
 from tests.ops.gpu_checks import GPU_MARKS, assert_close_to_oracle, poison_cached_memory, routing_inputs
 
 pytestmark = GPU_MARKS
@@ -188,17 +189,6 @@ def test_router_topk_route_in_one_node_gives_the_bits_of_the_composition(
         assert got.dtype == want.dtype and torch.equal(got, want)
 
 
-def _graph_node_names(tensor: Tensor) -> set[str]:
-    """The names of the autograd nodes ``tensor`` depends on."""
-    names, stack = set(), [tensor.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is not None and type(node).__name__ not in names:
-            names.add(type(node).__name__)
-            stack.extend(next_node for next_node, _ in node.next_functions)
-    return names
-
-
 def test_routers_take_the_one_node_route_unless_they_compute_their_logits_otherwise(
     generator: torch.Generator,
 ) -> None:
@@ -207,7 +197,7 @@ def test_routers_take_the_one_node_route_unless_they_compute_their_logits_otherw
             return 2 * super().logits(x_TD)
 
     x = torch.randn(64, 128, generator=generator).to("cuda", torch.bfloat16)
-    one_node = _graph_node_names(TopKRouter(128, 64, 2).cuda()(x).weights)
+    one_node = graph_node_names(TopKRouter(128, 64, 2).cuda()(x).weights)
     assert "_RouterTopKRouteFunctionBackward" in one_node and "_TopKRouteFunctionBackward" not in one_node
-    own_logits = _graph_node_names(ScaledLogits(128, 64, 2).cuda()(x).weights)
+    own_logits = graph_node_names(ScaledLogits(128, 64, 2).cuda()(x).weights)
     assert "_TopKRouteFunctionBackward" in own_logits and "_RouterTopKRouteFunctionBackward" not in own_logits
