@@ -68,7 +68,7 @@ def stand_in_extension(expert_ids_TK: Tensor, num_experts: int) -> types.SimpleN
         router_logits_tc_grad_weight=lambda g, x, *_: _empty(g.shape[1], x.shape[1]),
         topk_route_forward=topk_route_forward,
         topk_route_backward=lambda *_: _empty(num_tokens, num_experts),
-        sort_by_expert=lambda ids, n: (order, inverse, counts),
+        sort_by_expert=lambda ids, n: (order, inverse, counts, counts.cumsum(0).int()),
         permute_forward=lambda x, inverse, offsets: _empty(inverse.shape[0], x.shape[1], dtype=x.dtype),
         permute_backward=lambda g, inverse, offsets, dtype: _empty(offsets.shape[0] - 1, g.shape[1], dtype=dtype),
         unpermute_forward=lambda y, inverse, w, offsets, dtype: _empty(offsets.shape[0] - 1, y.shape[1], dtype=dtype),
@@ -78,6 +78,11 @@ def stand_in_extension(expert_ids_TK: Tensor, num_experts: int) -> types.SimpleN
         grouped_gemm_available=lambda: True,
         grouped_gemm_rows=lambda a, b, ends, kn, *_: _empty(a.shape[0], b.shape[2 if kn else 1], dtype=a.dtype),
         grouped_gemm_weight_grad=lambda g, x, ends, *_: _empty(ends.shape[0], g.shape[1], x.shape[1], dtype=g.dtype),
+        grouped_gemm_rows_to_tokens=lambda a, b, *_: _empty(a.shape[0], b.shape[2], dtype=a.dtype),
+        grouped_gemm_rows_and_combine=lambda a, b, *_: (
+            _empty(a.shape[0], b.shape[1], dtype=a.dtype),
+            _empty(a.shape[0], b.shape[1], dtype=a.dtype),
+        ),
     )
 
 
@@ -163,8 +168,11 @@ def main() -> None:
         # Every kernel of the step's path ran: the routing, the sort, the expert GEMMs and the rest.
         logits = {"router_logits_tc_forward", "router_logits_forward"}
         expected = {"topk_route_forward", "topk_route_backward", "sort_by_expert", "permute_forward"}
-        expected |= {"grouped_gemm_rows", "grouped_gemm_weight_grad", "activation_forward", "unpermute_forward"}
+        expected |= {"grouped_gemm_rows", "grouped_gemm_weight_grad", "activation_forward"}
+        # One assignment per token: the second GEMM's kernel combines, else the row kernel.
+        combines = {"unpermute_forward", "grouped_gemm_rows_and_combine"}
         missing = sorted(expected - called) + ([] if called & logits else ["router logits"])
+        missing += [] if called & combines else ["the combine"]
         if missing:
             raise SystemExit(f"the step did not take the CUDA path: {', '.join(missing)} not called")
     times = []

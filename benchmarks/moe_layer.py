@@ -31,6 +31,8 @@ For each config (T, D, F, E, K) it times, with CUDA events (warm-up, then the me
   (``ROW_CTAS_PER_SM = 2``).
 - MoE-tall, MoE-short: the layer with 192-row tiles for its forward GEMMs and input gradients
   where ``grouped_linear.tile_rows`` picks them (``TALL_ROW_TILES``, the default), and without.
+- MoE-row-kernels: the layer without the token epilogues (``TOKEN_EPILOGUES = False``): with one
+  assignment per token, the combine and the permutation's backward run as row kernels of their own.
 
 ``--activation swiglu`` gives the experts of ops and MoE a third projection, gated by the fused
 ``ops.glu``; loop and grouped_mm are GELU only. FLOPs counted: 3 (fwd + bwd) x 2 GEMMs (3 for
@@ -89,6 +91,7 @@ GATED_IMPLEMENTATIONS = (
     "MoE-2cta",
     "MoE-tall",
     "MoE-short",
+    "MoE-row-kernels",
 )
 
 
@@ -284,6 +287,7 @@ IMPLEMENTATIONS: dict[str, Callable[..., nn.Module]] = {
     "MoE-2cta": functools.partial(KernelChoice, ROW_CTAS_PER_SM=2),
     "MoE-tall": functools.partial(KernelChoice, TALL_ROW_TILES=True),
     "MoE-short": functools.partial(KernelChoice, TALL_ROW_TILES=False),
+    "MoE-row-kernels": functools.partial(KernelChoice, TOKEN_EPILOGUES=False),
 }
 
 

@@ -58,6 +58,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_gemm_available", &lightning_moe::grouped_gemm_available);
   m.def("grouped_gemm_rows", &lightning_moe::grouped_gemm_rows, py::arg("a"), py::arg("b"), py::arg("ends"),
         py::arg("b_is_kn"), py::arg("tile_n") = 128, py::arg("ctas_per_sm") = 1, py::arg("tile_m") = 128);
+  m.def("grouped_gemm_rows_to_tokens", &lightning_moe::grouped_gemm_rows_to_tokens, py::arg("a"), py::arg("b"),
+        py::arg("ends"), py::arg("row_token"), py::arg("tile_n") = 128, py::arg("ctas_per_sm") = 1,
+        py::arg("tile_m") = 128);
+  m.def("grouped_gemm_rows_and_combine", &lightning_moe::grouped_gemm_rows_and_combine, py::arg("a"), py::arg("b"),
+        py::arg("ends"), py::arg("row_token"), py::arg("token_weight"), py::arg("tile_n") = 128,
+        py::arg("ctas_per_sm") = 1, py::arg("tile_m") = 128);
   m.def("grouped_gemm_weight_grad", &lightning_moe::grouped_gemm_weight_grad, py::arg("a"), py::arg("b"),
         py::arg("ends"), py::arg("tile_n") = 128, py::arg("ctas_per_sm") = 1, py::arg("run_tiles") = 1);
 }

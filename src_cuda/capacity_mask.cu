@@ -142,7 +142,7 @@ at::Tensor capacity_mask(const at::Tensor& expert_ids, const at::Tensor& priorit
   at::Tensor order;
   at::Tensor tokens_per_expert;
   // Checks num_experts and N, even when there are no assignments.
-  std::tie(order, std::ignore, tokens_per_expert) = sort_by_expert(expert_ids, num_experts);
+  std::tie(order, std::ignore, tokens_per_expert, std::ignore) = sort_by_expert(expert_ids, num_experts);
   const int64_t n = expert_ids.size(0);
   at::Tensor kept = at::empty({n}, expert_ids.options().dtype(at::kBool));
   if (n == 0) return kept;

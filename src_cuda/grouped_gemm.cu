@@ -16,6 +16,13 @@
 // A's rows past a group's last row are the next group's rows (or TMA's zero fill past the end of
 // a): they only reach output rows that are not written. No atomics: each output element is
 // written by one CTA.
+//
+// Where the rows are a permutation of the tokens (one assignment per token), two epilogues write
+// token rows directly (row r of the sorted rows is token row_token[r]): the input gradient in
+// token order (Epilogue::kTokenRows, for the permutation's backward), and the rows together with
+// the weighted combine out[t] = weight[t] * row (Epilogue::kRowsAndCombine, for the unpermute),
+// each the bits of the row kernel the layer would run next (src_cuda/rows.cuh: fmaf(weight, row,
+// 0) rounded to bf16).
 #include "grouped_gemm.h"
 
 #include <algorithm>
@@ -71,9 +78,19 @@ struct TileInfo {
   int n0;
 };
 
+// What the consumers write for each finished row (see the top of the file).
+enum class Epilogue : int {
+  kRows,            // out[r]
+  kTokenRows,       // out[row_token[r]]
+  kRowsAndCombine,  // out[r], and combined[row_token[r]] = row_weight[row_token[r]] * out[r]
+};
+
 struct Problem {
   const int32_t* ends;
   __nv_bfloat16* out;
+  const int64_t* row_token;  // kTokenRows, kRowsAndCombine: the token of each sorted row
+  const float* token_weight;  // kRowsAndCombine: each token's combine weight
+  __nv_bfloat16* combined;    // kRowsAndCombine: (tokens, n)
   int num_groups;
   int n;
   int k;
@@ -133,9 +150,23 @@ __device__ TileInfo locate(const Problem& p, int tile, int lane) {
 }
 #endif  // LIGHTNING_MOE_WGMMA
 
+// The weighted combine of one 16-byte vector of a sorted row into its token's row, as the
+// unpermute's row kernel computes it for one assignment per token: fmaf(weight, value, 0) in
+// float32, rounded to bf16.
+__device__ __forceinline__ uint4 weighted(uint4 value, float weight) {
+  uint32_t words[4] = {value.x, value.y, value.z, value.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 pair = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&words[i]));
+    const __nv_bfloat162 out = __floats2bfloat162_rn(fmaf(weight, pair.x, 0.f), fmaf(weight, pair.y, 0.f));
+    words[i] = *reinterpret_cast<const uint32_t*>(&out);
+  }
+  return make_uint4(words[0], words[1], words[2], words[3]);
+}
+
 // kBKN: b is (E, K, N) (MN-major B tiles, 64-column boxes) rather than (E, N, K). kBN: output
-// columns per tile. kConsumers: consumer warpgroups per CTA (see Shape).
-template <bool kBKN, int kBN, int kConsumers>
+// columns per tile. kConsumers: consumer warpgroups per CTA (see Shape). kEpilogue: an Epilogue.
+template <bool kBKN, int kBN, int kConsumers, int kEpilogue>
 __global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, kConsumers>::kCtasPerSm)
     grouped_gemm_kernel(const __grid_constant__ Params params) {
 #ifdef LIGHTNING_MOE_WGMMA
@@ -251,9 +282,21 @@ __global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, k
 #pragma unroll
     for (int r = 0; r < S::kRowHalves; ++r) {
       const int row_base = info.row0 + (half * S::kRowHalves + r) * 64;
-      const int64_t tile_offset = static_cast<int64_t>(info.group_start + row_base) * p.n + info.n0;
+      const int64_t first_row = info.group_start + row_base;
       store_rows(acc[r], staging, ctid, 1 + half, info.group_rows - row_base, [&](int row, int column, uint4 value) {
-        *reinterpret_cast<uint4*>(p.out + tile_offset + static_cast<int64_t>(row) * p.n + column) = value;
+        const int64_t sorted_row = first_row + row;
+        const int64_t column0 = info.n0 + column;
+        if constexpr (kEpilogue != static_cast<int>(Epilogue::kTokenRows)) {
+          *reinterpret_cast<uint4*>(p.out + sorted_row * p.n + column0) = value;
+        }
+        if constexpr (kEpilogue != static_cast<int>(Epilogue::kRows)) {
+          const int64_t token = __ldg(p.row_token + sorted_row);
+          if constexpr (kEpilogue == static_cast<int>(Epilogue::kTokenRows)) {
+            *reinterpret_cast<uint4*>(p.out + token * p.n + column0) = value;
+          } else {
+            *reinterpret_cast<uint4*>(p.combined + token * p.n + column0) = weighted(value, __ldg(p.token_weight + token));
+          }
+        }
       });
     }
   }
@@ -329,9 +372,16 @@ bool grouped_gemm_available() {
 
 namespace {
 
-template <bool kBKN, int kBN, int kConsumers>
+// The pointers of the token epilogues (all null for Epilogue::kRows).
+struct TokenRows {
+  const int64_t* row_token = nullptr;
+  const float* token_weight = nullptr;
+  __nv_bfloat16* combined = nullptr;
+};
+
+template <bool kBKN, int kBN, int kConsumers, int kEpilogue = static_cast<int>(Epilogue::kRows)>
 void launch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, const at::Tensor& out, int64_t k,
-            int64_t n) {
+            int64_t n, const TokenRows& tokens = {}) {
   using S = Shape<kBN, kConsumers>;
   constexpr int kBM = S::kBM;
   const int64_t groups = ends.size(0), rows = a.size(0);
@@ -347,6 +397,9 @@ void launch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, co
   }
   params->p = Problem{ends.data_ptr<int32_t>(),
                       reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
+                      tokens.row_token,
+                      tokens.token_weight,
+                      tokens.combined,
                       static_cast<int>(groups),
                       static_cast<int>(n),
                       static_cast<int>(k),
@@ -354,11 +407,40 @@ void launch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, co
                       static_cast<int>(tiles_bound)};
   const int sms = multiprocessors(a.device().index());
   const unsigned ctas = static_cast<unsigned>(std::min<int64_t>(tiles_bound, int64_t{sms} * S::kCtasPerSm));
-  const void* kernel = reinterpret_cast<const void*>(grouped_gemm_kernel<kBKN, kBN, kConsumers>);
+  const void* kernel = reinterpret_cast<const void*>(grouped_gemm_kernel<kBKN, kBN, kConsumers, kEpilogue>);
   allow_shared_memory(kernel, S::kSharedBytes, a.device().index());
   void* args[] = {params.get()};
   C10_CUDA_CHECK(cudaLaunchKernel(kernel, dim3(ctas), dim3(S::kThreads), args, S::kSharedBytes,
                                   c10::cuda::getCurrentCUDAStream()));
+}
+
+void check_tiles(int64_t tile_n, int64_t ctas_per_sm, int64_t tile_m) {
+  TORCH_CHECK(ctas_per_sm == 1 || (ctas_per_sm == 2 && tile_n == 128),
+              "ctas_per_sm must be 1, or 2 with tile_n 128, got ", text(ctas_per_sm));
+  TORCH_CHECK(tile_m == 128 || (tile_m == 192 && tile_n == 256 && ctas_per_sm == 1),
+              "tile_m must be 128, or 192 with tile_n 256 and ctas_per_sm 1, got tile_m ", text(tile_m),
+              " with tile_n ", text(tile_n), " and ctas_per_sm ", text(ctas_per_sm));
+}
+
+// One CTA per SM (the token epilogues are built for these shapes only).
+template <bool kBKN, int kEpilogue>
+void launch_one_cta(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, const at::Tensor& out,
+                    int64_t k, int64_t n, int64_t tile_n, int64_t tile_m, const TokenRows& tokens) {
+  if (tile_m == 192) {
+    launch<kBKN, 256, 3, kEpilogue>(a, b, ends, out, k, n, tokens);
+  } else if (tile_n == 256) {
+    launch<kBKN, 256, 2, kEpilogue>(a, b, ends, out, k, n, tokens);
+  } else {
+    launch<kBKN, 128, 2, kEpilogue>(a, b, ends, out, k, n, tokens);
+  }
+}
+
+// The checks of the token epilogues: one sorted row per token, every row inside a group.
+void check_token_rows(const at::Tensor& a, const at::Tensor& row_token, int64_t ctas_per_sm) {
+  TORCH_CHECK(ctas_per_sm == 1, "the token epilogues run with ctas_per_sm 1, got ", text(ctas_per_sm));
+  check_index(row_token, a, "row_token");
+  TORCH_CHECK(row_token.size(0) == a.size(0), "row_token must name the token of each of a's ", text(a.size(0)),
+              " rows, got shape ", text(row_token.sizes()));
 }
 
 }  // namespace
@@ -366,11 +448,7 @@ void launch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, co
 at::Tensor grouped_gemm_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, bool b_is_kn,
                              int64_t tile_n, int64_t ctas_per_sm, int64_t tile_m) {
   const auto [k, n] = check_operands(a, b, ends, b_is_kn, tile_n);
-  TORCH_CHECK(ctas_per_sm == 1 || (ctas_per_sm == 2 && tile_n == 128),
-              "ctas_per_sm must be 1, or 2 with tile_n 128, got ", text(ctas_per_sm));
-  TORCH_CHECK(tile_m == 128 || (tile_m == 192 && tile_n == 256 && ctas_per_sm == 1),
-              "tile_m must be 128, or 192 with tile_n 256 and ctas_per_sm 1, got tile_m ", text(tile_m),
-              " with tile_n ", text(tile_n), " and ctas_per_sm ", text(ctas_per_sm));
+  check_tiles(tile_n, ctas_per_sm, tile_m);
   const c10::cuda::CUDAGuard guard(a.device());
   auto out = at::empty({a.size(0), n}, a.options());
   if (a.size(0) == 0) return out;
@@ -385,6 +463,47 @@ at::Tensor grouped_gemm_rows(const at::Tensor& a, const at::Tensor& b, const at:
     tile_n == 256 ? launch<false, 256, 2>(a, b, ends, out, k, n) : launch<false, 128, 2>(a, b, ends, out, k, n);
   }
   return out;
+}
+
+at::Tensor grouped_gemm_rows_to_tokens(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends,
+                                       const at::Tensor& row_token, int64_t tile_n, int64_t ctas_per_sm,
+                                       int64_t tile_m) {
+  const auto [k, n] = check_operands(a, b, ends, true, tile_n);
+  check_tiles(tile_n, ctas_per_sm, tile_m);
+  check_token_rows(a, row_token, ctas_per_sm);
+  const c10::cuda::CUDAGuard guard(a.device());
+  auto out = at::empty({a.size(0), n}, a.options());
+  if (a.size(0) == 0) return out;
+  bind_context(a.device().index());
+  TokenRows tokens;
+  tokens.row_token = row_token.data_ptr<int64_t>();
+  launch_one_cta<true, static_cast<int>(Epilogue::kTokenRows)>(a, b, ends, out, k, n, tile_n, tile_m, tokens);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_gemm_rows_and_combine(const at::Tensor& a, const at::Tensor& b,
+                                                                 const at::Tensor& ends, const at::Tensor& row_token,
+                                                                 const at::Tensor& token_weight, int64_t tile_n,
+                                                                 int64_t ctas_per_sm, int64_t tile_m) {
+  const auto [k, n] = check_operands(a, b, ends, false, tile_n);
+  check_tiles(tile_n, ctas_per_sm, tile_m);
+  check_token_rows(a, row_token, ctas_per_sm);
+  check_cuda_contiguous(token_weight, "token_weight");
+  check_same_device(token_weight, a, "token_weight");
+  check_dtype(token_weight, at::kFloat, "token_weight");
+  TORCH_CHECK(token_weight.dim() == 1 && token_weight.size(0) == a.size(0), "token_weight must hold one weight per token (",
+              text(a.size(0)), "), got shape ", text(token_weight.sizes()));
+  const c10::cuda::CUDAGuard guard(a.device());
+  auto out = at::empty({a.size(0), n}, a.options());
+  auto combined = at::empty({a.size(0), n}, a.options());
+  if (a.size(0) == 0) return {out, combined};
+  bind_context(a.device().index());
+  TokenRows tokens;
+  tokens.row_token = row_token.data_ptr<int64_t>();
+  tokens.token_weight = token_weight.data_ptr<float>();
+  tokens.combined = reinterpret_cast<__nv_bfloat16*>(combined.data_ptr());
+  launch_one_cta<false, static_cast<int>(Epilogue::kRowsAndCombine)>(a, b, ends, out, k, n, tile_n, tile_m, tokens);
+  return {out, combined};
 }
 
 }  // namespace lightning_moe

@@ -7,6 +7,8 @@
 // [ends[e - 1], ends[e]) (ends[-1] = 0), so no host synchronisation is needed.
 #pragma once
 
+#include <tuple>
+
 #include <ATen/core/Tensor.h>
 
 namespace lightning_moe {
@@ -36,5 +38,25 @@ bool grouped_gemm_available();
 //   (R, N) bfloat16; rows at or past ends[E - 1] are left unwritten.
 at::Tensor grouped_gemm_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, bool b_is_kn,
                              int64_t tile_n = 128, int64_t ctas_per_sm = 1, int64_t tile_m = 128);
+
+// For rows that are a permutation of the tokens (one assignment per token, R = T), the epilogues
+// that write token rows directly, saving the row kernel that would follow. row_token (R,) int64:
+// the token of each sorted row, a permutation of [0, R) (the sort's order); every row must lie in
+// a group (ends[E - 1] == R), else token rows stay unwritten. ctas_per_sm must be 1.
+//
+// grouped_gemm_rows_to_tokens: b (E, K, N) (b_is_kn); out[row_token[r]] = a[r] @ b[e], (T, N): the
+// input gradient of the first expert GEMM in token order (the permutation's backward).
+at::Tensor grouped_gemm_rows_to_tokens(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends,
+                                       const at::Tensor& row_token, int64_t tile_n = 128, int64_t ctas_per_sm = 1,
+                                       int64_t tile_m = 128);
+
+// grouped_gemm_rows_and_combine: b (E, N, K); returns (rows, combined): rows as grouped_gemm_rows
+// gives them, and combined[t] = token_weight[t] * rows[r] for t = row_token[r], computed in float32
+// (fmaf(weight, row, 0)) and rounded to bf16, the unpermute's bits for one assignment per token.
+// token_weight: (T,) float32.
+std::tuple<at::Tensor, at::Tensor> grouped_gemm_rows_and_combine(const at::Tensor& a, const at::Tensor& b,
+                                                                 const at::Tensor& ends, const at::Tensor& row_token,
+                                                                 const at::Tensor& token_weight, int64_t tile_n = 128,
+                                                                 int64_t ctas_per_sm = 1, int64_t tile_m = 128);
 
 }  // namespace lightning_moe

@@ -4,7 +4,8 @@
 //      assignments per expert (shared-memory integer atomics: the counts do not depend on the
 //      order of the atomics).
 //   2. scan_chunk_counts: one block turns the (E, chunks) counts, read expert-major, into each
-//      (expert, chunk) pair's first sorted position, and writes tokens_per_expert.
+//      (expert, chunk) pair's first sorted position, and writes tokens_per_expert and each
+//      expert's end (the grouped GEMMs' row ends, so that no cumsum has to follow).
 //   3. place_stable: one warp per chunk walks its chunk in order, 32 assignments at a time; lanes
 //      with the same expert rank themselves by lane (__match_any_sync), so equal experts keep
 //      their original order and the result is the same on every run.
@@ -53,9 +54,11 @@ __global__ void chunk_histogram_kernel(const int64_t* __restrict__ expert_ids, i
 }
 
 // One block: in-place exclusive scan of `counts` (num_experts * num_chunks, expert-major), each
-// thread owning one contiguous segment; then tokens_per_expert from the scanned starts.
+// thread owning one contiguous segment; then tokens_per_expert and expert_ends from the scanned
+// starts.
 __global__ void scan_chunk_counts_kernel(int32_t* __restrict__ counts, int num_experts, int num_chunks,
-                                         int64_t num_assignments, int64_t* __restrict__ tokens_per_expert) {
+                                         int64_t num_assignments, int64_t* __restrict__ tokens_per_expert,
+                                         int32_t* __restrict__ expert_ends) {
   __shared__ int32_t warp_totals[kWarp];
   const int64_t size = static_cast<int64_t>(num_experts) * num_chunks;
   const int64_t segment = (size + kScanThreads - 1) / kScanThreads;
@@ -74,6 +77,7 @@ __global__ void scan_chunk_counts_kernel(int32_t* __restrict__ counts, int num_e
     const int64_t start = counts[static_cast<int64_t>(e) * num_chunks];
     const int64_t stop = e + 1 < num_experts ? counts[static_cast<int64_t>(e + 1) * num_chunks] : num_assignments;
     tokens_per_expert[e] = stop - start;
+    expert_ends[e] = static_cast<int32_t>(stop);
   }
 }
 
@@ -117,7 +121,8 @@ int64_t chunk_size(int64_t num_assignments, int64_t num_experts) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_by_expert(const at::Tensor& expert_ids, int64_t num_experts) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sort_by_expert(const at::Tensor& expert_ids,
+                                                                       int64_t num_experts) {
   check_cuda_contiguous(expert_ids, "expert_ids");
   check_dtype(expert_ids, at::kLong, "expert_ids");
   check_dim(expert_ids, 1, "expert_ids");
@@ -129,8 +134,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_by_expert(const at::Tensor& 
   const auto index_options = expert_ids.options();
   at::Tensor order = at::empty({n}, index_options);
   at::Tensor inverse = at::empty({n}, index_options);
-  at::Tensor tokens_per_expert = at::zeros({num_experts}, index_options);
-  if (n == 0) return {order, inverse, tokens_per_expert};
+  if (n == 0) {
+    return {order, inverse, at::zeros({num_experts}, index_options),
+            at::zeros({num_experts}, index_options.dtype(at::kInt))};
+  }
+  // The scan writes every expert's count and end: no zero fill (one launch fewer).
+  at::Tensor tokens_per_expert = at::empty({num_experts}, index_options);
+  at::Tensor expert_ends = at::empty({num_experts}, index_options.dtype(at::kInt));
 
   const int64_t chunk = chunk_size(n, num_experts);
   const int num_chunks = static_cast<int>((n + chunk - 1) / chunk);
@@ -143,13 +153,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_by_expert(const at::Tensor& 
       expert_ids.data_ptr<int64_t>(), n, chunk, experts, num_chunks, chunk_counts.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   scan_chunk_counts_kernel<<<1, kScanThreads, 0, stream>>>(chunk_counts.data_ptr<int32_t>(), experts, num_chunks, n,
-                                                           tokens_per_expert.data_ptr<int64_t>());
+                                                           tokens_per_expert.data_ptr<int64_t>(),
+                                                           expert_ends.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   place_stable_kernel<<<num_chunks, kWarp, shared_bytes, stream>>>(
       expert_ids.data_ptr<int64_t>(), n, chunk, experts, num_chunks, chunk_counts.data_ptr<int32_t>(),
       order.data_ptr<int64_t>(), inverse.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {order, inverse, tokens_per_expert};
+  return {order, inverse, tokens_per_expert, expert_ends};
 }
 
 }  // namespace lightning_moe

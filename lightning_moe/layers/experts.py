@@ -186,8 +186,9 @@ class GroupedExperts(nn.Module):
         inverse: Tensor,
         token_offsets: Tensor,
         weights: Tensor,
-        tokens_per_expert: Tensor,
+        expert_ends: Tensor,
         out_dtype: torch.dtype,
+        order: Tensor | None = None,
     ) -> Tensor:
         """Gather each assignment's token, run its expert and sum each token's weighted outputs
         through :func:`lightning_moe.ops.expert_mlp.expert_mlp`: the result, gradients included, of
@@ -200,16 +201,20 @@ class GroupedExperts(nn.Module):
             inverse: (N,) int64 expert-sorted position of each token-major assignment.
             token_offsets: (T + 1,) int64 where each token's assignments start.
             weights: (N,) float32 combine weight of each assignment.
-            tokens_per_expert: (E,) int64 assignments of each local expert.
+            expert_ends: (E,) int32 where each expert's assignments end in the sorted order
+                (``cumsum`` of the tokens per expert), from
+                :func:`lightning_moe.ops.sort_by_expert_with_ends`.
             out_dtype: dtype of the result.
+            order: The sort's ``order``, given only where every token has exactly one assignment
+                (see :func:`lightning_moe.ops.expert_mlp.expert_mlp`).
 
         Returns:
             (T, D) in ``out_dtype``.
         """
         dtype = x_TD.dtype
         w1, w2, w3 = (_cast(self.w1, dtype), _cast(self.w2, dtype), _cast(self.w3, dtype))
-        args = (x_TD, inverse, token_offsets, weights, tokens_per_expert)
-        return expert_mlp(*args, w1, w2, w3, self.activation, out_dtype)
+        args = (x_TD, inverse, token_offsets, weights, expert_ends)
+        return expert_mlp(*args, w1, w2, w3, self.activation, out_dtype, order)
 
     def _grouped_forward(self, x_ND: Tensor, tokens_per_expert: Tensor, dtype: torch.dtype) -> Tensor:
         # Cast up front as autocast would for a matmul: every op of grouped_mlp then runs in `dtype`,

@@ -151,9 +151,15 @@ class MoE(nn.Module):
             rows_TD = self._rows_for_experts(x_TD) if rows_TD is None else rows_TD
             if self._fused_experts_apply(rows_TD, kept_routing):
                 assert isinstance(self.experts, GroupedExperts)
-                _, inverse, tokens_per_kept_expert = ops.sort_by_expert(kept_routing.expert_ids, self.num_experts)
+                sorted_ = ops.sort_by_expert_with_ends(kept_routing.expert_ids, self.num_experts)
+                _, inverse, tokens_per_kept_expert, expert_ends = sorted_
+                # A token-choice router's layout with one assignment per token: each token has one.
+                # Otherwise the order is not needed, and not kept (peak memory).
+                one_per_token = kept_routing.token_offsets is not None and inverse.shape[0] == x_TD.shape[0]
+                order = sorted_[0] if one_per_token else None
+                del sorted_
                 out_TD = self.experts.forward_and_combine(
-                    rows_TD, inverse, token_offsets, kept_routing.weights, tokens_per_kept_expert, out_dtype
+                    rows_TD, inverse, token_offsets, kept_routing.weights, expert_ends, out_dtype, order
                 )
             else:
                 x_ND, inverse, tokens_per_kept_expert = self.permute(rows_TD, kept_routing, token_offsets)

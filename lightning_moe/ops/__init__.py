@@ -26,7 +26,7 @@ from lightning_moe.ops.extension import cuda_kernels_available, load_extension
 from lightning_moe.ops.permute import permute
 from lightning_moe.ops.reference import expert_histogram, token_offsets
 from lightning_moe.ops.router_logits import router_logits
-from lightning_moe.ops.sort_by_expert import sort_by_expert
+from lightning_moe.ops.sort_by_expert import sort_by_expert, sort_by_expert_with_ends
 from lightning_moe.ops.topk_route import TopKRoute, router_topk_route, topk_route
 from lightning_moe.ops.unpermute import unpermute
 
@@ -43,6 +43,7 @@ __all__ = [
     "router_logits",
     "router_topk_route",
     "sort_by_expert",
+    "sort_by_expert_with_ends",
     "token_offsets",
     "TopKRoute",
     "topk_route",

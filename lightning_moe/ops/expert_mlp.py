@@ -18,6 +18,13 @@ where the composition casts and accumulates one before it makes the other: their
 projection's weight gradient higher, which is why :class:`lightning_moe.layers.experts.GroupedExperts`
 takes this path for plain experts only.
 
+With one assignment per token (a top-1 token-choice routing, dropless), the caller passes the
+sort's ``order`` and two row kernels go: the second projection's kernel writes the combined output
+in token order beside its rows, and the first projection's input gradient is written in token order
+by its own kernel, so the permutation's backward has nothing left to do (the epilogues of
+:func:`lightning_moe.ops.grouped_linear.forward_and_combine_tokens` and
+:func:`~lightning_moe.ops.grouped_linear.input_grad_to_tokens`, with the row kernels' arithmetic).
+
 It is eager only: under ``torch.compile`` the layer keeps the composition, whose custom ops the
 compiler traces. :func:`expert_mlp_usable` says when it applies (bfloat16, and the grouped GEMM
 kernels of :mod:`lightning_moe.ops.grouped_linear` usable); experts with biases do not take it.
@@ -36,7 +43,12 @@ from lightning_moe.ops.extension import use_cuda_kernels
 from lightning_moe.ops.grouped_linear import _forward as _linear
 from lightning_moe.ops.grouped_linear import _input_grad as _linear_input_grad
 from lightning_moe.ops.grouped_linear import _weight_grad as _linear_weight_grad
-from lightning_moe.ops.grouped_linear import grouped_linear_usable
+from lightning_moe.ops.grouped_linear import (
+    forward_and_combine_tokens,
+    grouped_linear_usable,
+    input_grad_to_tokens,
+    token_epilogues_usable,
+)
 from lightning_moe.ops.permute import _backward_kernel as _permute_backward
 from lightning_moe.ops.permute import _forward as _permute
 from lightning_moe.ops.reference import GLU_GATES
@@ -59,12 +71,13 @@ def expert_mlp(
     inverse: Tensor,
     token_offsets: Tensor,
     weights: Tensor,
-    tokens_per_expert: Tensor,
+    expert_ends: Tensor,
     w1_EFD: Tensor,
     w2_EDF: Tensor,
     w3_EFD: Tensor | None,
     activation: str,
     out_dtype: torch.dtype,
+    order: Tensor | None = None,
 ) -> Tensor:
     """``out[t] = sum over t's assignments a of weights[a] * mlp_e(x[t])``, e the expert of a.
 
@@ -77,12 +90,17 @@ def expert_mlp(
             :func:`lightning_moe.ops.sort_by_expert`.
         token_offsets: (T + 1,) int64 where each token's assignments start.
         weights: (N,) float32 combine weight of each assignment.
-        tokens_per_expert: (E,) int64 assignments of each expert, from the same sort.
+        expert_ends: (E,) int32 where each expert's rows end in the sorted order,
+            ``cumsum(tokens_per_expert)``, from :func:`lightning_moe.ops.sort_by_expert_with_ends`.
         w1_EFD: (E, F, D) bfloat16 first projection.
         w2_EDF: (E, D, F) bfloat16 second projection.
         w3_EFD: (E, F, D) bfloat16 gate projection of the GLUs ``"swiglu"`` and ``"geglu"``, else None.
         activation: The experts' activation by name (:mod:`lightning_moe.layers.activations`).
         out_dtype: dtype of the result.
+        order: Only where every token has exactly one assignment (then N = T and assignment t is
+            token t's): the sort's ``order``, (N,) int64, the assignment at each sorted position.
+            The combine and the permutation's backward are then written by the GEMM kernels
+            themselves, with the same results. None: the row kernels run.
 
     Returns:
         (T, D) in ``out_dtype``; gradients flow to ``x_TD``, ``weights`` and the expert weights.
@@ -93,13 +111,26 @@ def expert_mlp(
     if any(w.dtype != torch.bfloat16 for w in expert_weights):
         raise ValueError(f"expert_mlp needs bfloat16 weights, got {[w.dtype for w in expert_weights]}.")
     kernel_activation = GLU_GATES.get(activation, activation)
-    # Cumulative row ends per expert, computed on the device: no host sync.
-    ends_E = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+    if expert_ends.dtype != torch.int32:
+        raise ValueError(f"expert_mlp needs int32 expert_ends (the sort's cumulative counts), got {expert_ends.dtype}.")
+    ends_E = expert_ends.contiguous()
     inverse, weights = inverse.contiguous(), weights.contiguous()
     w1_EFD, w3_EFD = w1_EFD.contiguous(), None if w3_EFD is None else w3_EFD.contiguous()
-    projected = _ExpertInputFunction.apply(x_TD.contiguous(), inverse, token_offsets, ends_E, w1_EFD, w3_EFD)
+    if order is not None:
+        if order.shape[0] != x_TD.shape[0] or inverse.shape[0] != x_TD.shape[0]:
+            raise ValueError(
+                f"expert_mlp takes order only for one assignment per token, got {inverse.shape[0]} assignments "
+                f"of {x_TD.shape[0]} tokens."
+            )
+        order = order.contiguous() if token_epilogues_usable() else None
+    # The token-order epilogues: the input gradient of plain experts, the combine into bf16.
+    input_order = order if w3_EFD is None else None
+    output_order = order if out_dtype == torch.bfloat16 else None
+    x_TD = x_TD.contiguous()
+    projected = _ExpertInputFunction.apply(x_TD, inverse, token_offsets, ends_E, w1_EFD, w3_EFD, input_order)
     a_NF, gate_NF = projected if w3_EFD is not None else (projected, None)
-    args = (a_NF, gate_NF, kernel_activation, w2_EDF.contiguous(), ends_E, inverse, weights, token_offsets, out_dtype)
+    w2_EDF = w2_EDF.contiguous()
+    args = (a_NF, gate_NF, kernel_activation, w2_EDF, ends_E, inverse, weights, token_offsets, out_dtype, output_order)
     return _ExpertOutputFunction.apply(*args)
 
 
@@ -115,9 +146,10 @@ class _ExpertInputFunction(torch.autograd.Function):
         ends_E: Tensor,
         w1_EFD: Tensor,
         w3_EFD: Tensor | None,
+        order: Tensor | None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         x_ND = _permute(x_TD, inverse, token_offsets)
-        ctx.save_for_backward(x_ND, inverse, token_offsets, ends_E, w1_EFD, w3_EFD)
+        ctx.save_for_backward(x_ND, inverse, token_offsets, ends_E, w1_EFD, w3_EFD, order)
         ctx.x_dtype = x_TD.dtype
         a_NF = _linear(x_ND, w1_EFD, ends_E)
         return a_NF if w3_EFD is None else (a_NF, _linear(x_ND, w3_EFD, ends_E))
@@ -125,15 +157,17 @@ class _ExpertInputFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_a: Tensor, grad_gate: Tensor | None = None) -> tuple[Tensor | None, ...]:
-        x_ND, inverse, token_offsets, ends_E, w1, w3 = ctx.saved_tensors
-        needs_x, _, _, _, needs_w1, needs_w3 = ctx.needs_input_grad
+        x_ND, inverse, token_offsets, ends_E, w1, w3, order = ctx.saved_tensors
+        needs_x, _, _, _, needs_w1, needs_w3, _ = ctx.needs_input_grad
         grad_a = grad_a.contiguous()
         if grad_gate is not None:
             grad_gate = grad_gate.contiguous()
         grad_x = grad_w1 = grad_w3 = None
         # The token gradient first: the permuted one is freed before the weight gradients are made,
         # as the composition frees it, so that the peak memory is no higher than the composition's.
-        if needs_x:
+        if needs_x and order is not None:  # plain experts, one assignment per token
+            grad_x = input_grad_to_tokens(grad_a, w1, ends_E, order)
+        elif needs_x:
             grad_x_ND = _linear_input_grad(grad_a, w1, ends_E)
             if w3 is not None:
                 assert grad_gate is not None
@@ -145,7 +179,7 @@ class _ExpertInputFunction(torch.autograd.Function):
         if w3 is not None and needs_w3:
             assert grad_gate is not None
             grad_w3 = _linear_weight_grad(grad_gate, x_ND, ends_E)
-        return grad_x, None, None, None, grad_w1, grad_w3
+        return grad_x, None, None, None, grad_w1, grad_w3, None
 
 
 class _ExpertOutputFunction(torch.autograd.Function):
@@ -163,22 +197,27 @@ class _ExpertOutputFunction(torch.autograd.Function):
         weights: Tensor,
         token_offsets: Tensor,
         out_dtype: torch.dtype,
+        order: Tensor | None,
     ) -> Tensor:
         hidden_NF = _activation(a_NF, gate_NF, kernel_activation)
-        y_ND = _linear(hidden_NF, w2_EDF, ends_E)
+        if order is not None:  # one assignment per token, combined into bf16 by the GEMM
+            y_ND, out_TD = forward_and_combine_tokens(hidden_NF, w2_EDF, ends_E, order, weights)
+        else:
+            y_ND = _linear(hidden_NF, w2_EDF, ends_E)
+            out_TD = _unpermute(y_ND, inverse, weights, token_offsets, out_dtype)
         ctx.save_for_backward(a_NF, gate_NF, hidden_NF, y_ND, w2_EDF, ends_E, inverse, weights, token_offsets)
         ctx.kernel_activation = kernel_activation
-        return _unpermute(y_ND, inverse, weights, token_offsets, out_dtype)
+        return out_TD
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_TD: Tensor) -> tuple[Tensor | None, ...]:
         a_NF, gate_NF, hidden_NF, y_ND, w2, ends_E, inverse, weights, token_offsets = ctx.saved_tensors
-        needs_a, needs_gate, _, needs_w2, _, _, needs_weights, _, _ = ctx.needs_input_grad
+        needs_a, needs_gate, _, needs_w2, _, _, needs_weights, _, _, _ = ctx.needs_input_grad
         grad_y, grad_weights = _unpermute_backward(grad_TD, y_ND, inverse, weights, token_offsets)
         grad_w2 = _linear_weight_grad(grad_y, hidden_NF, ends_E) if needs_w2 else None
         grad_a = grad_gate = None
         if needs_a or needs_gate:
             grad_hidden = _linear_input_grad(grad_y, w2, ends_E)
             grad_a, grad_gate = _activation_backward(grad_hidden, a_NF, gate_NF, ctx.kernel_activation)
-        return grad_a, grad_gate, None, grad_w2, None, None, grad_weights if needs_weights else None, None, None
+        return grad_a, grad_gate, None, grad_w2, None, None, grad_weights if needs_weights else None, None, None, None

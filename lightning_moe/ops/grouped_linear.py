@@ -65,6 +65,10 @@ WEIGHT_GRAD_RUN_TILES = 4
 TALL_ROW_TILES = True
 TALL_TILE_MIN_ROWS = 104
 TALL_TILE_MAX_ROWS = 176
+# With one assignment per token, the second projection's kernel writes the combined output and the
+# first projection's input gradient is written in token order (lightning_moe.ops.expert_mlp): two
+# row kernels fewer a step. False: the row kernels run.
+TOKEN_EPILOGUES = True
 
 
 def grouped_linear_usable(
@@ -139,6 +143,32 @@ def _rows_gemm(a_NK: Tensor, w_EMK: Tensor, ends_E: Tensor, b_is_kn: bool) -> Te
 
 def _forward(x_NK: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:
     return _rows_gemm(x_NK, w_EMK, ends_E, False)
+
+
+def token_epilogues_usable() -> bool:
+    """Whether :func:`input_grad_to_tokens` and :func:`forward_and_combine_tokens` run: switched on
+    (TOKEN_EPILOGUES), with the row kernel on one CTA per SM (ROW_CTAS_PER_SM 1), whose shapes
+    their epilogues are built for."""
+    return TOKEN_EPILOGUES and ROW_CTAS_PER_SM == 1
+
+
+def input_grad_to_tokens(grad_NM: Tensor, w_EMK: Tensor, ends_E: Tensor, order_N: Tensor) -> Tensor:
+    """The input gradient ``grad[r] @ w[e]`` of rows that are a permutation of the tokens (one
+    assignment per token, every row inside a group), written straight into token order: row ``r``
+    to token ``order_N[r]``. The permutation's backward then has nothing left to do."""
+    tile_n, tile_m = _rows_tiles(grad_NM, w_EMK.shape[0], w_EMK.shape[2])
+    return require_extension().grouped_gemm_rows_to_tokens(grad_NM, w_EMK, ends_E, order_N, tile_n, 1, tile_m)
+
+
+def forward_and_combine_tokens(
+    x_NK: Tensor, w_EMK: Tensor, ends_E: Tensor, order_N: Tensor, weights_T: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``y = grouped_linear(x_NK, w_EMK, ends_E)`` for rows that are a permutation of the tokens, and
+    the combine ``out[t] = weights_T[t] * y[r]`` (t = ``order_N[r]``) from the same kernel, with the
+    bits of :func:`lightning_moe.ops.unpermute` for one assignment per token; (y, out), both bf16."""
+    tile_n, tile_m = _rows_tiles(x_NK, w_EMK.shape[0], w_EMK.shape[1])
+    kernel = require_extension().grouped_gemm_rows_and_combine
+    return kernel(x_NK, w_EMK, ends_E, order_N, weights_T, tile_n, 1, tile_m)
 
 
 def _input_grad(grad_NM: Tensor, w_EMK: Tensor, ends_E: Tensor) -> Tensor:

@@ -93,6 +93,60 @@ def test_row_kernel_matches_the_oracle(
     assert_close_to_gpu_oracle(got_NM, torch_NM, oracle_NM)
 
 
+# The row kernel's shapes on one CTA per SM, which the token epilogues are built for.
+ONE_CTA_ROW_CHOICES = {name: choice for name, choice in ROW_KERNEL_CHOICES.items() if choice[1] == 1}
+
+
+def _token_order(rows: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """A random permutation: the token of each sorted row (order) and the row of each token."""
+    order = torch.randperm(rows, generator=generator).cuda()
+    return order, order.argsort()
+
+
+@pytest.mark.parametrize("split", SPLITS.values(), ids=SPLITS.keys())
+@pytest.mark.parametrize(
+    ("tile_n", "ctas_per_sm", "tile_m"), ONE_CTA_ROW_CHOICES.values(), ids=ONE_CTA_ROW_CHOICES.keys()
+)
+def test_token_epilogues_write_the_row_kernels_bits_in_token_order(
+    split: list[int], tile_n: int, ctas_per_sm: int, tile_m: int, generator: torch.Generator
+) -> None:
+    """Rows that are a permutation of the tokens: the input gradient written to token rows is the
+    row kernel's output permuted, and the combine is the unpermute's (fmaf(weight, row, 0) in
+    float32, then bf16) of the row kernel's rows; every token row is written (memory poisoned)."""
+    x_NK, w_EMK, ends_E, _ = make_inputs(split, 192, 256, generator)
+    order, row_of_token = _token_order(x_NK.shape[0], generator)
+    weights = torch.rand(x_NK.shape[0], generator=generator).cuda()
+    weights[: min(3, weights.shape[0])] = torch.tensor([0.0, 1.0, -2.5])[: weights.shape[0]].cuda()
+    extension = require_extension()
+    shapes = (tile_n, ctas_per_sm, tile_m)
+    w_EKM = w_EMK.transpose(1, 2).contiguous()
+    rows_kn = extension.grouped_gemm_rows(x_NK, w_EKM, ends_E, True, *shapes)
+    rows_nk = extension.grouped_gemm_rows(x_NK, w_EMK, ends_E, False, *shapes)
+    poison_float_blocks()
+    to_tokens = extension.grouped_gemm_rows_to_tokens(x_NK, w_EKM, ends_E, order, *shapes)
+    poison_float_blocks()
+    rows, combined = extension.grouped_gemm_rows_and_combine(x_NK, w_EMK, ends_E, order, weights, *shapes)
+    assert torch.equal(to_tokens, rows_kn[row_of_token])
+    assert torch.equal(rows, rows_nk)
+    expected = (weights[:, None] * rows_nk[row_of_token].float()).bfloat16()
+    assert combined.dtype == torch.bfloat16 and torch.equal(combined, expected)
+
+
+def test_token_epilogues_reject_what_they_cannot_write(generator: torch.Generator) -> None:
+    x_NK, w_EMK, ends_E, _ = make_inputs([5, 3], 64, 128, generator)
+    order, _ = _token_order(8, generator)
+    extension = require_extension()
+    w_EKM = w_EMK.transpose(1, 2).contiguous()
+    with pytest.raises(RuntimeError, match="row_token must name the token of each of a's 8 rows"):
+        extension.grouped_gemm_rows_to_tokens(x_NK, w_EKM, ends_E, order[:7])
+    with pytest.raises(RuntimeError, match="the token epilogues run with ctas_per_sm 1"):
+        extension.grouped_gemm_rows_to_tokens(x_NK, w_EKM, ends_E, order, 128, 2)
+    with pytest.raises(RuntimeError, match="token_weight must hold one weight per token"):
+        extension.grouped_gemm_rows_and_combine(x_NK, w_EMK, ends_E, order, torch.ones(3, device="cuda"))
+    with pytest.raises(RuntimeError, match="row_token must have dtype"):
+        extension.grouped_gemm_rows_and_combine(x_NK, w_EMK, ends_E, order.int(), torch.ones(8, device="cuda"))
+
+
 @pytest.mark.parametrize("split", SPLITS.values(), ids=SPLITS.keys())
 @pytest.mark.parametrize(
     ("tile_n", "ctas_per_sm", "k", "run_tiles"),

@@ -36,6 +36,19 @@ def test_sort_by_expert_matches_loops(name: str, generator: torch.Generator) -> 
     assert counts.dtype == order.dtype == inverse.dtype == torch.int64
 
 
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_sort_with_ends_on_cpu_adds_the_running_counts(name: str, generator: torch.Generator) -> None:
+    """Without the kernels, sort_by_expert_with_ends is the sort and an int32 cumsum of its counts."""
+    from lightning_moe import ops
+
+    case = make_case(name, generator)
+    order, inverse, counts, ends = ops.sort_by_expert_with_ends(case.expert_ids, case.num_experts)
+    expected_order, expected_inverse, expected_counts = loop_sort(case.expert_ids, case.num_experts)
+    assert (order.tolist(), inverse.tolist(), counts.tolist()) == (expected_order, expected_inverse, expected_counts)
+    running = [sum(expected_counts[: e + 1]) for e in range(case.num_experts)]
+    assert ends.dtype == torch.int32 and ends.tolist() == running
+
+
 def test_sort_by_expert_of_nothing() -> None:
     order, inverse, counts = reference.sort_by_expert(torch.zeros(0, dtype=torch.int64), 4)
     assert order.shape == inverse.shape == (0,)

@@ -30,3 +30,15 @@ def test_sort_by_expert_at_scale(num_assignments: int, num_experts: int, generat
     expected = reference.sort_by_expert(expert_ids, num_experts)
     for got, want in zip((order, inverse, counts), expected, strict=True):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(("num_assignments", "num_experts"), [(0, 8), (1, 1), (8192, 64), (100_003, 1024)])
+def test_the_sort_writes_each_experts_end(num_assignments: int, num_experts: int, generator: torch.Generator) -> None:
+    """The scan's ends are the cumulative counts, in int32, for empty experts and no assignments too."""
+    expert_ids = torch.randint(0, num_experts, (num_assignments,), generator=generator).cuda()
+    poison_cached_memory()
+    order, inverse, counts, ends = ops.sort_by_expert_with_ends(expert_ids, num_experts)
+    expected = reference.sort_by_expert(expert_ids, num_experts)
+    for got, want in zip((order, inverse, counts), expected, strict=True):
+        assert torch.equal(got, want)
+    assert ends.dtype == torch.int32 and torch.equal(ends, expected[2].cumsum(0).int())
