@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 import lightning_moe.ops
+from benchmarks.moe_layer import training_step
 from lightning_moe import MoE
 
 WARMUP_STEPS = 50
@@ -153,13 +154,7 @@ def main() -> None:
     ).to(torch.bfloat16)
     x = torch.randn(args.tokens, args.d_model, dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(args.tokens, args.d_model, dtype=torch.bfloat16)
-    params = list(layer.parameters())
-
-    def step() -> None:
-        for param in params:
-            param.grad = None
-        x.grad = None
-        layer(x).backward(grad)
+    step = training_step(layer, x, grad)
 
     for _ in range(args.warmup):
         step()

@@ -301,6 +301,21 @@ class Result:
 MAX_BATCHES = 50
 
 
+def training_step(module: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], None]:
+    """One forward + backward of ``module`` on ``x`` with upstream gradient ``grad``, as a training
+    step makes it: the gradients of the parameters and of ``x`` are set to None first, so that no
+    step accumulates into an earlier one's."""
+    params = list(module.parameters())
+
+    def step() -> None:
+        for param in params:
+            param.grad = None
+        x.grad = None
+        module(x).backward(grad)
+
+    return step
+
+
 def graphed(step: Callable[[], None]) -> Callable[[], None]:
     """The replay of a CUDA graph captured from one call of ``step`` (after three on a side stream,
     which the capture needs)."""
@@ -324,14 +339,8 @@ def measure(
     time-based minimums keep short steps (a millisecond or two) from being timed before the GPU's
     clocks settle, or over too few steps for their median to hold still. With ``cuda_graphs`` the
     warm-up and timed steps are replays of a graph captured from the step."""
+    step = training_step(module, x, grad)
     params = list(module.parameters())
-
-    def step() -> None:
-        for param in params:
-            param.grad = None
-        x.grad = None
-        module(x).backward(grad)
-
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()

@@ -20,7 +20,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.moe_layer import CONFIGS, IMPLEMENTATIONS, Config
+from benchmarks.moe_layer import CONFIGS, IMPLEMENTATIONS, Config, training_step
 
 HOST_STEPS = 10
 
@@ -33,12 +33,7 @@ def profile_one(config: Config, name: str, args: argparse.Namespace) -> None:
     x = torch.randn(rows, config.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
 
-    def step() -> None:
-        # As in moe_layer.py: no gradient is accumulated into an earlier step's.
-        for param in module.parameters():
-            param.grad = None
-        x.grad = None
-        module(x).backward(grad)
+    step = training_step(module, x, grad)
 
     for _ in range(3):
         step()
