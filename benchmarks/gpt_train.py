@@ -27,6 +27,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from timing import idle_gaps
 from torch import Tensor, nn
 
 from lightning_moe import ops
@@ -87,7 +88,7 @@ class Throughput(L.Callback):
             with tempfile.TemporaryDirectory() as directory:
                 trace = Path(directory) / "trace.json"
                 self.profiler.export_chrome_trace(str(trace))
-                idle_ms, gaps = idle_gaps(json.loads(trace.read_text())["traceEvents"])
+                idle_ms, gaps = trace_idle_gaps(json.loads(trace.read_text())["traceEvents"])
             print(f"  GPU idle between kernels: {idle_ms / steps:.2f} ms/step; by length of gap:")
             for low, high in ((2, 4), (4, 8), (8, 20), (20, 100), (100, float("inf"))):
                 within = [gap[0] for gap in gaps if low < gap[0] <= high]
@@ -104,21 +105,20 @@ class Throughput(L.Callback):
                 print(f"  {gap_us:8.0f}  {before[:60]} -> {after[:60]}")
 
 
-def idle_gaps(events: list[dict[str, Any]], min_us: float = 2.0) -> tuple[float, list[tuple[float, str, str]]]:
-    """The GPU's idle time (ms) between consecutive kernels, copies and fills of a Chrome trace, and
-    its gaps longer than ``min_us`` (us, the one before, the one after), longest first.
+def trace_idle_gaps(events: list[dict[str, Any]], min_us: float = 2.0) -> tuple[float, list[tuple[float, str, str]]]:
+    """The GPU's idle time (ms) between the kernels, copies and fills of a Chrome trace, in gaps
+    longer than ``min_us``, and those gaps (us, the one before, the one after), longest first.
 
     Gaps show where the GPU waited for the host: after a synchronisation, or where the host issues
     work more slowly than the GPU runs it.
     """
-    work = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
-    gaps = []
-    for before, after in zip(work, work[1:], strict=False):
-        gap_us = after["ts"] - (before["ts"] + before["dur"])
-        if gap_us > min_us:
-            gaps.append((gap_us, before["name"], after["name"]))
-    gaps.sort(key=lambda gap: gap[0], reverse=True)
-    return sum(gap[0] for gap in gaps) / 1e3, gaps
+    work = [
+        (e["name"], e["ts"], e["ts"] + e["dur"])
+        for e in events
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+    ]
+    gaps = sorted((gap for gap in idle_gaps(work) if gap.microseconds > min_us), key=lambda gap: -gap.microseconds)
+    return sum(gap.microseconds for gap in gaps) / 1e3, [(gap.microseconds, gap.before, gap.after) for gap in gaps]
 
 
 def tokens_per_second(

@@ -1,12 +1,16 @@
 """Where one MoE layer's forward + backward spends its GPU time: the top CUDA kernels, per step.
 
     python benchmarks/profile_layer.py [--configs 1,5] [--impls MoE,ops] [--top 15] [--host] [--python]
+        [--gaps]
 
 Uses the configs and implementations of ``benchmarks/moe_layer.py``; prints, for each, the GPU
 time per step of the kernels that take the most, and the host time per step (the Python and
 launch overhead, which hides behind the GPU when it is shorter than the GPU time; the median of
 steps each issued to an idle GPU). ``--host`` adds the host ops of torch's profiler; ``--python``
 the Python functions that take the most host time of their own over the steps (``cProfile``).
+``--gaps`` adds where the GPU sat idle between the profiled steps' kernels (and copies): the idle
+time per step, and the kernel pairs with the most idle time between them. A step's time measured
+with CUDA events (``benchmarks/moe_layer.py``) is its kernels' time plus that idle time.
 """
 
 from __future__ import annotations
@@ -21,8 +25,22 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.moe_layer import CONFIGS, IMPLEMENTATIONS, Config, training_step
+from benchmarks.timing import gaps_by_pair, idle_gaps
 
 HOST_STEPS = 10
+
+
+def print_gaps(prof: profile, steps: int, top: int) -> None:
+    """Print the idle time per step between the device activities that ``prof`` recorded."""
+    activities = [
+        (event.name, event.time_range.start, event.time_range.end)
+        for event in prof.events()
+        if event.device_type == torch.autograd.DeviceType.CUDA
+    ]
+    gaps = idle_gaps(activities)
+    print(f"  GPU idle between activities: {sum(gap.microseconds for gap in gaps) / steps:.1f} us/step; most, by pair:")
+    for before, after, microseconds, count in gaps_by_pair(gaps, steps)[:top]:
+        print(f"  {microseconds:8.1f} us {count:4.1f}x  {before[:55]}  ->  {after[:55]}")
 
 
 def profile_one(config: Config, name: str, args: argparse.Namespace) -> None:
@@ -59,6 +77,8 @@ def profile_one(config: Config, name: str, args: argparse.Namespace) -> None:
     for event in kernels[: args.top]:
         ms = event.device_time_total / 1e3 / args.steps
         print(f"  {ms:8.3f} ms {event.count // args.steps:4d}x  {event.key[:110]}")
+    if args.gaps:
+        print_gaps(prof, args.steps, args.top)
     if args.python:
         with cProfile.Profile() as python_profile:
             for _ in range(args.steps):
@@ -84,6 +104,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--host", action="store_true", help="also list the ops that take the most host time")
     parser.add_argument("--python", action="store_true", help="also list the Python functions that take the most")
+    parser.add_argument("--gaps", action="store_true", help="also list where the GPU sat idle between kernels")
     args = parser.parse_args()
     for index in args.configs.split(","):
         for name in args.impls.split(","):
