@@ -151,13 +151,14 @@ class MoE(nn.Module):
             rows_TD = self._rows_for_experts(x_TD) if rows_TD is None else rows_TD
             if self._fused_experts_apply(rows_TD, kept_routing):
                 assert isinstance(self.experts, GroupedExperts)
-                sorted_ = ops.sort_by_expert_with_ends(kept_routing.expert_ids, self.num_experts)
-                _, inverse, tokens_per_kept_expert, expert_ends = sorted_
-                # A token-choice router's layout with one assignment per token: each token has one.
-                # Otherwise the order is not needed, and not kept (peak memory).
-                one_per_token = kept_routing.token_offsets is not None and inverse.shape[0] == x_TD.shape[0]
-                order = sorted_[0] if one_per_token else None
-                del sorted_
+                order: Tensor | None
+                order, inverse, tokens_per_kept_expert, expert_ends = ops.sort_by_expert_with_ends(
+                    kept_routing.expert_ids, self.num_experts
+                )
+                # The order serves only a token-choice layout with one assignment per token; else it
+                # is dropped here rather than held through the experts (peak memory).
+                if kept_routing.token_offsets is None or inverse.shape[0] != x_TD.shape[0]:
+                    order = None
                 out_TD = self.experts.forward_and_combine(
                     rows_TD, inverse, token_offsets, kept_routing.weights, expert_ends, out_dtype, order
                 )
