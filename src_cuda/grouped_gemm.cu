@@ -422,7 +422,8 @@ void check_tiles(int64_t tile_n, int64_t ctas_per_sm, int64_t tile_m) {
               " with tile_n ", text(tile_n), " and ctas_per_sm ", text(ctas_per_sm));
 }
 
-// One CTA per SM (the token epilogues are built for these shapes only).
+// The one-CTA-per-SM tile shapes: grouped_gemm_rows at ctas_per_sm 1, and the only shapes the token
+// epilogues are built for.
 template <bool kBKN, int kEpilogue>
 void launch_one_cta(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, const at::Tensor& out,
                     int64_t k, int64_t n, int64_t tile_n, int64_t tile_m, const TokenRows& tokens) {
@@ -453,14 +454,13 @@ at::Tensor grouped_gemm_rows(const at::Tensor& a, const at::Tensor& b, const at:
   auto out = at::empty({a.size(0), n}, a.options());
   if (a.size(0) == 0) return out;
   bind_context(a.device().index());
-  if (tile_m == 192) {
-    b_is_kn ? launch<true, 256, 3>(a, b, ends, out, k, n) : launch<false, 256, 3>(a, b, ends, out, k, n);
-  } else if (ctas_per_sm == 2) {
+  constexpr int kRows = static_cast<int>(Epilogue::kRows);
+  if (ctas_per_sm == 2) {  // 128 x 128 tiles (check_tiles)
     b_is_kn ? launch<true, 128, 1>(a, b, ends, out, k, n) : launch<false, 128, 1>(a, b, ends, out, k, n);
   } else if (b_is_kn) {
-    tile_n == 256 ? launch<true, 256, 2>(a, b, ends, out, k, n) : launch<true, 128, 2>(a, b, ends, out, k, n);
+    launch_one_cta<true, kRows>(a, b, ends, out, k, n, tile_n, tile_m, {});
   } else {
-    tile_n == 256 ? launch<false, 256, 2>(a, b, ends, out, k, n) : launch<false, 128, 2>(a, b, ends, out, k, n);
+    launch_one_cta<false, kRows>(a, b, ends, out, k, n, tile_n, tile_m, {});
   }
   return out;
 }
