@@ -6,6 +6,8 @@ Shape legend: T tokens, D model dim, F expert hidden, E experts, K top-k, N assi
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import pytest
@@ -25,6 +27,20 @@ def _kernels_here() -> bool:
 
 
 pytestmark = [*GPU_MARKS, pytest.mark.skipif(not _kernels_here(), reason="needs the sm_90a grouped GEMM kernels")]
+
+
+@pytest.fixture
+def paused_gc() -> Iterator[None]:
+    """Python's garbage collected, then none collected until the test ends. Earlier tests' cyclic
+    garbage can hold CUDA tensors; freed between or during two measured steps, at a moment the
+    collector picks, it would lower one step's memory baseline and not the other's."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
 
 D, F, E = 128, 256, 8
 # How the assignments fall on the experts: random top-2, all on one expert (the others get
@@ -214,7 +230,7 @@ def test_top1_layer_takes_the_token_epilogues_with_the_bits_of_the_layer_op_by_o
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["bf16_weights", "bf16_mixed"])
 def test_layer_with_fewer_nodes_gives_the_bits_of_the_layer_op_by_op(
-    activation: str, autocast: bool, generator: torch.Generator, monkeypatch: pytest.MonkeyPatch
+    activation: str, autocast: bool, generator: torch.Generator, monkeypatch: pytest.MonkeyPatch, paused_gc: None
 ) -> None:
     torch.manual_seed(0)
     layer = MoE(d_model=D, num_experts=E, top_k=2, d_hidden=F, activation=activation, aux_loss_weight=0.01)
