@@ -37,12 +37,17 @@ HOLD_CYCLES_PER_MS = 2_000_000
 HOLD_KERNEL = "spin_kernel"
 
 
+def is_layer_kernel(device_type: torch.autograd.DeviceType, name: str) -> bool:
+    """Whether a profiled event is the layer's device work: on the GPU, and not the --gaps hold."""
+    return device_type == torch.autograd.DeviceType.CUDA and HOLD_KERNEL not in name
+
+
 def print_gaps(prof: profile, steps: int, top: int) -> None:
     """Print the idle time per step between the device activities that ``prof`` recorded."""
     activities = [
         (event.name, event.time_range.start, event.time_range.end)
         for event in prof.events()
-        if event.device_type == torch.autograd.DeviceType.CUDA and HOLD_KERNEL not in event.name
+        if is_layer_kernel(event.device_type, event.name)
     ]
     gaps = idle_gaps(activities)
     print(f"  GPU idle between activities: {sum(gap.microseconds for gap in gaps) / steps:.1f} us/step; most, by pair:")
@@ -80,9 +85,7 @@ def profile_one(config: Config, name: str, args: argparse.Namespace) -> None:
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
-    kernels = [
-        e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and HOLD_KERNEL not in e.key
-    ]
+    kernels = [e for e in prof.key_averages() if is_layer_kernel(e.device_type, e.key)]
     kernels.sort(key=lambda e: e.device_time_total, reverse=True)
     total_ms = sum(e.device_time_total for e in kernels) / 1e3 / args.steps
     print(f"\n== {name} ({config}): kernels {total_ms:.3f} ms/step, host {host_ms:.3f} ms/step")
