@@ -41,10 +41,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"));
   m.def("router_logits_tc_forward", &lightning_moe::router_logits_tc_forward, py::arg("x"), py::arg("weight"),
         py::arg("pipelined") = true);
-  m.def("router_logits_tc_grad_x", &lightning_moe::router_logits_tc_grad_x, py::arg("grad_logits"),
-        py::arg("weight"), py::arg("persistent") = true);
+  m.def("router_logits_tc_grad_x", &lightning_moe::router_logits_tc_grad_x, py::arg("grad_logits"), py::arg("weight"),
+        py::arg("persistent") = true, py::arg("addend").none(true) = py::none());
   m.def("router_logits_tc_grad_weight", &lightning_moe::router_logits_tc_grad_weight, py::arg("grad_logits"),
-        py::arg("x"), py::arg("pipelined") = true);
+        py::arg("x"), py::arg("pipelined") = true, py::arg("dtype") = at::kFloat);
   m.def("activation_forward", &lightning_moe::activation_forward, py::arg("a"), py::arg("gate"),
         py::arg("activation"));
   m.def("activation_backward", &lightning_moe::activation_backward, py::arg("grad_h"), py::arg("a"),

@@ -28,6 +28,8 @@
 
 #include "router_logits_tc.h"
 
+#include <type_traits>
+
 #include "router_logits_tiles.cuh"
 
 namespace lightning_moe {
@@ -226,25 +228,53 @@ __device__ __forceinline__ void store_sums(float* out, int64_t ld, const float (
 }
 
 // acc += a . b for the two-part splits a = a[0] + a[1] and b = b[0] + b[1] of a warp's 2 x 4 m16n8
-// tiles, the terms above bf16 rounding only (a1 b0, a0 b1, a0 b0), the smaller ones first.
+// tiles, the terms above bf16 rounding only (a1 b0, a0 b1, a0 b0), the smaller ones first. With
+// kBParts = 1, b is a bf16 operand (b[1] = 0) and a0 b1, which would add exact zeros, is not made.
+template <int kBParts = 2>
 __device__ __forceinline__ void mma_split_terms(float (&acc)[2][4][4], const uint32_t (&a)[2][2][4],
-                                                const uint32_t (&b)[2][4][2]) {
+                                                const uint32_t (&b)[kBParts][4][2]) {
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi) {
 #pragma unroll
     for (int ni = 0; ni < 4; ++ni) {
       mma_bf16(acc[mi][ni], a[1][mi], b[0][ni]);
-      mma_bf16(acc[mi][ni], a[0][mi], b[1][ni]);
+      if constexpr (kBParts == 2) mma_bf16(acc[mi][ni], a[0][mi], b[1][ni]);
       mma_bf16(acc[mi][ni], a[0][mi], b[0][ni]);
+    }
+  }
+}
+
+// The float32 values of the two bf16 halves of a bf16x2 word.
+__device__ __forceinline__ float low_bf16(uint32_t pair) { return __uint_as_float(pair << 16); }
+__device__ __forceinline__ float high_bf16(uint32_t pair) { return __uint_as_float(pair & 0xffff0000u); }
+
+// The bf16x2 words of the bf16 matrix `src` (`ld` elements a row) at a warp's 2 x 4 m16n8 tiles
+// from row row0 and column col0 on (the layout of store_sums); zeros for rows at or past `rows`.
+__device__ __forceinline__ void load_bf16_pairs(uint32_t (&pairs)[2][4][2], const uint16_t* __restrict__ src,
+                                                int64_t ld, int64_t row0, int64_t col0, int64_t rows, int lane) {
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni) {
+      const int64_t col = col0 + ni * 8 + 2 * (lane % 4);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t row = row0 + mi * 16 + lane / 4 + 8 * half;
+        pairs[mi][ni][half] = row < rows ? *reinterpret_cast<const uint32_t*>(src + row * ld + col) : 0u;
+      }
     }
   }
 }
 
 // Writes a warp's 2 x 4 m16n8 accumulator tiles, rounded to bf16, to the bf16 matrix `out` (`ld`
 // elements a row) from row row0 and column col0 on (the layout of store_sums), skipping rows at or
-// past `rows`.
+// past `rows`. With kAdd, `added` holds the bf16x2 words of an addend at these places (from
+// load_bf16_pairs), and each rounded value v is written as bf16(v + addend), the float32 sum rounded
+// to nearest: the bits of a bf16 addition of the two.
+template <bool kAdd = false>
 __device__ __forceinline__ void store_bf16_rows(uint16_t* out, int64_t ld, const float (&acc)[2][4][4], int64_t row0,
-                                                int64_t col0, int64_t rows, int lane) {
+                                                int64_t col0, int64_t rows, int lane,
+                                                const uint32_t (&added)[2][4][2] = {}) {
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi) {
 #pragma unroll
@@ -254,8 +284,12 @@ __device__ __forceinline__ void store_bf16_rows(uint16_t* out, int64_t ld, const
       for (int half = 0; half < 2; ++half) {
         const int64_t row = row0 + mi * 16 + lane / 4 + 8 * half;
         if (row < rows) {
-          *reinterpret_cast<uint32_t*>(out + row * ld + col) =
-              round_bf16x2(acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
+          uint32_t value = round_bf16x2(acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
+          if constexpr (kAdd) {
+            const uint32_t other = added[mi][ni][half];
+            value = round_bf16x2(low_bf16(value) + low_bf16(other), high_bf16(value) + high_bf16(other));
+          }
+          *reinterpret_cast<uint32_t*>(out + row * ld + col) = value;
         }
       }
     }
@@ -342,9 +376,14 @@ void launch_tc_forward(const at::Tensor& x, const at::Tensor& weight, at::Tensor
 // Forward, pipelined: the 64-token x 32-expert blocks of tc_logits_forward_kernel<2>, with the k
 // tiles copied by cp.async into a ring of kStages shared-memory stages, kStages - 1 of them in
 // flight while one is multiplied (the register-staged kernel has one: its time is the latency of
-// D / 32 loads one after another). The weight stays float32 in shared memory and each warp splits
-// its B fragments as it loads them; the parts, and the order of the products into each
-// accumulator, are those of tc_logits_forward_kernel<2>, so the logits are the same bits.
+// D / 32 loads one after another). A float32 weight stays float32 in shared memory and each warp
+// splits its B fragments as it loads them; the parts, and the order of the products into each
+// accumulator, are those of tc_logits_forward_kernel<2>, so the logits are the same bits. A bf16
+// weight (W = uint16_t) is its own leading part, its other two parts zero: its tile is staged as it
+// is, like x's, and only the x . w0 products are made. The zero parts' products would add exact
+// zeros to acc_rest, which stays 0 here as well, so the logits are the bits of the float32 kernel
+// on the widened weight (up to the sign of a zero logit), at a third of the products and without
+// the per-fragment split.
 
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
   // src-size 0 fills the 16 bytes with zeros and reads nothing.
@@ -358,6 +397,7 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
+template <typename W>  // the weight's element: float (float32) or uint16_t (bf16)
 struct PipelinedForwardTiles {
   static constexpr int kBM = 64;
   static constexpr int kBN = 32;
@@ -365,22 +405,27 @@ struct PipelinedForwardTiles {
   static constexpr int kStages = 4;
   static constexpr int kXLd = kBK + kTcPad;  // bf16: 80-byte rows, as in ForwardTcTiles
   // float32: 160-byte rows, 8 banks apart, so that a half-warp's float2 loads of four rows (eight
-  // consecutive floats each) hit 32 distinct banks.
-  static constexpr int kWLd = kBK + 8;
+  // consecutive floats each) hit 32 distinct banks. bf16: the rows of x.
+  static constexpr int kWLd = std::is_same_v<W, float> ? kBK + 8 : kXLd;
+  static constexpr int kWElems = 16 / sizeof(W);  // elements per 16-byte chunk
   static constexpr int kXChunks = kBM * kBK / 8 / kTcThreads;  // 16-byte chunks per thread
-  static constexpr int kWChunks = kBN * kBK / 4 / kTcThreads;
-  static_assert(kXChunks * 8 * kTcThreads == kBM * kBK && kWChunks * 4 * kTcThreads == kBN * kBK);
+  static constexpr int kWChunks = kBN * kBK / kWElems / kTcThreads;
+  static_assert(kXChunks * 8 * kTcThreads == kBM * kBK && kWChunks * kWElems * kTcThreads == kBN * kBK);
 };
 
+// W: float (a float32 weight) or uint16_t (a bf16 one).
+template <typename W>
 __global__ void __launch_bounds__(kTcThreads, 4)
-    tc_logits_forward_pipelined_kernel(const uint16_t* __restrict__ x, const float* __restrict__ weight,
+    tc_logits_forward_pipelined_kernel(const uint16_t* __restrict__ x, const W* __restrict__ weight,
                                        float* __restrict__ logits, int64_t num_tokens, int64_t num_experts,
                                        int64_t dim) {
-  using P = PipelinedForwardTiles;
-  constexpr int kBM = P::kBM, kBN = P::kBN, kBK = P::kBK, kStages = P::kStages, kXLd = P::kXLd, kWLd = P::kWLd;
+  using P = PipelinedForwardTiles<W>;
+  constexpr int kBM = P::kBM, kBN = P::kBN, kBK = P::kBK, kStages = P::kStages, kXLd = P::kXLd;
+  constexpr int kWLd = P::kWLd, kWElems = P::kWElems;
+  constexpr bool kFloatWeight = std::is_same_v<W, float>;
   constexpr int kNTiles = 2;  // n8 tiles per warp: 16 experts
   __shared__ __align__(16) uint16_t x_tile[kStages][kBM * kXLd];  // [stage][token][k]
-  __shared__ __align__(16) float w_tile[kStages][kBN * kWLd];     // [stage][expert][k]
+  __shared__ __align__(16) W w_tile[kStages][kBN * kWLd];         // [stage][expert][k]
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int warp_m = warp % 2, warp_n = warp / 2;
   // Expert tiles vary fastest, so the blocks that read the same tokens run together (L2 hits).
@@ -399,7 +444,7 @@ __global__ void __launch_bounds__(kTcThreads, 4)
     }
 #pragma unroll
     for (int i = 0; i < P::kWChunks; ++i) {
-      const int v = tid + i * kTcThreads, row = v / (kBK / 4), col = v % (kBK / 4) * 4;
+      const int v = tid + i * kTcThreads, row = v / (kBK / kWElems), col = v % (kBK / kWElems) * kWElems;
       const int64_t e = e0 + row;
       cp_async16(w_tile[stage] + row * kWLd + col, weight + (e < num_experts ? e : 0) * dim + k0 + col,
                  e < num_experts);
@@ -431,23 +476,30 @@ __global__ void __launch_bounds__(kTcThreads, 4)
         uint32_t a[2][4];
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi) load_a(a[mi], x_tile[stage], kXLd, m_base + mi * 16, ks, lane);
-        // B fragment of n8 tile ni: rows k = 2 (lane % 4) (+ 8) of column n = lane / 4, as ldmatrix
-        // gives them from a bf16 [n][k] tile.
-        uint32_t b[3][kNTiles][2];
+        if constexpr (kFloatWeight) {
+          // B fragment of n8 tile ni: rows k = 2 (lane % 4) (+ 8) of column n = lane / 4, as ldmatrix
+          // gives them from a bf16 [n][k] tile.
+          uint32_t b[3][kNTiles][2];
 #pragma unroll
-        for (int ni = 0; ni < kNTiles; ++ni) {
-          const float* row = w_tile[stage] + (n_base + ni * 8 + lane / 4) * kWLd + ks + 2 * (lane % 4);
-          const float2 lo = *reinterpret_cast<const float2*>(row);
-          const float2 hi = *reinterpret_cast<const float2*>(row + 8);
-          uint32_t parts_lo[3], parts_hi[3];
-          split_bf16x2<3>(lo.x, lo.y, parts_lo);
-          split_bf16x2<3>(hi.x, hi.y, parts_hi);
+          for (int ni = 0; ni < kNTiles; ++ni) {
+            const float* row = w_tile[stage] + (n_base + ni * 8 + lane / 4) * kWLd + ks + 2 * (lane % 4);
+            const float2 lo = *reinterpret_cast<const float2*>(row);
+            const float2 hi = *reinterpret_cast<const float2*>(row + 8);
+            uint32_t parts_lo[3], parts_hi[3];
+            split_bf16x2<3>(lo.x, lo.y, parts_lo);
+            split_bf16x2<3>(hi.x, hi.y, parts_hi);
 #pragma unroll
-          for (int p = 0; p < 3; ++p) b[p][ni][0] = parts_lo[p], b[p][ni][1] = parts_hi[p];
-        }
+            for (int p = 0; p < 3; ++p) b[p][ni][0] = parts_lo[p], b[p][ni][1] = parts_hi[p];
+          }
 #pragma unroll
-        for (int p = 2; p >= 0; --p) {  // the smallest part first
-          mma_tiles(p == 0 ? acc_lead : acc_rest, a, b[p]);
+          for (int p = 2; p >= 0; --p) {  // the smallest part first
+            mma_tiles(p == 0 ? acc_lead : acc_rest, a, b[p]);
+          }
+        } else {
+          static_assert(kNTiles == 2);
+          uint32_t b[kNTiles][2];
+          load_b_pair(b[0], b[1], w_tile[stage], kWLd, n_base, ks, lane);
+          mma_tiles(acc_lead, a, b);
         }
       }
     }
@@ -460,12 +512,18 @@ __global__ void __launch_bounds__(kTcThreads, 4)
 
 void launch_tc_forward_pipelined(const at::Tensor& x, const at::Tensor& weight, at::Tensor& logits,
                                  cudaStream_t stream) {
-  using P = PipelinedForwardTiles;
+  using P = PipelinedForwardTiles<float>;  // the same blocks for both weights
   const int64_t num_tokens = x.size(0), dim = x.size(1), num_experts = weight.size(0);
   const int64_t blocks = ceil_div(num_tokens, P::kBM) * ceil_div(num_experts, static_cast<int64_t>(P::kBN));
-  tc_logits_forward_pipelined_kernel<<<static_cast<unsigned>(blocks), kTcThreads, 0, stream>>>(
-      reinterpret_cast<const uint16_t*>(x.data_ptr()), weight.data_ptr<float>(), logits.data_ptr<float>(), num_tokens,
-      num_experts, dim);
+  const auto* x_data = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  if (weight.scalar_type() == at::kFloat) {
+    tc_logits_forward_pipelined_kernel<float><<<static_cast<unsigned>(blocks), kTcThreads, 0, stream>>>(
+        x_data, weight.data_ptr<float>(), logits.data_ptr<float>(), num_tokens, num_experts, dim);
+  } else {
+    tc_logits_forward_pipelined_kernel<uint16_t><<<static_cast<unsigned>(blocks), kTcThreads, 0, stream>>>(
+        x_data, reinterpret_cast<const uint16_t*>(weight.data_ptr()), logits.data_ptr<float>(), num_tokens,
+        num_experts, dim);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -549,7 +607,9 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
 // into its two parts, in shared memory for all of its token tiles (every token tile of that column
 // slice, strided by the grid's slices), and loads each next tile of the logit gradient into
 // registers while it multiplies the current one. Per output tile the products are those of
-// tc_logits_grad_x_kernel in the same order, so grad_x is the same bits.
+// tc_logits_grad_x_kernel in the same order, so grad_x is the same bits. A bf16 weight (W =
+// uint16_t) is its own leading part: it is staged as it is, and the g0 w1 products, exact zeros,
+// are not made (the same bits as the float32 kernel on the widened weight, up to the sign of zero).
 
 constexpr int kPersistentMaxExperts = 64;
 
@@ -565,14 +625,17 @@ struct PersistentGradXTiles {
   static constexpr int kBlocksPerSm = 3;
 };
 
+// W: float (a float32 weight) or uint16_t (a bf16 one).
+template <typename W>
 __global__ void __launch_bounds__(kTcThreads, PersistentGradXTiles::kBlocksPerSm)
-    tc_logits_grad_x_persistent_kernel(const float* __restrict__ grad, const float* __restrict__ weight,
-                                       uint16_t* __restrict__ grad_x, int64_t num_tokens, int64_t num_experts,
-                                       int64_t dim) {
+    tc_logits_grad_x_persistent_kernel(const float* __restrict__ grad, const W* __restrict__ weight,
+                                       const uint16_t* __restrict__ addend, uint16_t* __restrict__ grad_x,
+                                       int64_t num_tokens, int64_t num_experts, int64_t dim) {
   using P = PersistentGradXTiles;
   constexpr int kBM = P::kBM, kBN = P::kBN, kBK = P::kBK, kMaxE = P::kMaxE, kGLd = P::kGLd, kWLd = P::kWLd;
-  __shared__ __align__(16) uint16_t g_tile[2][kBM * kGLd];    // [part][token][expert]
-  __shared__ __align__(16) uint16_t w_tile[2][kMaxE * kWLd];  // [part][expert][column]
+  constexpr int kWParts = std::is_same_v<W, float> ? 2 : 1;
+  __shared__ __align__(16) uint16_t g_tile[2][kBM * kGLd];          // [part][token][expert]
+  __shared__ __align__(16) uint16_t w_tile[kWParts][kMaxE * kWLd];  // [part][expert][column]
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int warp_m = warp % 2, warp_n = warp / 2;
   const int64_t d0 = static_cast<int64_t>(blockIdx.x) * kBN;
@@ -582,9 +645,15 @@ __global__ void __launch_bounds__(kTcThreads, PersistentGradXTiles::kBlocksPerSm
 #pragma unroll
   for (int i = 0; i < P::kWLoads; ++i) {
     const int v = tid + i * kTcThreads, row = v / (kBN / 4), col = v % (kBN / 4) * 4;
-    const float4 value =
-        row < num_experts ? *reinterpret_cast<const float4*>(weight + row * dim + d0 + col) : make_float4(0.f, 0.f, 0.f, 0.f);
-    store_split4<2>(w_tile[0] + row * kWLd + col, kMaxE * kWLd, value);
+    if constexpr (kWParts == 2) {
+      const float4 value = row < num_experts ? *reinterpret_cast<const float4*>(weight + row * dim + d0 + col)
+                                             : make_float4(0.f, 0.f, 0.f, 0.f);
+      store_split4<2>(w_tile[0] + row * kWLd + col, kMaxE * kWLd, value);
+    } else {
+      const uint2 value =
+          row < num_experts ? *reinterpret_cast<const uint2*>(weight + row * dim + d0 + col) : make_uint2(0, 0);
+      *reinterpret_cast<uint2*>(w_tile[0] + row * kWLd + col) = value;
+    }
   }
 
   float4 g_next[P::kGLoads];
@@ -617,6 +686,10 @@ __global__ void __launch_bounds__(kTcThreads, PersistentGradXTiles::kBlocksPerSm
   for (; tile < token_tiles; tile += gridDim.y) {
     const int64_t next = tile + gridDim.y;
     if (next < token_tiles) fetch(next);  // in flight while this tile is multiplied
+    const int64_t t0 = tile * kBM;
+    // The addend's words of this tile, loaded while the products are made.
+    uint32_t added[2][4][2];
+    if (addend != nullptr) load_bf16_pairs(added, addend, dim, t0 + m_base, d0 + n_base, num_tokens, lane);
     float acc[2][4][4] = {};
     for (int64_t kt = 0; kt < k_tiles; ++kt) {
 #pragma unroll
@@ -624,19 +697,25 @@ __global__ void __launch_bounds__(kTcThreads, PersistentGradXTiles::kBlocksPerSm
         const int k = static_cast<int>(kt * kBK) + ks;
         if (k >= num_experts) break;  // E a multiple of 8: the last k tile may hold 8 to 24
         uint32_t a[2][2][4];          // [part][m16 tile]
-        uint32_t b[2][4][2];          // [part][n8 tile]
+        uint32_t b[kWParts][4][2];    // [part][n8 tile]
 #pragma unroll
         for (int p = 0; p < 2; ++p) {
 #pragma unroll
           for (int mi = 0; mi < 2; ++mi) load_a(a[p][mi], g_tile[p], kGLd, m_base + mi * 16, k, lane);
+        }
+#pragma unroll
+        for (int p = 0; p < kWParts; ++p) {
 #pragma unroll
           for (int j = 0; j < 4; j += 2) load_b_pair_trans(b[p][j], b[p][j + 1], w_tile[p], kWLd, n_base + j * 8, k, lane);
         }
-        mma_split_terms(acc, a, b);
+        mma_split_terms<kWParts>(acc, a, b);
       }
     }
-    const int64_t t0 = tile * kBM;
-    store_bf16_rows(grad_x, dim, acc, t0 + m_base, d0 + n_base, num_tokens, lane);
+    if (addend != nullptr) {
+      store_bf16_rows<true>(grad_x, dim, acc, t0 + m_base, d0 + n_base, num_tokens, lane, added);
+    } else {
+      store_bf16_rows(grad_x, dim, acc, t0 + m_base, d0 + n_base, num_tokens, lane);
+    }
     __syncthreads();  // every warp is done with this tile's gradient in shared memory
     if (next < token_tiles) {
       stage();
@@ -645,8 +724,8 @@ __global__ void __launch_bounds__(kTcThreads, PersistentGradXTiles::kBlocksPerSm
   }
 }
 
-void launch_tc_grad_x_persistent(const at::Tensor& grad_logits, const at::Tensor& weight, at::Tensor& grad_x,
-                                 cudaStream_t stream) {
+void launch_tc_grad_x_persistent(const at::Tensor& grad_logits, const at::Tensor& weight, const uint16_t* addend,
+                                 at::Tensor& grad_x, cudaStream_t stream) {
   using P = PersistentGradXTiles;
   const int64_t num_tokens = grad_logits.size(0), num_experts = weight.size(0), dim = weight.size(1);
   const int64_t column_slices = dim / P::kBN, token_tiles = ceil_div(num_tokens, P::kBM);
@@ -654,9 +733,15 @@ void launch_tc_grad_x_persistent(const at::Tensor& grad_logits, const at::Tensor
   const int64_t token_slices =
       std::clamp<int64_t>(ceil_div(kNominalSms * P::kBlocksPerSm, column_slices), 1, token_tiles);
   const dim3 grid(static_cast<unsigned>(column_slices), static_cast<unsigned>(token_slices));
-  tc_logits_grad_x_persistent_kernel<<<grid, kTcThreads, 0, stream>>>(
-      grad_logits.data_ptr<float>(), weight.data_ptr<float>(), reinterpret_cast<uint16_t*>(grad_x.data_ptr()),
-      num_tokens, num_experts, dim);
+  auto* out = reinterpret_cast<uint16_t*>(grad_x.data_ptr());
+  if (weight.scalar_type() == at::kFloat) {
+    tc_logits_grad_x_persistent_kernel<float><<<grid, kTcThreads, 0, stream>>>(
+        grad_logits.data_ptr<float>(), weight.data_ptr<float>(), addend, out, num_tokens, num_experts, dim);
+  } else {
+    tc_logits_grad_x_persistent_kernel<uint16_t><<<grid, kTcThreads, 0, stream>>>(
+        grad_logits.data_ptr<float>(), reinterpret_cast<const uint16_t*>(weight.data_ptr()), addend, out,
+        num_tokens, num_experts, dim);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -859,6 +944,8 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
   store_sums<kMTiles, 4, false>(chunk_out, dim, acc_lead, acc_rest, e0 + m_base, d0 + n_base, num_experts, dim, lane);
 }
 
+// Writes grad_weight, of any of the row dtypes: a float32 one of one chunk in place, else the
+// chunks' float32 sums through a buffer that sum_pieces_kernel adds, and rounds, into it.
 template <int kMTiles>
 void launch_tc_grad_weight(const at::Tensor& grad_logits, const at::Tensor& x, at::Tensor& grad_weight,
                            cudaStream_t stream, bool pipelined) {
@@ -870,14 +957,20 @@ void launch_tc_grad_weight(const at::Tensor& grad_logits, const at::Tensor& x, a
   const int64_t chosen = choose_pieces(tiles, kNominalSms * Tiles::kBlocksPerSm, max_chunks);
   const int64_t tokens_per_chunk = ceil_div(ceil_div(num_tokens, chosen), Tiles::kBK) * Tiles::kBK;
   const int64_t chunks = ceil_div(num_tokens, tokens_per_chunk);
-  at::Tensor buffer;
-  float* out = pieces_output(grad_weight, chunks, buffer);
+  const bool in_place = chunks == 1 && grad_weight.scalar_type() == at::kFloat;
+  const at::Tensor buffer =
+      in_place ? grad_weight : at::empty({chunks, num_experts, dim}, grad_logits.options().dtype(at::kFloat));
+  float* out = buffer.data_ptr<float>();
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks));
   const auto kernel = pipelined ? tc_logits_grad_weight_pipelined_kernel<kMTiles> : tc_logits_grad_weight_kernel<kMTiles>;
   kernel<<<grid, kTcThreads, 0, stream>>>(grad_logits.data_ptr<float>(), reinterpret_cast<const uint16_t*>(x.data_ptr()),
                                           out, num_tokens, num_experts, dim, tokens_per_chunk);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (chunks > 1) launch_sum_pieces(out, grad_weight.data_ptr<float>(), num_experts * dim, chunks, stream);
+  if (in_place) return;
+  dispatch_row_dtype(grad_weight.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    launch_sum_pieces(out, grad_weight.data_ptr<T>(), num_experts * dim, chunks, stream);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -896,10 +989,12 @@ void check_tc_dim(int64_t dim, const char* what) {
               text(kTensorCoreDimMultiple), " for the tensor-core router kernels, got ", text(dim));
 }
 
-// A contiguous 2-D CUDA tensor of `dtype` whose data starts on 16 bytes (the kernels' vector loads).
-void check_tc_operand(const at::Tensor& t, at::ScalarType dtype, const char* name) {
+// A contiguous 2-D CUDA tensor of `dtype` (or, with `or_bf16`, bfloat16) whose data starts on 16
+// bytes (the kernels' vector loads).
+void check_tc_operand(const at::Tensor& t, at::ScalarType dtype, const char* name, bool or_bf16 = false) {
   check_cuda_contiguous(t, name);
-  check_dtype(t, dtype, name);
+  TORCH_CHECK(t.scalar_type() == dtype || (or_bf16 && t.scalar_type() == at::kBFloat16), name, " must have dtype ",
+              dtype, or_bf16 ? " or BFloat16" : "", ", got ", t.scalar_type());
   check_dim(t, 2, name);
   TORCH_CHECK(aligned16(t.data_ptr()), name,
               " must start on a 16-byte boundary for the tensor-core router kernels (a view at an offset may "
@@ -910,7 +1005,7 @@ void check_tc_operand(const at::Tensor& t, at::ScalarType dtype, const char* nam
 
 at::Tensor router_logits_tc_forward(const at::Tensor& x, const at::Tensor& weight, bool pipelined) {
   check_tc_operand(x, at::kBFloat16, "x");
-  check_tc_operand(weight, at::kFloat, "weight");
+  check_tc_operand(weight, at::kFloat, "weight", true);
   check_same_device(weight, x, "weight");
   TORCH_CHECK(weight.size(1) == x.size(1), "weight must have D = ", text(x.size(1)), " columns like x, got ",
               text(weight.size(1)));
@@ -918,9 +1013,14 @@ at::Tensor router_logits_tc_forward(const at::Tensor& x, const at::Tensor& weigh
   check_tc_dim(x.size(1), "x's columns");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t num_tokens = x.size(0), num_experts = weight.size(0);
-  at::Tensor logits = at::empty({num_tokens, num_experts}, weight.options());
+  at::Tensor logits = at::empty({num_tokens, num_experts}, weight.options().dtype(at::kFloat));
   if (num_tokens == 0) return logits;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // A bf16 weight: the pipelined 32-expert kernel, which takes it as it is.
+  if (weight.scalar_type() == at::kBFloat16) {
+    launch_tc_forward_pipelined(x, weight, logits, stream);
+    return logits;
+  }
   // 32-expert tiles up to 32 experts, and wherever 64-expert tiles would give fewer than two
   // blocks per SM (one block of 4 warps cannot hide its loads: (8192, 1024, 64) took 33 us).
   using WideTiles = ForwardTcTiles<4>;
@@ -934,9 +1034,21 @@ at::Tensor router_logits_tc_forward(const at::Tensor& x, const at::Tensor& weigh
   return logits;
 }
 
-at::Tensor router_logits_tc_grad_x(const at::Tensor& grad_logits, const at::Tensor& weight, bool persistent) {
+at::Tensor router_logits_tc_grad_x(const at::Tensor& grad_logits, const at::Tensor& weight_in, bool persistent,
+                                   const std::optional<at::Tensor>& addend) {
   check_tc_operand(grad_logits, at::kFloat, "grad_logits");
-  check_tc_operand(weight, at::kFloat, "weight");
+  check_tc_operand(weight_in, at::kFloat, "weight", true);
+  if (addend.has_value()) {
+    check_tc_operand(*addend, at::kBFloat16, "addend");
+    check_same_device(*addend, grad_logits, "addend");
+    TORCH_CHECK(addend->size(0) == grad_logits.size(0) && addend->size(1) == weight_in.size(1),
+                "addend must have the shape (T, D) = (", text(grad_logits.size(0)), ", ", text(weight_in.size(1)),
+                ") of grad_x, got ", text(addend->sizes()));
+  }
+  const bool persistent_kernel = persistent && weight_in.size(0) <= kPersistentMaxExperts;
+  // A bf16 weight that the persistent kernel does not take is widened for the float32 kernel.
+  const at::Tensor weight =
+      weight_in.scalar_type() == at::kBFloat16 && !persistent_kernel ? weight_in.to(at::kFloat) : weight_in;
   check_same_device(weight, grad_logits, "weight");
   TORCH_CHECK(weight.size(0) == grad_logits.size(1), "weight must have E = ", text(grad_logits.size(1)),
               " rows like grad_logits' columns, got ", text(weight.size(0)));
@@ -946,8 +1058,9 @@ at::Tensor router_logits_tc_grad_x(const at::Tensor& grad_logits, const at::Tens
   const int64_t num_tokens = grad_logits.size(0), num_experts = weight.size(0), dim = weight.size(1);
   at::Tensor grad_x = at::empty({num_tokens, dim}, weight.options().dtype(at::kBFloat16));
   if (num_tokens == 0) return grad_x;
-  if (persistent && num_experts <= kPersistentMaxExperts) {
-    launch_tc_grad_x_persistent(grad_logits, weight, grad_x, c10::cuda::getCurrentCUDAStream());
+  if (persistent_kernel) {
+    const auto* addend_data = addend.has_value() ? reinterpret_cast<const uint16_t*>(addend->data_ptr()) : nullptr;
+    launch_tc_grad_x_persistent(grad_logits, weight, addend_data, grad_x, c10::cuda::getCurrentCUDAStream());
     return grad_x;
   }
   const int64_t blocks = ceil_div(num_tokens, GradXTcTiles::kBM) * (dim / GradXTcTiles::kBN);
@@ -955,10 +1068,14 @@ at::Tensor router_logits_tc_grad_x(const at::Tensor& grad_logits, const at::Tens
       grad_logits.data_ptr<float>(), weight.data_ptr<float>(), reinterpret_cast<uint16_t*>(grad_x.data_ptr()),
       num_tokens, num_experts, dim);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (addend.has_value()) grad_x.add_(*addend);  // a bf16 addition: the bits of the persistent kernel's
   return grad_x;
 }
 
-at::Tensor router_logits_tc_grad_weight(const at::Tensor& grad_logits, const at::Tensor& x, bool pipelined) {
+at::Tensor router_logits_tc_grad_weight(const at::Tensor& grad_logits, const at::Tensor& x, bool pipelined,
+                                        at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "dtype must be float32, bfloat16 or float16 for the tensor-core router kernels, got ", dtype);
   check_tc_operand(grad_logits, at::kFloat, "grad_logits");
   check_tc_operand(x, at::kBFloat16, "x");
   check_same_device(x, grad_logits, "x");
@@ -968,8 +1085,8 @@ at::Tensor router_logits_tc_grad_weight(const at::Tensor& grad_logits, const at:
   check_tc_dim(x.size(1), "x's columns");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t num_tokens = x.size(0), num_experts = grad_logits.size(1), dim = x.size(1);
-  if (num_tokens == 0) return at::zeros({num_experts, dim}, grad_logits.options());
-  at::Tensor grad_weight = at::empty({num_experts, dim}, grad_logits.options());
+  if (num_tokens == 0) return at::zeros({num_experts, dim}, grad_logits.options().dtype(dtype));
+  at::Tensor grad_weight = at::empty({num_experts, dim}, grad_logits.options().dtype(dtype));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (num_experts <= 32) {
     launch_tc_grad_weight<1>(grad_logits, x, grad_weight, stream, pipelined);

@@ -93,8 +93,10 @@ int64_t choose_pieces(int64_t tiles, int64_t slots, int64_t max_pieces) {
 }
 
 // out[i] = sum over p of pieces[p, i] for i < n, in a fixed order: thread row y of a block sums
-// pieces y, y + blockDim.y, ... in turn, then row 0 adds the rows in order.
-__global__ void __launch_bounds__(1024) sum_pieces_kernel(const float* __restrict__ pieces, float* __restrict__ out,
+// pieces y, y + blockDim.y, ... in turn, then row 0 adds the rows in order. The float32 sum is
+// rounded once to T (to nearest, as a cast of the float32 sum would round it).
+template <typename T>
+__global__ void __launch_bounds__(1024) sum_pieces_kernel(const float* __restrict__ pieces, T* __restrict__ out,
                                                           int64_t n, int64_t num_pieces) {
   __shared__ float partial[32][33];
   const int64_t i = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
@@ -107,11 +109,12 @@ __global__ void __launch_bounds__(1024) sum_pieces_kernel(const float* __restric
   if (threadIdx.y == 0 && i < n) {
     float total = partial[0][threadIdx.x];
     for (unsigned y = 1; y < blockDim.y; ++y) total += partial[y][threadIdx.x];
-    out[i] = total;
+    out[i] = static_cast<T>(total);
   }
 }
 
-void launch_sum_pieces(const float* pieces, float* out, int64_t n, int64_t num_pieces, cudaStream_t stream) {
+template <typename T>
+void launch_sum_pieces(const float* pieces, T* out, int64_t n, int64_t num_pieces, cudaStream_t stream) {
   const dim3 block(32, static_cast<unsigned>(std::min<int64_t>(num_pieces, 32)));
   sum_pieces_kernel<<<static_cast<unsigned>(ceil_div(n, 32)), block, 0, stream>>>(pieces, out, n, num_pieces);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -29,6 +29,7 @@ from lightning_moe.ops.activation import activation as apply_activation
 from lightning_moe.ops.cast import cast as cast_op
 from lightning_moe.ops.expert_mlp import expert_mlp, expert_mlp_usable
 from lightning_moe.ops.grouped_mm import grouped_mlp, grouped_mm_usable
+from lightning_moe.ops.token_grad import TokenGradSum
 
 
 def expert_generator(seed: int, global_expert: int) -> torch.Generator:
@@ -189,6 +190,7 @@ class GroupedExperts(nn.Module):
         expert_ends: Tensor,
         out_dtype: torch.dtype,
         order: Tensor | None = None,
+        token_grads: TokenGradSum | None = None,
     ) -> Tensor:
         """Gather each assignment's token, run its expert and sum each token's weighted outputs
         through :func:`lightning_moe.ops.expert_mlp.expert_mlp`: the result, gradients included, of
@@ -207,6 +209,8 @@ class GroupedExperts(nn.Module):
             out_dtype: dtype of the result.
             order: The sort's ``order``, given only where every token has exactly one assignment
                 (see :func:`lightning_moe.ops.expert_mlp.expert_mlp`).
+            token_grads: The router's sum of the tokens' gradients, to hand ``x_TD``'s gradient to
+                (see :func:`lightning_moe.ops.expert_mlp.expert_mlp`); None: autograd adds them.
 
         Returns:
             (T, D) in ``out_dtype``.
@@ -214,7 +218,7 @@ class GroupedExperts(nn.Module):
         dtype = x_TD.dtype
         w1, w2, w3 = (_cast(self.w1, dtype), _cast(self.w2, dtype), _cast(self.w3, dtype))
         args = (x_TD, inverse, token_offsets, weights, expert_ends)
-        return expert_mlp(*args, w1, w2, w3, self.activation, out_dtype, order)
+        return expert_mlp(*args, w1, w2, w3, self.activation, out_dtype, order, token_grads)
 
     def _grouped_forward(self, x_ND: Tensor, tokens_per_expert: Tensor, dtype: torch.dtype) -> Tensor:
         # Cast up front as autocast would for a matmul: every op of grouped_mlp then runs in `dtype`,

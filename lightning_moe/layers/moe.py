@@ -22,6 +22,7 @@ from lightning_moe import ops
 from lightning_moe.layers.activations import check_activation
 from lightning_moe.layers.capacity import capacity_mask, expert_capacity
 from lightning_moe.layers.experts import GroupedExperts, ModuleListExperts
+from lightning_moe.ops.token_grad import TokenGradSum, summing_token_grads
 from lightning_moe.routers import Router, Routing, build_router
 
 
@@ -137,7 +138,12 @@ class MoE(nn.Module):
         """
         self._check_input(x)
         x_TD, rows_TD = self._fork_tokens(x.reshape(-1, self.d_model))
-        routing = self.route(x_TD)
+        token_grads = self._token_grad_sum(x_TD, rows_TD)
+        if token_grads is None:
+            routing = self.route(x_TD)
+        else:
+            with summing_token_grads(token_grads):
+                routing = self.route(x_TD)
         kept_routing = self.apply_capacity(routing, num_tokens=x_TD.shape[0])
         # Without shared experts to add, the combine writes the output dtype directly.
         out_dtype = torch.float32 if self.shared_experts is not None else x.dtype
@@ -159,8 +165,9 @@ class MoE(nn.Module):
                 # is dropped here rather than held through the experts (peak memory).
                 if kept_routing.token_offsets is None or inverse.shape[0] != x_TD.shape[0]:
                     order = None
+                joined = token_grads if token_grads is not None and token_grads.joined else None
                 out_TD = self.experts.forward_and_combine(
-                    rows_TD, inverse, token_offsets, kept_routing.weights, expert_ends, out_dtype, order
+                    rows_TD, inverse, token_offsets, kept_routing.weights, expert_ends, out_dtype, order, joined
                 )
             else:
                 x_ND, inverse, tokens_per_kept_expert = self.permute(rows_TD, kept_routing, token_offsets)
@@ -248,6 +255,14 @@ class MoE(nn.Module):
             return x_TD, None
         dtype = self._narrower_expert_dtype(x_TD)
         return (x_TD, x_TD) if dtype is None else ops.fork_cast(x_TD, dtype)
+
+    def _token_grad_sum(self, x_TD: Tensor, rows_TD: Tensor | None) -> TokenGradSum | None:
+        """Eager, where the router and the experts take the same tokens (which need a gradient): a
+        sum of their gradients that the router's autograd node may join, to add the experts'
+        gradient of the tokens into its own (:mod:`lightning_moe.ops.token_grad`)."""
+        if rows_TD is not x_TD or not x_TD.requires_grad or torch.compiler.is_compiling():
+            return None
+        return TokenGradSum(x_TD)
 
     def _rows_for_experts(self, x_TD: Tensor) -> Tensor:
         """The tokens in the dtype the built-in experts compute in, when that is narrower.

@@ -52,6 +52,7 @@ from lightning_moe.ops.grouped_linear import (
 from lightning_moe.ops.permute import _backward_kernel as _permute_backward
 from lightning_moe.ops.permute import _forward as _permute
 from lightning_moe.ops.reference import GLU_GATES
+from lightning_moe.ops.token_grad import TokenGradSum
 from lightning_moe.ops.unpermute import _backward_kernel as _unpermute_backward
 from lightning_moe.ops.unpermute import _forward as _unpermute
 
@@ -78,6 +79,7 @@ def expert_mlp(
     activation: str,
     out_dtype: torch.dtype,
     order: Tensor | None = None,
+    token_grads: TokenGradSum | None = None,
 ) -> Tensor:
     """``out[t] = sum over t's assignments a of weights[a] * mlp_e(x[t])``, e the expert of a.
 
@@ -101,6 +103,9 @@ def expert_mlp(
             token t's): the sort's ``order``, (N,) int64, the assignment at each sorted position.
             The combine and the permutation's backward are then written by the GEMM kernels
             themselves, with the same results. None: the row kernels run.
+        token_grads: The sum of ``x_TD``'s gradients that the router's node of the same tokens
+            joined (:mod:`lightning_moe.ops.token_grad`): the gradient of ``x_TD`` is handed to it,
+            to be added into the router's, rather than returned to autograd. None: returned.
 
     Returns:
         (T, D) in ``out_dtype``; gradients flow to ``x_TD``, ``weights`` and the expert weights.
@@ -127,7 +132,9 @@ def expert_mlp(
     input_order = order if w3_EFD is None else None
     output_order = order if out_dtype == torch.bfloat16 else None
     x_TD = x_TD.contiguous()
-    projected = _ExpertInputFunction.apply(x_TD, inverse, token_offsets, ends_E, w1_EFD, w3_EFD, input_order)
+    projected = _ExpertInputFunction.apply(
+        x_TD, inverse, token_offsets, ends_E, w1_EFD, w3_EFD, input_order, token_grads
+    )
     a_NF, gate_NF = projected if w3_EFD is not None else (projected, None)
     w2_EDF = w2_EDF.contiguous()
     args = (a_NF, gate_NF, kernel_activation, w2_EDF, ends_E, inverse, weights, token_offsets, out_dtype, output_order)
@@ -147,10 +154,11 @@ class _ExpertInputFunction(torch.autograd.Function):
         w1_EFD: Tensor,
         w3_EFD: Tensor | None,
         order: Tensor | None,
+        token_grads: TokenGradSum | None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         x_ND = _permute(x_TD, inverse, token_offsets)
         ctx.save_for_backward(x_ND, inverse, token_offsets, ends_E, w1_EFD, w3_EFD, order)
-        ctx.x_dtype = x_TD.dtype
+        ctx.x_dtype, ctx.token_grads = x_TD.dtype, token_grads
         a_NF = _linear(x_ND, w1_EFD, ends_E)
         return a_NF if w3_EFD is None else (a_NF, _linear(x_ND, w3_EFD, ends_E))
 
@@ -158,7 +166,7 @@ class _ExpertInputFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_a: Tensor, grad_gate: Tensor | None = None) -> tuple[Tensor | None, ...]:
         x_ND, inverse, token_offsets, ends_E, w1, w3, order = ctx.saved_tensors
-        needs_x, _, _, _, needs_w1, needs_w3, _ = ctx.needs_input_grad
+        needs_x, _, _, _, needs_w1, needs_w3, _, _ = ctx.needs_input_grad
         grad_a = grad_a.contiguous()
         if grad_gate is not None:
             grad_gate = grad_gate.contiguous()
@@ -174,12 +182,14 @@ class _ExpertInputFunction(torch.autograd.Function):
                 grad_x_ND = grad_x_ND + _linear_input_grad(grad_gate, w3, ends_E)
             grad_x = _permute_backward(grad_x_ND, inverse, token_offsets, ctx.x_dtype)
             del grad_x_ND
+        if grad_x is not None and ctx.token_grads is not None and ctx.token_grads.give(grad_x):
+            grad_x = None  # the router's node adds it into its own gradient of the same tokens
         if needs_w1:
             grad_w1 = _linear_weight_grad(grad_a, x_ND, ends_E)
         if w3 is not None and needs_w3:
             assert grad_gate is not None
             grad_w3 = _linear_weight_grad(grad_gate, x_ND, ends_E)
-        return grad_x, None, None, None, grad_w1, grad_w3, None
+        return grad_x, None, None, None, grad_w1, grad_w3, None, None
 
 
 class _ExpertOutputFunction(torch.autograd.Function):

@@ -42,13 +42,17 @@ forward + backward on an H200: 135 us against 509 us at (T, D, E) = (16384, 2048
 in a second): the forward sums ``x w2 + x w1`` and ``x w0`` in two float32 accumulators added at the
 end, ``grad_x`` keeps ``g0 w0 + g0 w1 + g1 w0`` rounded once to bf16, and ``grad_weight`` sums the
 three parts of g like the forward, each in an order fixed by the shapes. It takes bf16 tokens and a
-float32 weight (a half-precision one widened first) with E a multiple of 8 from 8 to
-:data:`MAX_KERNEL_EXPERTS` and D a multiple of 64 (:func:`tensor_core_accepts`). It is meant for the
-mid-size routers where the SIMT kernels are compute-bound and the split GEMMs pay their host time,
-e.g. (T, D, E) = (8192, 1024, 64), where on an H200 the three passes took 31, 36 and 36 us against
-the SIMT kernels' 62, 52 and 60. :func:`router_logits` takes it, below :data:`SPLIT_MIN_WORK`, for
-:data:`TENSOR_CORE_MIN_EXPERTS` experts or more while :data:`TENSOR_CORE_ROUTER` is set (the
-default); with 8 experts the few-expert SIMT kernels are faster.
+float32 or bf16 weight with E a multiple of 8 from 8 to :data:`MAX_KERNEL_EXPERTS` and D a multiple
+of 64 (:func:`tensor_core_accepts`). A bf16 weight (a model cast whole to bf16) is its own leading
+part, its other parts zero: the kernels read it as it is, make a third of the forward's products
+and two thirds of ``grad_x``'s, and give the bits of the widened weight, without the widening copy;
+its gradient is rounded to bf16 by the kernel that adds the chunks of tokens, without a narrowing
+pass. It is meant for the mid-size routers where the SIMT kernels are compute-bound and the split
+GEMMs pay their host time, e.g. (T, D, E) = (8192, 1024, 64), where on an H200 the three passes
+took 31, 36 and 36 us against the SIMT kernels' 62, 52 and 60. :func:`router_logits` takes it,
+below :data:`SPLIT_MIN_WORK`, for :data:`TENSOR_CORE_MIN_EXPERTS` experts or more while
+:data:`TENSOR_CORE_ROUTER` is set (the default); with 8 experts the few-expert SIMT kernels are
+faster.
 
 In all, for bf16 tokens on CUDA: the split GEMMs from :data:`SPLIT_MIN_WORK` multiply-adds, else the
 tensor-core kernels from :data:`TENSOR_CORE_MIN_EXPERTS` experts, else the SIMT kernels.
@@ -108,6 +112,15 @@ def _grad_weight(grad_TE: Tensor, x_TD: Tensor) -> Tensor:
     return require_extension().router_logits_grad_weight(grad_TE, x_TD)
 
 
+def _simt_grad_x(grad_TE: Tensor, weight_ED: Tensor, x_dtype: torch.dtype, addend: Tensor | None) -> Tensor:
+    grad_x = _grad_x(grad_TE, weight_ED, x_dtype)
+    return grad_x if addend is None else grad_x + addend
+
+
+def _simt_grad_weight(grad_TE: Tensor, x_TD: Tensor, dtype: torch.dtype) -> Tensor:
+    return _grad_weight(grad_TE, x_TD).to(dtype)
+
+
 @torch.library.custom_op("lightning_moe::router_logits", mutates_args=())
 def _router_logits_cuda(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
     return _forward(x_TD, weight_ED)
@@ -140,22 +153,25 @@ def _(grad_TE: Tensor, x_TD: Tensor) -> Tensor:
 
 def _setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: Tensor | None) -> None:
     ctx.save_for_backward(*inputs)  # x in its own dtype: no float32 copy is kept
+    ctx.weight_dtype = inputs[1].dtype  # the dtype of the weight's gradient
 
 
-_GradX = Callable[[Tensor, Tensor, torch.dtype], Tensor]  # (grad_TE, weight_ED, x's dtype) -> grad_x
-_GradWeight = Callable[[Tensor, Tensor], Tensor]  # (grad_TE, x_TD) -> grad_weight
+# (grad_TE, weight_ED, x's dtype, another gradient of x to add or None) -> grad_x
+_GradX = Callable[[Tensor, Tensor, torch.dtype, Tensor | None], Tensor]
+_GradWeight = Callable[[Tensor, Tensor, torch.dtype], Tensor]  # (grad_TE, x_TD, its dtype) -> grad_weight
 _Backward = Callable[[Any, Tensor], tuple[Tensor | None, Tensor | None]]
 
 
 def _backward_through(grad_x: _GradX, grad_weight: _GradWeight) -> _Backward:
     """The backward of the logits ``x_TD @ weight_ED.T`` saved by :func:`_setup_context`, with
-    these two gradient kernels (called for the inputs that need a gradient)."""
+    these two gradient kernels (called for the inputs that need a gradient; the weight's gradient
+    in ``ctx.weight_dtype``)."""
 
     def backward(ctx: Any, grad_TE: Tensor) -> tuple[Tensor | None, Tensor | None]:
         x_TD, weight_ED = ctx.saved_tensors
         grad_TE = grad_TE.float().contiguous()
-        grad_x_TD = grad_x(grad_TE, weight_ED, x_TD.dtype) if ctx.needs_input_grad[0] else None
-        grad_weight_ED = grad_weight(grad_TE, x_TD) if ctx.needs_input_grad[1] else None
+        grad_x_TD = grad_x(grad_TE, weight_ED, x_TD.dtype, None) if ctx.needs_input_grad[0] else None
+        grad_weight_ED = grad_weight(grad_TE, x_TD, ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         return grad_x_TD, grad_weight_ED
 
     return backward
@@ -167,33 +183,39 @@ def _eager_function(name: str, forward: Callable[[Tensor, Tensor], Tensor], back
 
     class Function(torch.autograd.Function):
         """Takes the weight twice: as the parameter (which gets the gradient, in its own dtype) and
-        as the float32 tensor the kernels read (the parameter itself, or a detached widened copy of
-        a half-precision one), so that widening takes no autograd node of its own."""
+        as the tensor the kernels read (the parameter itself, or a detached widened copy of a
+        half-precision one that the kernels do not take as it is), so that widening takes no
+        autograd node of its own."""
 
         @staticmethod
-        def forward(ctx: Any, x_TD: Tensor, weight_ED: Tensor, weight_f32: Tensor) -> Tensor:
-            _setup_context(ctx, (x_TD, weight_f32), None)
+        def forward(ctx: Any, x_TD: Tensor, weight_ED: Tensor, kernel_weight: Tensor) -> Tensor:
+            _setup_context(ctx, (x_TD, kernel_weight), None)
             ctx.weight_dtype = weight_ED.dtype
-            return forward(x_TD, weight_f32)
+            return forward(x_TD, kernel_weight)
 
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx: Any, grad_TE: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
             grad_x, grad_weight = backward(ctx, grad_TE)
-            return grad_x, None if grad_weight is None else grad_weight.to(ctx.weight_dtype), None
+            return grad_x, grad_weight, None
 
     Function.__name__ = Function.__qualname__ = name
     return Function
 
 
+# The custom ops' float32 weight gets its gradient in float32 (the weight_dtype of _setup_context).
 _router_logits_cuda.register_autograd(
     _backward_through(
-        lambda grad_TE, weight_ED, x_dtype: torch.ops.lightning_moe.router_logits_grad_x(grad_TE, weight_ED, x_dtype),
-        lambda grad_TE, x_TD: torch.ops.lightning_moe.router_logits_grad_weight(grad_TE, x_TD),
+        lambda grad_TE, weight_ED, x_dtype, _: torch.ops.lightning_moe.router_logits_grad_x(
+            grad_TE, weight_ED, x_dtype
+        ),
+        lambda grad_TE, x_TD, _: torch.ops.lightning_moe.router_logits_grad_weight(grad_TE, x_TD),
     ),
     setup_context=_setup_context,
 )
-_RouterLogitsFunction = _eager_function("_RouterLogitsFunction", _forward, _backward_through(_grad_x, _grad_weight))
+_RouterLogitsFunction = _eager_function(
+    "_RouterLogitsFunction", _forward, _backward_through(_simt_grad_x, _simt_grad_weight)
+)
 
 
 def kernels_accept(x_TD: Tensor, weight_ED: Tensor) -> bool:
@@ -228,14 +250,18 @@ def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
     """
     if split_accepts(x_TD, weight_ED):
         return _SplitRouterLogits.apply(x_TD.contiguous(), weight_ED.contiguous())
-    # Eager, the kernels' autograd node widens a half-precision weight itself (one node rather than
-    # two, less host time); under torch.compile a traced cast does.
-    weight_f32 = _widened(weight_ED if torch.compiler.is_compiling() else weight_ED.detach())
-    kernels = _kernel_family(x_TD, weight_f32)
+    # Eager, the kernels' autograd node takes a bf16 weight as it is where the tensor-core kernels
+    # take it, else widens a half-precision weight itself (one node rather than two, less host time);
+    # under torch.compile a traced cast widens it.
+    if torch.compiler.is_compiling():
+        kernel_weight = _widened(weight_ED)
+        kernels = _kernel_family(x_TD, kernel_weight)
+    else:
+        kernel_weight, kernels = _kernel_weight_and_family(x_TD, weight_ED.detach())
     if kernels is _TENSOR_CORE_KERNELS:
-        return _tensor_core_router_logits(x_TD, weight_ED, weight_f32)
+        return _tensor_core_router_logits(x_TD, weight_ED, kernel_weight)
     if kernels is _SIMT_KERNELS:
-        return _kernel_router_logits(x_TD, weight_ED, weight_f32)
+        return _kernel_router_logits(x_TD, weight_ED, kernel_weight)
     return reference.router_logits(x_TD, weight_ED)
 
 
@@ -243,20 +269,31 @@ class EagerKernels(NamedTuple):
     """The kernel calls of one of :func:`router_logits`' kernel families, for callers that run them
     inside an autograd node of their own (:func:`lightning_moe.ops.topk_route.router_topk_route`)."""
 
-    forward: Callable[[Tensor, Tensor], Tensor]  # (x_TD, weight_f32) -> logits_TE
-    grad_x: _GradX  # (grad_TE, weight_f32, x's dtype) -> grad_x
-    grad_weight: _GradWeight  # (grad_TE, x_TD) -> float32 grad_weight
+    forward: Callable[[Tensor, Tensor], Tensor]  # (x_TD, the kernels' weight) -> logits_TE
+    grad_x: _GradX  # (grad_TE, the kernels' weight, x's dtype, gradient to add or None) -> grad_x
+    grad_weight: _GradWeight  # (grad_TE, x_TD, the weight's dtype) -> grad_weight in that dtype
 
 
 def eager_kernels(x_TD: Tensor, weight_ED: Tensor) -> tuple[Tensor, EagerKernels] | None:
-    """The float32 weight (``weight_ED``, or a detached widened copy of a half-precision one) and the
-    kernels that :func:`router_logits` runs these inputs on, the tensor-core or the SIMT ones; None
-    where it takes the split GEMMs or the reference instead."""
+    """The weight as the kernels read it (``weight_ED`` detached, or a detached widened copy of a
+    half-precision one that they do not take as it is) and the kernels that :func:`router_logits`
+    runs these inputs on, the tensor-core or the SIMT ones; None where it takes the split GEMMs or
+    the reference instead."""
     if split_accepts(x_TD, weight_ED):
         return None
-    weight_f32 = _widened(weight_ED.detach())
-    kernels = _kernel_family(x_TD, weight_f32)
-    return None if kernels is None else (weight_f32, kernels)
+    weight, kernels = _kernel_weight_and_family(x_TD, weight_ED.detach())
+    return None if kernels is None else (weight, kernels)
+
+
+def _kernel_weight_and_family(x_TD: Tensor, weight_ED: Tensor) -> tuple[Tensor, EagerKernels | None]:
+    """For inputs the split GEMMs do not take: the weight as the kernels read it and the kernels
+    that take it (None: the reference). The tensor-core kernels read a bf16 weight as it is (it is
+    its own leading bf16 part: no widening copy, a third of the forward's products, and the bits of
+    the widened weight); otherwise a half-precision weight is widened to float32."""
+    if weight_ED.dtype == torch.bfloat16 and _takes_tensor_cores(x_TD, weight_ED):
+        return weight_ED, _TENSOR_CORE_KERNELS
+    weight_f32 = _widened(weight_ED)
+    return weight_f32, _kernel_family(x_TD, weight_f32)
 
 
 def _kernel_family(x_TD: Tensor, weight_f32: Tensor) -> EagerKernels | None:
@@ -287,20 +324,20 @@ def _widened(weight_ED: Tensor) -> Tensor:
     return weight_ED.float() if widen else weight_ED
 
 
-def _kernel_router_logits(x_TD: Tensor, weight_ED: Tensor, weight_f32: Tensor | None = None) -> Tensor:
-    """The kernels, for inputs that :func:`kernels_accept`: ``weight_f32`` is ``weight_ED`` as the
-    float32 tensor they read (None: ``weight_ED`` is float32), from :func:`router_logits`."""
-    return _run_kernels(torch.ops.lightning_moe.router_logits, _RouterLogitsFunction, x_TD, weight_ED, weight_f32)
+def _kernel_router_logits(x_TD: Tensor, weight_ED: Tensor, kernel_weight: Tensor | None = None) -> Tensor:
+    """The kernels, for inputs that :func:`kernels_accept`: ``kernel_weight`` is ``weight_ED`` as the
+    tensor they read (None: ``weight_ED`` itself), from :func:`router_logits`."""
+    return _run_kernels(torch.ops.lightning_moe.router_logits, _RouterLogitsFunction, x_TD, weight_ED, kernel_weight)
 
 
-def _run_kernels(op: Any, function: Any, x_TD: Tensor, weight_ED: Tensor, weight_f32: Tensor | None) -> Tensor:
+def _run_kernels(op: Any, function: Any, x_TD: Tensor, weight_ED: Tensor, kernel_weight: Tensor | None) -> Tensor:
     """``op`` (the custom op, traced by ``torch.compile``) or, eager, ``function`` on the tokens and
-    the float32 weight (detached or not: gradients reach ``weight_ED`` either way)."""
+    the weight the kernels read (detached or not: gradients reach ``weight_ED`` either way)."""
     x_TD = x_TD.contiguous()
-    weight_f32 = (weight_ED if weight_f32 is None else weight_f32).contiguous()
+    kernel_weight = (weight_ED if kernel_weight is None else kernel_weight).contiguous()
     if torch.compiler.is_compiling():
-        return op(x_TD, weight_f32)
-    return function.apply(x_TD, weight_ED, weight_f32)
+        return op(x_TD, kernel_weight)
+    return function.apply(x_TD, weight_ED, kernel_weight)
 
 
 def bf16_parts(t: Tensor, parts: int) -> list[Tensor]:
@@ -423,12 +460,19 @@ def _tc_forward(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
     return require_extension().router_logits_tc_forward(_aligned(x_TD), _aligned(weight_ED), PIPELINED_TC_ROUTER)
 
 
-def _tc_grad_x(grad_TE: Tensor, weight_ED: Tensor) -> Tensor:
-    return require_extension().router_logits_tc_grad_x(_aligned(grad_TE), _aligned(weight_ED), PERSISTENT_TC_GRAD_X)
+def _tc_grad_x(grad_TE: Tensor, weight_ED: Tensor, addend: Tensor | None = None) -> Tensor:
+    """``grad_x`` in bf16, plus ``addend`` (another bf16 gradient of x, added by the kernel with the
+    bits of a bf16 addition) when given."""
+    addend = None if addend is None else _aligned(addend.contiguous())
+    ext = require_extension()
+    return ext.router_logits_tc_grad_x(_aligned(grad_TE), _aligned(weight_ED), PERSISTENT_TC_GRAD_X, addend)
 
 
-def _tc_grad_weight(grad_TE: Tensor, x_TD: Tensor) -> Tensor:
-    return require_extension().router_logits_tc_grad_weight(_aligned(grad_TE), _aligned(x_TD), PIPELINED_TC_ROUTER)
+def _tc_grad_weight(grad_TE: Tensor, x_TD: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The weight's gradient in ``dtype`` (float32, bfloat16 or float16), rounded from the float32
+    sum by the kernel that adds the chunks of tokens: the bits of a cast, without its pass."""
+    ext = require_extension()
+    return ext.router_logits_tc_grad_weight(_aligned(grad_TE), _aligned(x_TD), PIPELINED_TC_ROUTER, dtype)
 
 
 @torch.library.custom_op("lightning_moe::router_logits_tc", mutates_args=())
@@ -464,21 +508,21 @@ def _(grad_TE: Tensor, x_TD: Tensor) -> Tensor:
 # grad_x of the tensor-core kernels is bf16, the only token dtype they take.
 _router_logits_tc_cuda.register_autograd(
     _backward_through(
-        lambda grad_TE, weight_ED, _: torch.ops.lightning_moe.router_logits_tc_grad_x(grad_TE, weight_ED),
-        lambda grad_TE, x_TD: torch.ops.lightning_moe.router_logits_tc_grad_weight(grad_TE, x_TD),
+        lambda grad_TE, weight_ED, _, __: torch.ops.lightning_moe.router_logits_tc_grad_x(grad_TE, weight_ED),
+        lambda grad_TE, x_TD, _: torch.ops.lightning_moe.router_logits_tc_grad_weight(grad_TE, x_TD),
     ),
     setup_context=_setup_context,
 )
 _TensorCoreRouterLogits = _eager_function(
     "_TensorCoreRouterLogits",
     _tc_forward,
-    _backward_through(lambda grad_TE, weight_ED, _: _tc_grad_x(grad_TE, weight_ED), _tc_grad_weight),
+    _backward_through(lambda grad_TE, weight_ED, _, addend: _tc_grad_x(grad_TE, weight_ED, addend), _tc_grad_weight),
 )
 
 
 def tensor_core_accepts(x_TD: Tensor, weight_ED: Tensor) -> bool:
-    """Whether the tensor-core kernels take these inputs: 2-D bf16 ``x_TD`` and a float32 (E, D)
-    ``weight_ED`` (widen a half-precision one first) with E a multiple of
+    """Whether the tensor-core kernels take these inputs: 2-D bf16 ``x_TD`` and a float32 or bf16
+    (E, D) ``weight_ED`` (widen a float16 one first) with E a multiple of
     :data:`TENSOR_CORE_EXPERT_MULTIPLE` from 8 to :data:`MAX_KERNEL_EXPERTS` and D a positive
     multiple of :data:`TENSOR_CORE_DIM_MULTIPLE`, both on CUDA, and the extension loaded. The device
     comes last, so CPU tensors never trigger a build."""
@@ -492,18 +536,20 @@ def tensor_core_accepts(x_TD: Tensor, weight_ED: Tensor) -> bool:
         and TENSOR_CORE_EXPERT_MULTIPLE <= num_experts <= MAX_KERNEL_EXPERTS
         and num_experts % TENSOR_CORE_EXPERT_MULTIPLE == 0
         and x_TD.dtype == torch.bfloat16
-        and weight_ED.dtype == torch.float32
+        and weight_ED.dtype in (torch.float32, torch.bfloat16)
         and use_cuda_kernels(x_TD, weight_ED)
     )
 
 
-def _tensor_core_router_logits(x_TD: Tensor, weight_ED: Tensor, weight_f32: Tensor | None = None) -> Tensor:
-    """The tensor-core kernels, for inputs that :func:`tensor_core_accepts`; ``weight_f32`` as in
+def _tensor_core_router_logits(x_TD: Tensor, weight_ED: Tensor, kernel_weight: Tensor | None = None) -> Tensor:
+    """The tensor-core kernels, for inputs that :func:`tensor_core_accepts`; ``kernel_weight`` as in
     :func:`_kernel_router_logits`."""
-    return _run_kernels(torch.ops.lightning_moe.router_logits_tc, _TensorCoreRouterLogits, x_TD, weight_ED, weight_f32)
+    return _run_kernels(
+        torch.ops.lightning_moe.router_logits_tc, _TensorCoreRouterLogits, x_TD, weight_ED, kernel_weight
+    )
 
 
-_SIMT_KERNELS = EagerKernels(_forward, _grad_x, _grad_weight)
+_SIMT_KERNELS = EagerKernels(_forward, _simt_grad_x, _simt_grad_weight)
 _TENSOR_CORE_KERNELS = EagerKernels(
-    _tc_forward, lambda grad_TE, weight_ED, _: _tc_grad_x(grad_TE, weight_ED), _tc_grad_weight
+    _tc_forward, lambda grad_TE, weight_ED, _, addend: _tc_grad_x(grad_TE, weight_ED, addend), _tc_grad_weight
 )

@@ -35,6 +35,7 @@ from torch import Tensor
 from lightning_moe.ops import reference
 from lightning_moe.ops.extension import require_extension, use_cuda_kernels
 from lightning_moe.ops.router_logits import EagerKernels, eager_kernels, router_logits
+from lightning_moe.ops.token_grad import TokenGradSum, join_token_grad_sum
 
 # One warp holds a token's logits, at most 16 per lane (kTopKRouteMaxExperts in topk_route.h).
 MAX_KERNEL_EXPERTS = 512
@@ -277,8 +278,11 @@ def router_topk_route(
     Eager, where both ops run on their kernels (:func:`lightning_moe.ops.router_logits.eager_kernels`
     and the conditions of :func:`topk_route`), the two ops' kernels run in one autograd node: the
     same kernels in the same order, saving the same tensors, so the same bits, at less host time
-    (one Python ``autograd.Function`` call and one engine visit fewer per step). Elsewhere, and
-    under ``torch.compile``, it is the composition itself.
+    (one Python ``autograd.Function`` call and one engine visit fewer per step). That node joins
+    the sum of the tokens' gradients an MoE layer opens around its router
+    (:mod:`lightning_moe.ops.token_grad`) when ``x_TD`` is the layer's tokens: its ``grad_x`` then
+    includes the experts' gradient of them. Elsewhere, and under ``torch.compile``, it is the
+    composition itself.
 
     Args:
         x_TD: (T, D) tokens of any floating dtype.
@@ -291,7 +295,8 @@ def router_topk_route(
     if not torch.compiler.is_compiling():
         args = _one_node_args(x_TD, weight_ED, top_k, scoring, normalize, bias_E)
         if args is not None:
-            return TopKRoute(*_RouterTopKRouteFunction.apply(*args))
+            token_grads = join_token_grad_sum(x_TD) if x_TD.requires_grad else None
+            return TopKRoute(*_RouterTopKRouteFunction.apply(*args, token_grads))
     return topk_route(router_logits(x_TD, weight_ED), top_k, scoring, normalize, bias_E)
 
 
@@ -306,9 +311,9 @@ def _one_node_args(
     bias_E = bias_E if scoring == "sigmoid" else None
     if bias_E is not None and not (bias_E.is_cuda and bias_E.dtype == torch.float32):
         return None
-    weight_f32, kernels = chosen
+    kernel_weight, kernels = chosen
     bias = None if bias_E is None else bias_E.contiguous()
-    return x_TD.contiguous(), weight_ED, weight_f32.contiguous(), kernels, top_k, scoring, normalize, bias
+    return x_TD.contiguous(), weight_ED, kernel_weight.contiguous(), kernels, top_k, scoring, normalize, bias
 
 
 class _RouterTopKRouteFunction(torch.autograd.Function):
@@ -319,25 +324,29 @@ class _RouterTopKRouteFunction(torch.autograd.Function):
         ctx: Any,
         x_TD: Tensor,
         weight_ED: Tensor,
-        weight_f32: Tensor,
+        kernel_weight: Tensor,
         kernels: EagerKernels,
         top_k: int,
         scoring: str,
         normalize: bool,
         bias_E: Tensor | None,
+        token_grads: TokenGradSum | None,
     ) -> _Outputs:
-        logits_TE = kernels.forward(x_TD, weight_f32)
+        logits_TE = kernels.forward(x_TD, kernel_weight)
         output = _forward(logits_TE, top_k, scoring, normalize, bias_E)
-        _setup_context(ctx, (logits_TE, top_k, scoring, normalize, bias_E), output, saved_first=(x_TD, weight_f32))
-        ctx.kernels, ctx.weight_dtype = kernels, weight_ED.dtype
+        _setup_context(ctx, (logits_TE, top_k, scoring, normalize, bias_E), output, saved_first=(x_TD, kernel_weight))
+        ctx.kernels, ctx.weight_dtype, ctx.token_grads = kernels, weight_ED.dtype, token_grads
         return output
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        x_TD, weight_f32, logits_TE, expert_ids_TK, tokens_per_expert_E = ctx.saved_tensors
+        x_TD, kernel_weight, logits_TE, expert_ids_TK, tokens_per_expert_E = ctx.saved_tensors
         upstream = _differentiable_grads(grads, logits_TE, expert_ids_TK, tokens_per_expert_E)
         grad_TE = _backward_kernel(upstream, logits_TE, expert_ids_TK, ctx.scoring, ctx.normalize)
-        grad_x = ctx.kernels.grad_x(grad_TE, weight_f32, x_TD.dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = ctx.kernels.grad_weight(grad_TE, x_TD).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_weight, None, None, None, None, None, None
+        # The experts' gradient of the same tokens, when they handed it over, goes into grad_x.
+        handed_over = ctx.token_grads.take() if ctx.token_grads is not None else None
+        needs_x = ctx.needs_input_grad[0]
+        grad_x = ctx.kernels.grad_x(grad_TE, kernel_weight, x_TD.dtype, handed_over) if needs_x else None
+        grad_weight = ctx.kernels.grad_weight(grad_TE, x_TD, ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight, None, None, None, None, None, None, None

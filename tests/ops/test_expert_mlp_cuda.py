@@ -19,6 +19,7 @@ from lightning_moe.layers.moe import MoE
 from lightning_moe.ops.expert_mlp import expert_mlp, expert_mlp_usable
 from lightning_moe.ops.grouped_linear import grouped_linear_usable
 from lightning_moe.ops.grouped_mm import grouped_mlp
+from lightning_moe.ops.token_grad import TokenGradSum
 from tests.ops.gpu_checks import GPU_MARKS
 
 
@@ -268,4 +269,49 @@ def test_layer_with_fewer_nodes_gives_the_bits_of_the_layer_op_by_op(
     assert peak <= torch.cuda.max_memory_allocated()
     assert torch.equal(out, expected_out)
     for got, want in zip(grads, expected_grads, strict=True):
+        assert torch.equal(got, want)
+
+
+def _add_kernels(names: list[str]) -> int:
+    return sum("CUDAFunctor_add" in name for name in names)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_router_node_adds_the_experts_token_gradient_with_the_bits_of_autograds_sum(
+    top_k: int, generator: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the tensor-core router (64 experts), the experts' node hands its gradient of the tokens
+    to the router's node, whose grad_x kernel adds it: the gradients are the bits of autograd adding
+    the two, with one addition kernel fewer; a second backward of the same graph gives them again."""
+    torch.manual_seed(0)
+    layer = MoE(d_model=D, num_experts=64, top_k=top_k, d_hidden=F, aux_loss_weight=0.01).to("cuda", torch.bfloat16)
+    x = torch.randn(2, 150, D, generator=generator).to("cuda", torch.bfloat16)
+    grad = torch.randn(x.shape, generator=generator).to("cuda", x.dtype)
+
+    def step() -> tuple[list[str], list[Tensor], list[Tensor]]:
+        leaf = x.clone().requires_grad_()
+        out = layer(leaf)
+        inputs = [leaf, *layer.parameters()]
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            grads = torch.autograd.grad(out, inputs, grad, retain_graph=True)
+            torch.cuda.synchronize()
+        again = torch.autograd.grad(out, inputs, grad)
+        return [event.key for event in prof.key_averages() for _ in range(event.count)], list(grads), list(again)
+
+    handed_over = []
+    real_give = TokenGradSum.give
+
+    def give(self: TokenGradSum, grad_TD: Tensor) -> bool:
+        handed_over.append(real_give(self, grad_TD))
+        return handed_over[-1]
+
+    monkeypatch.setattr(TokenGradSum, "give", give)
+    names, grads, again = step()
+    # Handed over in the first backward; in the second the sum is taken, so autograd adds.
+    assert handed_over == [True, False]
+    monkeypatch.setattr(MoE, "_token_grad_sum", lambda *args: None)
+    expected_names, expected_grads, expected_again = step()
+    assert _add_kernels(names) == _add_kernels(expected_names) - 1
+    for got, want in zip(grads + again, expected_grads + expected_again, strict=True):
         assert torch.equal(got, want)

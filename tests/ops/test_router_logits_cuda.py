@@ -356,6 +356,69 @@ def test_switched_kernels_give_the_bits_of_the_kernels_they_replace(
     assert torch.equal(switched_on, switched_off)
 
 
+# A bf16 weight read as it is: 128 blocks of the pipelined forward and the persistent grad_x; a
+# partly filled expert tile and k step; one token; above 64 experts (grad_x widens the weight for
+# the per-tile kernel) and the shapes where a float32 weight takes the 64-expert forward; no tokens.
+BF16_WEIGHT_SHAPES = [
+    (8192, 1024, 64),
+    (37, 64, 16),
+    (300, 128, 40),
+    (1, 1024, 8),
+    (300, 128, 72),
+    (20_000, 512, 256),
+    (0, 64, 8),
+]
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "dim", "num_experts"),
+    [pytest.param(*shape, id="T{}-D{}-E{}".format(*shape)) for shape in BF16_WEIGHT_SHAPES],
+)
+def test_tensor_core_kernels_give_a_bf16_weight_the_bits_of_its_float32_copy(
+    num_tokens: int, dim: int, num_experts: int, generator: torch.Generator
+) -> None:
+    """A bf16 weight is its own leading part: the kernels that read it as it is (and skip the zero
+    parts' products) give the logits and grad_x of the float32 kernels on its widened copy, and a
+    grad_weight rounded to bf16 or float16 by the kernel is the float32 one cast."""
+    x_TD, weight_ED, grad_TE = tensor_core_inputs(num_tokens, dim, num_experts, "spread", generator)
+    weight_bf16, ext = weight_ED.bfloat16(), require_extension()
+    passes = {
+        "forward": lambda weight: ext.router_logits_tc_forward(x_TD, weight),
+        "grad_x": lambda weight: ext.router_logits_tc_grad_x(grad_TE, weight),
+    }
+    for name, run in passes.items():
+        poison_float_blocks()
+        got = run(weight_bf16)
+        poison_float_blocks()
+        expected = run(weight_bf16.float())
+        assert not got.isnan().any(), f"{name}: an element was never written"
+        assert torch.equal(got, expected), name
+    in_float32 = ext.router_logits_tc_grad_weight(grad_TE, x_TD)
+    for dtype in (torch.bfloat16, torch.float16):
+        poison_float_blocks()
+        rounded = ext.router_logits_tc_grad_weight(grad_TE, x_TD, True, dtype)
+        assert rounded.dtype == dtype and torch.equal(rounded, in_float32.to(dtype)), dtype
+
+
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "per_tile"])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize(("num_tokens", "dim", "num_experts"), [(8192, 1024, 64), (37, 64, 16), (300, 128, 72)])
+def test_tensor_core_grad_x_adds_an_addend_with_the_bits_of_a_bf16_addition(
+    num_tokens: int, dim: int, num_experts: int, weight_dtype: torch.dtype, persistent: bool, generator: torch.Generator
+) -> None:
+    """grad_x + addend, the addend (another gradient of the tokens) added in the kernel's epilogue
+    (or, past the persistent kernel's 64 experts, after it): the bits of adding the two in bf16."""
+    x_TD, weight_ED, grad_TE = tensor_core_inputs(num_tokens, dim, num_experts, "spread", generator)
+    weight_ED, ext = weight_ED.to(weight_dtype), require_extension()
+    addend = torch.randn(num_tokens, dim, generator=generator).to("cuda", torch.bfloat16) * 64
+    alone = ext.router_logits_tc_grad_x(grad_TE, weight_ED, persistent)
+    poison_float_blocks()
+    summed = ext.router_logits_tc_grad_x(grad_TE, weight_ED, persistent, addend)
+    assert torch.equal(summed, alone + addend)
+    with pytest.raises(RuntimeError, match="addend must have the shape"):
+        ext.router_logits_tc_grad_x(grad_TE, weight_ED, persistent, addend[:, :-64].contiguous())
+
+
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize(("num_tokens", "dim", "num_experts"), [(8192, 1024, 64), (37, 64, 16), (300, 128, 256)])
 def test_router_logits_take_the_tensor_core_kernels_by_default(
@@ -366,17 +429,20 @@ def test_router_logits_take_the_tensor_core_kernels_by_default(
     generator: torch.Generator,
 ) -> None:
     """Below SPLIT_MIN_WORK, from TENSOR_CORE_MIN_EXPERTS experts, router_logits and autograd run the
-    three kernels and nothing else of the other paths; a bf16 weight is widened and its gradient
-    narrowed back."""
+    three kernels and nothing else of the other paths; a bf16 weight gets its gradient in bf16 from
+    the kernels, and is read as it is (no copy kernel runs) but by the per-tile grad_x kernel, which
+    takes more than 64 experts and widens it."""
     x_TD, weight_ED, grad_TE = tensor_core_inputs(num_tokens, dim, num_experts, "router", generator)
     weight_ED = weight_ED.to(weight_dtype)
-    assert tensor_core_accepts(x_TD, weight_ED.float()) and not split_accepts(x_TD, weight_ED)
+    assert tensor_core_accepts(x_TD, weight_ED) and not split_accepts(x_TD, weight_ED)
     assert takes_tensor_cores(x_TD, weight_ED)
     poison_float_blocks()
     names, results = profiled_step(x_TD, weight_ED, grad_TE)
     for kernel in TC_KERNELS:
         assert any(kernel in name for name in names), (kernel, names)
     assert not any("logits_forward_kernel" in name and "tc_" not in name for name in names), names
+    widened = weight_dtype == torch.bfloat16 and num_experts > 64
+    assert sum("copy" in name for name in names) == (1 if widened else 0), names
     assert_tensor_core_results(x_TD, weight_ED, grad_TE, results)
 
 
