@@ -248,26 +248,33 @@ __device__ __forceinline__ void mma_split_terms(float (&acc)[2][4][4], const uin
 __device__ __forceinline__ float low_bf16(uint32_t pair) { return __uint_as_float(pair << 16); }
 __device__ __forceinline__ float high_bf16(uint32_t pair) { return __uint_as_float(pair & 0xffff0000u); }
 
-// The bf16x2 words of the bf16 matrix `src` (`ld` elements a row) at a warp's 2 x 4 m16n8 tiles
-// from row row0 and column col0 on (the layout of store_sums); zeros for rows at or past `rows`.
-__device__ __forceinline__ void load_bf16_pairs(uint32_t (&pairs)[2][4][2], const uint16_t* __restrict__ src,
-                                                int64_t ld, int64_t row0, int64_t col0, int64_t rows, int lane) {
+// Calls f(mi, ni, half, row, col) for each bf16x2 pair of a warp's 2 x 4 m16n8 tiles from row row0
+// and column col0 on (the layout of store_sums): accumulators 2 half and 2 half + 1 of tile (mi, ni)
+// sit at (row, col) and (row, col + 1).
+template <typename F>
+__device__ __forceinline__ void for_each_fragment_pair(int64_t row0, int64_t col0, int lane, F&& f) {
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi) {
 #pragma unroll
     for (int ni = 0; ni < 4; ++ni) {
       const int64_t col = col0 + ni * 8 + 2 * (lane % 4);
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t row = row0 + mi * 16 + lane / 4 + 8 * half;
-        pairs[mi][ni][half] = row < rows ? *reinterpret_cast<const uint32_t*>(src + row * ld + col) : 0u;
-      }
+      for (int half = 0; half < 2; ++half) f(mi, ni, half, row0 + mi * 16 + lane / 4 + 8 * half, col);
     }
   }
 }
 
+// The bf16x2 words of the bf16 matrix `src` (`ld` elements a row) at a warp's 2 x 4 m16n8 tiles
+// from row row0 and column col0 on (for_each_fragment_pair); zeros for rows at or past `rows`.
+__device__ __forceinline__ void load_bf16_pairs(uint32_t (&pairs)[2][4][2], const uint16_t* __restrict__ src,
+                                                int64_t ld, int64_t row0, int64_t col0, int64_t rows, int lane) {
+  for_each_fragment_pair(row0, col0, lane, [&](int mi, int ni, int half, int64_t row, int64_t col) {
+    pairs[mi][ni][half] = row < rows ? *reinterpret_cast<const uint32_t*>(src + row * ld + col) : 0u;
+  });
+}
+
 // Writes a warp's 2 x 4 m16n8 accumulator tiles, rounded to bf16, to the bf16 matrix `out` (`ld`
-// elements a row) from row row0 and column col0 on (the layout of store_sums), skipping rows at or
+// elements a row) from row row0 and column col0 on (for_each_fragment_pair), skipping rows at or
 // past `rows`. With kAdd, `added` holds the bf16x2 words of an addend at these places (from
 // load_bf16_pairs), and each rounded value v is written as bf16(v + addend), the float32 sum rounded
 // to nearest: the bits of a bf16 addition of the two.
@@ -275,25 +282,15 @@ template <bool kAdd = false>
 __device__ __forceinline__ void store_bf16_rows(uint16_t* out, int64_t ld, const float (&acc)[2][4][4], int64_t row0,
                                                 int64_t col0, int64_t rows, int lane,
                                                 const uint32_t (&added)[2][4][2] = {}) {
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-    for (int ni = 0; ni < 4; ++ni) {
-      const int64_t col = col0 + ni * 8 + 2 * (lane % 4);
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t row = row0 + mi * 16 + lane / 4 + 8 * half;
-        if (row < rows) {
-          uint32_t value = round_bf16x2(acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
-          if constexpr (kAdd) {
-            const uint32_t other = added[mi][ni][half];
-            value = round_bf16x2(low_bf16(value) + low_bf16(other), high_bf16(value) + high_bf16(other));
-          }
-          *reinterpret_cast<uint32_t*>(out + row * ld + col) = value;
-        }
-      }
+  for_each_fragment_pair(row0, col0, lane, [&](int mi, int ni, int half, int64_t row, int64_t col) {
+    if (row >= rows) return;
+    uint32_t value = round_bf16x2(acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
+    if constexpr (kAdd) {
+      const uint32_t other = added[mi][ni][half];
+      value = round_bf16x2(low_bf16(value) + low_bf16(other), high_bf16(value) + high_bf16(other));
     }
-  }
+    *reinterpret_cast<uint32_t*>(out + row * ld + col) = value;
+  });
 }
 
 template <int kNTiles>
