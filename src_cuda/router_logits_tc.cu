@@ -507,20 +507,28 @@ __global__ void __launch_bounds__(kTcThreads, 4)
                                num_experts, lane);
 }
 
+// Calls f with the weight's data as the element type of the kernels' W parameter: const float* for a
+// float32 weight, const uint16_t* (bf16 bits) for a bf16 one.
+template <typename F>
+void with_weight_data(const at::Tensor& weight, F&& f) {
+  if (weight.scalar_type() == at::kFloat) {
+    f(weight.data_ptr<float>());
+  } else {
+    f(reinterpret_cast<const uint16_t*>(weight.data_ptr()));
+  }
+}
+
 void launch_tc_forward_pipelined(const at::Tensor& x, const at::Tensor& weight, at::Tensor& logits,
                                  cudaStream_t stream) {
   using P = PipelinedForwardTiles<float>;  // the same blocks for both weights
   const int64_t num_tokens = x.size(0), dim = x.size(1), num_experts = weight.size(0);
   const int64_t blocks = ceil_div(num_tokens, P::kBM) * ceil_div(num_experts, static_cast<int64_t>(P::kBN));
-  const auto* x_data = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  if (weight.scalar_type() == at::kFloat) {
-    tc_logits_forward_pipelined_kernel<float><<<static_cast<unsigned>(blocks), kTcThreads, 0, stream>>>(
-        x_data, weight.data_ptr<float>(), logits.data_ptr<float>(), num_tokens, num_experts, dim);
-  } else {
-    tc_logits_forward_pipelined_kernel<uint16_t><<<static_cast<unsigned>(blocks), kTcThreads, 0, stream>>>(
-        x_data, reinterpret_cast<const uint16_t*>(weight.data_ptr()), logits.data_ptr<float>(), num_tokens,
+  with_weight_data(weight, [&](const auto* weight_data) {
+    using W = std::remove_cv_t<std::remove_pointer_t<decltype(weight_data)>>;
+    tc_logits_forward_pipelined_kernel<W><<<static_cast<unsigned>(blocks), kTcThreads, 0, stream>>>(
+        reinterpret_cast<const uint16_t*>(x.data_ptr()), weight_data, logits.data_ptr<float>(), num_tokens,
         num_experts, dim);
-  }
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -730,15 +738,12 @@ void launch_tc_grad_x_persistent(const at::Tensor& grad_logits, const at::Tensor
   const int64_t token_slices =
       std::clamp<int64_t>(ceil_div(kNominalSms * P::kBlocksPerSm, column_slices), 1, token_tiles);
   const dim3 grid(static_cast<unsigned>(column_slices), static_cast<unsigned>(token_slices));
-  auto* out = reinterpret_cast<uint16_t*>(grad_x.data_ptr());
-  if (weight.scalar_type() == at::kFloat) {
-    tc_logits_grad_x_persistent_kernel<float><<<grid, kTcThreads, 0, stream>>>(
-        grad_logits.data_ptr<float>(), weight.data_ptr<float>(), addend, out, num_tokens, num_experts, dim);
-  } else {
-    tc_logits_grad_x_persistent_kernel<uint16_t><<<grid, kTcThreads, 0, stream>>>(
-        grad_logits.data_ptr<float>(), reinterpret_cast<const uint16_t*>(weight.data_ptr()), addend, out,
+  with_weight_data(weight, [&](const auto* weight_data) {
+    using W = std::remove_cv_t<std::remove_pointer_t<decltype(weight_data)>>;
+    tc_logits_grad_x_persistent_kernel<W><<<grid, kTcThreads, 0, stream>>>(
+        grad_logits.data_ptr<float>(), weight_data, addend, reinterpret_cast<uint16_t*>(grad_x.data_ptr()),
         num_tokens, num_experts, dim);
-  }
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -941,8 +946,17 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
   store_sums<kMTiles, 4, false>(chunk_out, dim, acc_lead, acc_rest, e0 + m_base, d0 + n_base, num_experts, dim, lane);
 }
 
-// Writes grad_weight, of any of the row dtypes: a float32 one of one chunk in place, else the
-// chunks' float32 sums through a buffer that sum_pieces_kernel adds, and rounds, into it.
+// After the pass: where pieces_output gave a buffer, its pieces added in order into `result` (any of
+// the row dtypes, the float32 sum rounded to it); nothing where the pass wrote `result` itself.
+void finish_pieces(const at::Tensor& buffer, const at::Tensor& result, cudaStream_t stream) {
+  if (!buffer.defined()) return;
+  dispatch_row_dtype(result.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    launch_sum_pieces(buffer.data_ptr<float>(), result.data_ptr<T>(), result.numel(), buffer.size(0), stream);
+  });
+}
+
+// Writes grad_weight, of any of the row dtypes, through pieces_output and finish_pieces.
 template <int kMTiles>
 void launch_tc_grad_weight(const at::Tensor& grad_logits, const at::Tensor& x, at::Tensor& grad_weight,
                            cudaStream_t stream, bool pipelined) {
@@ -954,20 +968,14 @@ void launch_tc_grad_weight(const at::Tensor& grad_logits, const at::Tensor& x, a
   const int64_t chosen = choose_pieces(tiles, kNominalSms * Tiles::kBlocksPerSm, max_chunks);
   const int64_t tokens_per_chunk = ceil_div(ceil_div(num_tokens, chosen), Tiles::kBK) * Tiles::kBK;
   const int64_t chunks = ceil_div(num_tokens, tokens_per_chunk);
-  const bool in_place = chunks == 1 && grad_weight.scalar_type() == at::kFloat;
-  const at::Tensor buffer =
-      in_place ? grad_weight : at::empty({chunks, num_experts, dim}, grad_logits.options().dtype(at::kFloat));
-  float* out = buffer.data_ptr<float>();
+  at::Tensor buffer;
+  float* out = pieces_output(grad_weight, chunks, buffer);
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks));
   const auto kernel = pipelined ? tc_logits_grad_weight_pipelined_kernel<kMTiles> : tc_logits_grad_weight_kernel<kMTiles>;
   kernel<<<grid, kTcThreads, 0, stream>>>(grad_logits.data_ptr<float>(), reinterpret_cast<const uint16_t*>(x.data_ptr()),
                                           out, num_tokens, num_experts, dim, tokens_per_chunk);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (in_place) return;
-  dispatch_row_dtype(grad_weight.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    launch_sum_pieces(out, grad_weight.data_ptr<T>(), num_experts * dim, chunks, stream);
-  });
+  finish_pieces(buffer, grad_weight, stream);
 }
 
 // ---------------------------------------------------------------------------------------------

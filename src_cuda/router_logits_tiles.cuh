@@ -120,13 +120,14 @@ void launch_sum_pieces(const float* pieces, T* out, int64_t n, int64_t num_piece
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Where a pass cut into `pieces` writes its float32 sums: `result` itself for one piece, else a new
-// (pieces, *result.sizes()) buffer, held in `buffer`, that launch_sum_pieces then adds into `result`.
+// Where a pass cut into `pieces` writes its float32 sums: a float32 `result` itself for one piece,
+// else a new float32 (pieces, *result.sizes()) buffer, held in `buffer`, whose pieces are then added
+// into `result` (launch_sum_pieces rounds them to its dtype).
 float* pieces_output(const at::Tensor& result, int64_t pieces, at::Tensor& buffer) {
-  if (pieces == 1) return result.data_ptr<float>();
+  if (pieces == 1 && result.scalar_type() == at::kFloat) return result.data_ptr<float>();
   std::vector<int64_t> sizes{pieces};
   sizes.insert(sizes.end(), result.sizes().begin(), result.sizes().end());
-  buffer = at::empty(sizes, result.options());
+  buffer = at::empty(sizes, result.options().dtype(at::kFloat));
   return buffer.data_ptr<float>();
 }
 
