@@ -10,13 +10,16 @@
 // are padded by 16 bytes so that each ldmatrix phase (8 rows of 16 bytes) hits 32 distinct banks.
 //
 // - forward, logits (T, E) = x (T, D) . w (E, D)^T: blocks of 64 tokens x 32 or 64 experts, k tiles
-//   of 32 along D (the 32-expert blocks also come pipelined: tc_logits_forward_pipelined_kernel);
+//   of 32 along D (the 32-expert blocks also come pipelined: tc_logits_forward_pipelined_kernel,
+//   which takes a bf16 weight in 64-expert blocks with k tiles of 64);
 //   x . w2 and x . w1 go to one set of accumulators, x . w0 to another, added at the end: the large
 //   products are summed exactly as one bf16 GEMM would sum them, and the small ones' rounding stays
 //   2^-8 below theirs.
 // - grad_x (T, D) = g (T, E) . w (E, D): blocks of 64 tokens x 64 columns, k tiles of 32 experts;
 //   one set of accumulators takes g1 w0, g0 w1, then g0 w0 at each k step (the result is rounded to
-//   bf16, far above the float32 rounding of the small terms).
+//   bf16, far above the float32 rounding of the small terms). The persistent variant keeps a column
+//   slice of the weight across token tiles; for a bf16 weight, the streamed one keeps a token tile
+//   of the gradient across column chunks.
 // - grad_weight (E, D) = g^T (E, T) . x (T, D): blocks of 32 or 64 experts x 64 columns over one chunk
 //   of tokens, k tiles of 32 tokens, g2 x and g1 x in one set of accumulators, g0 x in another, as
 //   in the forward. Each chunk writes its own slice of a float32 buffer and sum_pieces_kernel adds
@@ -31,6 +34,7 @@
 #include <type_traits>
 
 #include "router_logits_tiles.cuh"
+#include "tensor_map.h"
 
 namespace lightning_moe {
 namespace {
@@ -371,16 +375,17 @@ void launch_tc_forward(const at::Tensor& x, const at::Tensor& weight, at::Tensor
 
 // ---------------------------------------------------------------------------------------------
 // Forward, pipelined: the 64-token x 32-expert blocks of tc_logits_forward_kernel<2>, with the k
-// tiles copied by cp.async into a ring of kStages shared-memory stages, kStages - 1 of them in
-// flight while one is multiplied (the register-staged kernel has one: its time is the latency of
-// D / 32 loads one after another). A float32 weight stays float32 in shared memory and each warp
-// splits its B fragments as it loads them; the parts, and the order of the products into each
-// accumulator, are those of tc_logits_forward_kernel<2>, so the logits are the same bits. A bf16
-// weight (W = uint16_t) is its own leading part, its other two parts zero: its tile is staged as it
-// is, like x's, and only the x . w0 products are made. The zero parts' products would add exact
-// zeros to acc_rest, which stays 0 here as well, so the logits are the bits of the float32 kernel
-// on the widened weight (up to the sign of a zero logit), at a third of the products and without
-// the per-fragment split.
+// tiles copied by cp.async into a ring of kStages shared-memory stages (dynamic shared memory),
+// kStages - 1 of them in flight while one is multiplied (the register-staged kernel has one: its
+// time is the latency of D / 32 loads one after another). A float32 weight stays float32 in shared
+// memory and each warp splits its B fragments as it loads them; the parts, and the order of the
+// products into each accumulator, are those of tc_logits_forward_kernel<2>, so the logits are the
+// same bits. A bf16 weight (W = uint16_t) is its own leading part, its other two parts zero: its
+// tile is staged as it is, like x's, and only the x . w0 products are made. The zero parts'
+// products would add exact zeros to acc_rest, which stays 0 here as well, so the logits are the
+// bits of the float32 kernel on the widened weight (up to the sign of a zero logit), at a third of
+// the products and without the per-fragment split. Its blocks are wider (PipelinedForwardTiles):
+// the k steps of each logit stay in order, so the tile shape does not change the bits.
 
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
   // src-size 0 fills the 16 bytes with zeros and reads nothing.
@@ -396,33 +401,43 @@ __device__ __forceinline__ void cp_async_wait() {
 
 template <typename W>  // the weight's element: float (float32) or uint16_t (bf16)
 struct PipelinedForwardTiles {
+  static constexpr bool kFloatWeight = std::is_same_v<W, float>;
   static constexpr int kBM = 64;
-  static constexpr int kBN = 32;
-  static constexpr int kBK = 32;
-  static constexpr int kStages = 4;
-  static constexpr int kXLd = kBK + kTcPad;  // bf16: 80-byte rows, as in ForwardTcTiles
+  // A bf16 weight: 64-expert blocks (x read once at up to 64 experts) with k tiles of 64 and six
+  // stages, five in flight: at one block per SM, enough bytes in flight to cover the loads' latency.
+  static constexpr int kBN = kFloatWeight ? 32 : 64;
+  static constexpr int kBK = kFloatWeight ? 32 : 64;
+  static constexpr int kStages = kFloatWeight ? 4 : 6;
+  static constexpr int kMinBlocksPerSm = kFloatWeight ? 4 : 2;  // __launch_bounds__
+  static constexpr int kNTiles = kBN / 16;  // n8 tiles per warp: the warp's half of the experts
+  static constexpr int kXLd = kBK + kTcPad;  // bf16: rows 16 bytes past a multiple of 128
   // float32: 160-byte rows, 8 banks apart, so that a half-warp's float2 loads of four rows (eight
   // consecutive floats each) hit 32 distinct banks. bf16: the rows of x.
-  static constexpr int kWLd = std::is_same_v<W, float> ? kBK + 8 : kXLd;
+  static constexpr int kWLd = kFloatWeight ? kBK + 8 : kXLd;
   static constexpr int kWElems = 16 / sizeof(W);  // elements per 16-byte chunk
   static constexpr int kXChunks = kBM * kBK / 8 / kTcThreads;  // 16-byte chunks per thread
   static constexpr int kWChunks = kBN * kBK / kWElems / kTcThreads;
+  static constexpr int kXStageBytes = kBM * kXLd * 2;
+  static constexpr int kWStageBytes = kBN * kWLd * static_cast<int>(sizeof(W));
+  static constexpr int kSharedBytes = kStages * (kXStageBytes + kWStageBytes);  // dynamic shared memory
   static_assert(kXChunks * 8 * kTcThreads == kBM * kBK && kWChunks * kWElems * kTcThreads == kBN * kBK);
+  static_assert(kXStageBytes % 16 == 0 && kWStageBytes % 16 == 0 && kNTiles % 2 == 0);
 };
 
 // W: float (a float32 weight) or uint16_t (a bf16 one).
 template <typename W>
-__global__ void __launch_bounds__(kTcThreads, 4)
+__global__ void __launch_bounds__(kTcThreads, PipelinedForwardTiles<W>::kMinBlocksPerSm)
     tc_logits_forward_pipelined_kernel(const uint16_t* __restrict__ x, const W* __restrict__ weight,
                                        float* __restrict__ logits, int64_t num_tokens, int64_t num_experts,
                                        int64_t dim) {
   using P = PipelinedForwardTiles<W>;
   constexpr int kBM = P::kBM, kBN = P::kBN, kBK = P::kBK, kStages = P::kStages, kXLd = P::kXLd;
-  constexpr int kWLd = P::kWLd, kWElems = P::kWElems;
-  constexpr bool kFloatWeight = std::is_same_v<W, float>;
-  constexpr int kNTiles = 2;  // n8 tiles per warp: 16 experts
-  __shared__ __align__(16) uint16_t x_tile[kStages][kBM * kXLd];  // [stage][token][k]
-  __shared__ __align__(16) W w_tile[kStages][kBN * kWLd];         // [stage][expert][k]
+  constexpr int kWLd = P::kWLd, kWElems = P::kWElems, kNTiles = P::kNTiles;
+  constexpr bool kFloatWeight = P::kFloatWeight;
+  extern __shared__ __align__(16) uint8_t forward_shared[];
+  // [stage][token][k] of x, then [stage][expert][k] of the weight.
+  auto x_tile = reinterpret_cast<uint16_t(*)[kBM * kXLd]>(forward_shared);
+  auto w_tile = reinterpret_cast<W(*)[kBN * kWLd]>(forward_shared + kStages * P::kXStageBytes);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int warp_m = warp % 2, warp_n = warp / 2;
   // Expert tiles vary fastest, so the blocks that read the same tokens run together (L2 hits).
@@ -493,9 +508,9 @@ __global__ void __launch_bounds__(kTcThreads, 4)
             mma_tiles(p == 0 ? acc_lead : acc_rest, a, b[p]);
           }
         } else {
-          static_assert(kNTiles == 2);
           uint32_t b[kNTiles][2];
-          load_b_pair(b[0], b[1], w_tile[stage], kWLd, n_base, ks, lane);
+#pragma unroll
+          for (int j = 0; j < kNTiles; j += 2) load_b_pair(b[j], b[j + 1], w_tile[stage], kWLd, n_base + j * 8, ks, lane);
           mma_tiles(acc_lead, a, b);
         }
       }
@@ -520,12 +535,14 @@ void with_weight_data(const at::Tensor& weight, F&& f) {
 
 void launch_tc_forward_pipelined(const at::Tensor& x, const at::Tensor& weight, at::Tensor& logits,
                                  cudaStream_t stream) {
-  using P = PipelinedForwardTiles<float>;  // the same blocks for both weights
   const int64_t num_tokens = x.size(0), dim = x.size(1), num_experts = weight.size(0);
-  const int64_t blocks = ceil_div(num_tokens, P::kBM) * ceil_div(num_experts, static_cast<int64_t>(P::kBN));
   with_weight_data(weight, [&](const auto* weight_data) {
     using W = std::remove_cv_t<std::remove_pointer_t<decltype(weight_data)>>;
-    tc_logits_forward_pipelined_kernel<W><<<static_cast<unsigned>(blocks), kTcThreads, 0, stream>>>(
+    using P = PipelinedForwardTiles<W>;
+    const int64_t blocks = ceil_div(num_tokens, P::kBM) * ceil_div(num_experts, static_cast<int64_t>(P::kBN));
+    const auto kernel = tc_logits_forward_pipelined_kernel<W>;
+    allow_shared_memory(reinterpret_cast<const void*>(kernel), P::kSharedBytes, x.device().index());
+    kernel<<<static_cast<unsigned>(blocks), kTcThreads, P::kSharedBytes, stream>>>(
         reinterpret_cast<const uint16_t*>(x.data_ptr()), weight_data, logits.data_ptr<float>(), num_tokens,
         num_experts, dim);
   });
@@ -612,9 +629,8 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
 // into its two parts, in shared memory for all of its token tiles (every token tile of that column
 // slice, strided by the grid's slices), and loads each next tile of the logit gradient into
 // registers while it multiplies the current one. Per output tile the products are those of
-// tc_logits_grad_x_kernel in the same order, so grad_x is the same bits. A bf16 weight (W =
-// uint16_t) is its own leading part: it is staged as it is, and the g0 w1 products, exact zeros,
-// are not made (the same bits as the float32 kernel on the widened weight, up to the sign of zero).
+// tc_logits_grad_x_kernel in the same order, so grad_x is the same bits. (A bf16 weight takes
+// tc_logits_grad_x_streamed_kernel below.)
 
 constexpr int kPersistentMaxExperts = 64;
 
@@ -630,17 +646,14 @@ struct PersistentGradXTiles {
   static constexpr int kBlocksPerSm = 3;
 };
 
-// W: float (a float32 weight) or uint16_t (a bf16 one).
-template <typename W>
 __global__ void __launch_bounds__(kTcThreads, PersistentGradXTiles::kBlocksPerSm)
-    tc_logits_grad_x_persistent_kernel(const float* __restrict__ grad, const W* __restrict__ weight,
+    tc_logits_grad_x_persistent_kernel(const float* __restrict__ grad, const float* __restrict__ weight,
                                        const uint16_t* __restrict__ addend, uint16_t* __restrict__ grad_x,
                                        int64_t num_tokens, int64_t num_experts, int64_t dim) {
   using P = PersistentGradXTiles;
   constexpr int kBM = P::kBM, kBN = P::kBN, kBK = P::kBK, kMaxE = P::kMaxE, kGLd = P::kGLd, kWLd = P::kWLd;
-  constexpr int kWParts = std::is_same_v<W, float> ? 2 : 1;
   __shared__ __align__(16) uint16_t g_tile[2][kBM * kGLd];          // [part][token][expert]
-  __shared__ __align__(16) uint16_t w_tile[kWParts][kMaxE * kWLd];  // [part][expert][column]
+  __shared__ __align__(16) uint16_t w_tile[2][kMaxE * kWLd];  // [part][expert][column]
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int warp_m = warp % 2, warp_n = warp / 2;
   const int64_t d0 = static_cast<int64_t>(blockIdx.x) * kBN;
@@ -650,15 +663,9 @@ __global__ void __launch_bounds__(kTcThreads, PersistentGradXTiles::kBlocksPerSm
 #pragma unroll
   for (int i = 0; i < P::kWLoads; ++i) {
     const int v = tid + i * kTcThreads, row = v / (kBN / 4), col = v % (kBN / 4) * 4;
-    if constexpr (kWParts == 2) {
-      const float4 value = row < num_experts ? *reinterpret_cast<const float4*>(weight + row * dim + d0 + col)
-                                             : make_float4(0.f, 0.f, 0.f, 0.f);
-      store_split4<2>(w_tile[0] + row * kWLd + col, kMaxE * kWLd, value);
-    } else {
-      const uint2 value =
-          row < num_experts ? *reinterpret_cast<const uint2*>(weight + row * dim + d0 + col) : make_uint2(0, 0);
-      *reinterpret_cast<uint2*>(w_tile[0] + row * kWLd + col) = value;
-    }
+    const float4 value = row < num_experts ? *reinterpret_cast<const float4*>(weight + row * dim + d0 + col)
+                                           : make_float4(0.f, 0.f, 0.f, 0.f);
+    store_split4<2>(w_tile[0] + row * kWLd + col, kMaxE * kWLd, value);
   }
 
   float4 g_next[P::kGLoads];
@@ -702,18 +709,18 @@ __global__ void __launch_bounds__(kTcThreads, PersistentGradXTiles::kBlocksPerSm
         const int k = static_cast<int>(kt * kBK) + ks;
         if (k >= num_experts) break;  // E a multiple of 8: the last k tile may hold 8 to 24
         uint32_t a[2][2][4];          // [part][m16 tile]
-        uint32_t b[kWParts][4][2];    // [part][n8 tile]
+        uint32_t b[2][4][2];          // [part][n8 tile]
 #pragma unroll
         for (int p = 0; p < 2; ++p) {
 #pragma unroll
           for (int mi = 0; mi < 2; ++mi) load_a(a[p][mi], g_tile[p], kGLd, m_base + mi * 16, k, lane);
         }
 #pragma unroll
-        for (int p = 0; p < kWParts; ++p) {
+        for (int p = 0; p < 2; ++p) {
 #pragma unroll
           for (int j = 0; j < 4; j += 2) load_b_pair_trans(b[p][j], b[p][j + 1], w_tile[p], kWLd, n_base + j * 8, k, lane);
         }
-        mma_split_terms<kWParts>(acc, a, b);
+        mma_split_terms(acc, a, b);
       }
     }
     if (addend != nullptr) {
@@ -738,12 +745,146 @@ void launch_tc_grad_x_persistent(const at::Tensor& grad_logits, const at::Tensor
   const int64_t token_slices =
       std::clamp<int64_t>(ceil_div(kNominalSms * P::kBlocksPerSm, column_slices), 1, token_tiles);
   const dim3 grid(static_cast<unsigned>(column_slices), static_cast<unsigned>(token_slices));
-  with_weight_data(weight, [&](const auto* weight_data) {
-    using W = std::remove_cv_t<std::remove_pointer_t<decltype(weight_data)>>;
-    tc_logits_grad_x_persistent_kernel<W><<<grid, kTcThreads, 0, stream>>>(
-        grad_logits.data_ptr<float>(), weight_data, addend, reinterpret_cast<uint16_t*>(grad_x.data_ptr()),
-        num_tokens, num_experts, dim);
-  });
+  tc_logits_grad_x_persistent_kernel<<<grid, kTcThreads, 0, stream>>>(
+      grad_logits.data_ptr<float>(), weight.data_ptr<float>(), addend, reinterpret_cast<uint16_t*>(grad_x.data_ptr()),
+      num_tokens, num_experts, dim);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---------------------------------------------------------------------------------------------
+// grad_x, streamed, for a bf16 weight of up to 64 experts: a block takes one tile of 64 tokens and
+// a run of 64-column chunks of the output. Its tile of the logit gradient is split once into two
+// parts and each warp keeps its A fragments of it in registers for every chunk; the weight's chunk
+// (a bf16 [expert][column] slice, its own leading part) and the addend's chunk are copied by
+// cp.async through a ring of kStages stages, kStages - 1 in flight while one is multiplied. Per
+// output tile the products are those of tc_logits_grad_x_kernel in the same order, g1 w0 then g0 w0
+// at each k16 step (g0 w1 is an exact zero, not made), so grad_x is the same bits as the float32
+// kernels on the widened weight, up to the sign of a zero.
+
+struct StreamedGradXTiles {
+  static constexpr int kBM = 64;  // tokens per block
+  static constexpr int kBN = 64;  // columns per chunk
+  static constexpr int kMaxE = kPersistentMaxExperts;
+  static constexpr int kKSteps = kMaxE / 16;
+  static constexpr int kStages = 4;
+  static constexpr int kLd = 64 + kTcPad;  // bf16 rows of every shared tile (g: experts; w, addend: columns)
+  static constexpr int kTileBytes = 64 * kLd * 2;
+  static constexpr int kGLoads = kBM * kMaxE / 4 / kTcThreads;  // float4s per thread
+  static constexpr int kChunkCopies = 64 * kBN / 8 / kTcThreads;  // 16-byte copies per thread per tile
+  static constexpr int kBlocksPerSm = 2;
+  // The split gradient (two parts), then per stage the weight's chunk and the addend's.
+  static constexpr int kSharedBytes = 2 * kTileBytes + kStages * 2 * kTileBytes;
+  static_assert(kGLoads * 4 * kTcThreads == kBM * kMaxE && kChunkCopies * 8 * kTcThreads == 64 * kBN);
+};
+
+__global__ void __launch_bounds__(kTcThreads, StreamedGradXTiles::kBlocksPerSm)
+    tc_logits_grad_x_streamed_kernel(const float* __restrict__ grad, const uint16_t* __restrict__ weight,
+                                     const uint16_t* __restrict__ addend, uint16_t* __restrict__ grad_x,
+                                     int64_t num_tokens, int64_t num_experts, int64_t dim,
+                                     int64_t chunks_per_block) {
+  using P = StreamedGradXTiles;
+  constexpr int kBM = P::kBM, kBN = P::kBN, kMaxE = P::kMaxE, kLd = P::kLd, kStages = P::kStages;
+  constexpr int kTileElems = P::kTileBytes / 2;
+  extern __shared__ __align__(16) uint8_t streamed_shared[];
+  uint16_t* const g_tile = reinterpret_cast<uint16_t*>(streamed_shared);  // [part][token][expert]
+  uint16_t* const stages = g_tile + 2 * kTileElems;  // [stage][weight, addend][row][column]
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int warp_m = warp % 2, warp_n = warp / 2;
+  const int64_t column_chunks = dim / kBN;
+  const int64_t groups = ceil_div(column_chunks, chunks_per_block);
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) / groups * kBM;
+  const int64_t chunk_begin = static_cast<int64_t>(blockIdx.x) % groups * chunks_per_block;
+  const int64_t chunks = std::min(column_chunks - chunk_begin, chunks_per_block);
+  const bool add = addend != nullptr;
+
+  auto load = [&](int64_t c, int stage) {  // chunk chunk_begin + c: the weight's rows, the addend's
+    const int64_t d0 = (chunk_begin + c) * kBN;
+    uint16_t* const w_stage = stages + stage * 2 * kTileElems;
+#pragma unroll
+    for (int i = 0; i < P::kChunkCopies; ++i) {
+      const int v = tid + i * kTcThreads, row = v / (kBN / 8), col = v % (kBN / 8) * 8;
+      const bool expert = row < num_experts;
+      cp_async16(w_stage + row * kLd + col, weight + (expert ? row * dim + d0 + col : 0), expert);
+      if (add) {
+        const int64_t t = t0 + row;
+        cp_async16(w_stage + kTileElems + row * kLd + col, addend + (t < num_tokens ? t * dim + d0 + col : 0),
+                   t < num_tokens);
+      }
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < chunks) load(s, s);
+    cp_async_commit();
+  }
+
+  // The block's gradient tile split into two parts, experts past E (and tokens past T) as zeros.
+#pragma unroll
+  for (int i = 0; i < P::kGLoads; ++i) {
+    const int v = tid + i * kTcThreads, row = v / (kMaxE / 4), col = v % (kMaxE / 4) * 4;
+    const int64_t t = t0 + row;
+    const float4 value = t < num_tokens && col < num_experts
+                             ? *reinterpret_cast<const float4*>(grad + t * num_experts + col)
+                             : make_float4(0.f, 0.f, 0.f, 0.f);
+    store_split4<2>(g_tile + row * kLd + col, kTileElems, value);
+  }
+  __syncthreads();
+  const int m_base = warp_m * 32, n_base = warp_n * 32;
+  uint32_t a[P::kKSteps][2][2][4];  // [k16 step][part][m16 tile]: the same for every chunk
+#pragma unroll
+  for (int ks = 0; ks < P::kKSteps; ++ks) {
+    if (ks * 16 >= num_experts) break;  // E a multiple of 8: the last k16 step may hold 8 experts
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) load_a(a[ks][p][mi], g_tile + p * kTileElems, kLd, m_base + mi * 16, ks * 16, lane);
+    }
+  }
+
+  for (int64_t c = 0; c < chunks; ++c) {
+    cp_async_wait<kStages - 2>();  // chunk c has landed (this thread's copies)
+    __syncthreads();               // everyone's copies; and the stage refilled below is no longer read
+    const int64_t next = c + kStages - 1;
+    if (next < chunks) load(next, static_cast<int>(next % kStages));
+    cp_async_commit();
+    const uint16_t* const w_stage = stages + static_cast<int>(c % kStages) * 2 * kTileElems;
+    float acc[2][4][4] = {};
+#pragma unroll
+    for (int ks = 0; ks < P::kKSteps; ++ks) {
+      if (ks * 16 >= num_experts) break;
+      uint32_t b[1][4][2];
+#pragma unroll
+      for (int j = 0; j < 4; j += 2) load_b_pair_trans(b[0][j], b[0][j + 1], w_stage, kLd, n_base + j * 8, ks * 16, lane);
+      mma_split_terms<1>(acc, a[ks], b);
+    }
+    const int64_t d0 = (chunk_begin + c) * kBN;
+    if (add) {
+      uint32_t added[2][4][2];
+      for_each_fragment_pair(m_base, n_base, lane, [&](int mi, int ni, int half, int64_t row, int64_t col) {
+        added[mi][ni][half] = *reinterpret_cast<const uint32_t*>(w_stage + kTileElems + row * kLd + col);
+      });
+      store_bf16_rows<true>(grad_x, dim, acc, t0 + m_base, d0 + n_base, num_tokens, lane, added);
+    } else {
+      store_bf16_rows(grad_x, dim, acc, t0 + m_base, d0 + n_base, num_tokens, lane);
+    }
+  }
+  cp_async_wait<0>();
+}
+
+void launch_tc_grad_x_streamed(const at::Tensor& grad_logits, const at::Tensor& weight, const uint16_t* addend,
+                               at::Tensor& grad_x, cudaStream_t stream) {
+  using P = StreamedGradXTiles;
+  const int64_t num_tokens = grad_logits.size(0), num_experts = weight.size(0), dim = weight.size(1);
+  const int64_t token_tiles = ceil_div(num_tokens, P::kBM), column_chunks = dim / P::kBN;
+  // The columns split into as many runs as keep the blocks within one wave of kBlocksPerSm per SM.
+  const int64_t runs = std::clamp<int64_t>(kNominalSms * P::kBlocksPerSm / token_tiles, 1, column_chunks);
+  const int64_t chunks_per_block = ceil_div(column_chunks, runs);
+  const int64_t blocks = token_tiles * ceil_div(column_chunks, chunks_per_block);
+  const auto kernel = tc_logits_grad_x_streamed_kernel;
+  allow_shared_memory(reinterpret_cast<const void*>(kernel), P::kSharedBytes, grad_logits.device().index());
+  kernel<<<static_cast<unsigned>(blocks), kTcThreads, P::kSharedBytes, stream>>>(
+      grad_logits.data_ptr<float>(), reinterpret_cast<const uint16_t*>(weight.data_ptr()), addend,
+      reinterpret_cast<uint16_t*>(grad_x.data_ptr()), num_tokens, num_experts, dim, chunks_per_block);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1065,7 +1206,12 @@ at::Tensor router_logits_tc_grad_x(const at::Tensor& grad_logits, const at::Tens
   if (num_tokens == 0) return grad_x;
   if (persistent_kernel) {
     const auto* addend_data = addend.has_value() ? reinterpret_cast<const uint16_t*>(addend->data_ptr()) : nullptr;
-    launch_tc_grad_x_persistent(grad_logits, weight, addend_data, grad_x, c10::cuda::getCurrentCUDAStream());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    if (weight.scalar_type() == at::kBFloat16) {
+      launch_tc_grad_x_streamed(grad_logits, weight, addend_data, grad_x, stream);
+    } else {
+      launch_tc_grad_x_persistent(grad_logits, weight, addend_data, grad_x, stream);
+    }
     return grad_x;
   }
   const int64_t blocks = ceil_div(num_tokens, GradXTcTiles::kBM) * (dim / GradXTcTiles::kBN);

@@ -33,8 +33,8 @@ constexpr int64_t kTensorCoreDimMultiple = 64;
 // Args:
 //   x: (T, D) bfloat16 CUDA tensor.
 //   weight: (E, D) float32, or bfloat16 (a model cast whole to bf16): that is its own leading
-//     part, w1 = w2 = 0, so only x . w0 is multiplied, in the pipelined 32-expert kernel, with the
-//     bits of the float32 kernels on the widened weight.
+//     part, w1 = w2 = 0, so only x . w0 is multiplied, in the pipelined kernel (64-expert blocks,
+//     k tiles of 64, six stages), with the bits of the float32 kernels on the widened weight.
 //   pipelined: for a float32 weight, where the kernel takes 32-expert blocks, copy their k tiles
 //     through a cp.async pipeline of four stages rather than one register-staged tile ahead; the
 //     same bits either way.
@@ -48,15 +48,17 @@ at::Tensor router_logits_tc_forward(const at::Tensor& x, const at::Tensor& weigh
 //
 // Args:
 //   grad_logits: (T, E) float32 CUDA tensor.
-//   weight: (E, D) float32 or bfloat16, on the same device. A bf16 weight has w1 = 0: the persistent
-//     kernel reads it as it is and leaves out g0 w1; elsewhere it is widened first. The same bits
-//     as the float32 weight either way.
-//   persistent: for up to 64 experts, blocks that keep a 64-column slice of the weight in shared
-//     memory across many token tiles rather than one block per (token tile, column tile); the
-//     same bits either way.
+//   weight: (E, D) float32 or bfloat16, on the same device. A bf16 weight has w1 = 0: with
+//     `persistent` the streamed kernel reads it as it is and leaves out g0 w1; elsewhere it is
+//     widened first. The same bits as the float32 weight either way.
+//   persistent: for up to 64 experts, blocks that keep part of an operand in shared memory across
+//     many output tiles rather than one block per (token tile, column tile): a float32 weight's
+//     64-column slice across token tiles; for a bf16 weight, a 64-token tile of the split logit
+//     gradient across a run of 64-column chunks, with the weight's and the addend's chunks copied
+//     through a cp.async pipeline. The same bits either way.
 //   addend: optional (T, D) bfloat16 (another gradient of the same tokens) added to the result:
-//     bf16(grad_x + addend), the bits of a bf16 addition of the two, in the persistent kernel's
-//     epilogue (elsewhere by that addition).
+//     bf16(grad_x + addend), the bits of a bf16 addition of the two, in the persistent and
+//     streamed kernels' epilogue (elsewhere by that addition).
 //
 // Returns:
 //   (T, D) bfloat16.

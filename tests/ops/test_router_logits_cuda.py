@@ -356,11 +356,14 @@ def test_switched_kernels_give_the_bits_of_the_kernels_they_replace(
     assert torch.equal(switched_on, switched_off)
 
 
-# A bf16 weight read as it is: 128 blocks of the pipelined forward and the persistent grad_x; a
-# partly filled expert tile and k step; one token; above 64 experts (grad_x widens the weight for
-# the per-tile kernel) and the shapes where a float32 weight takes the 64-expert forward; no tokens.
+# A bf16 weight read as it is: 128 blocks of the pipelined forward and the streamed grad_x; three
+# k tiles, fewer than the forward's stages in flight, and grad_x's three column chunks in runs of
+# two; a partly filled expert tile and k step; one token; above 64 experts (grad_x widens the
+# weight for the per-tile kernel) and the shapes where a float32 weight takes the 64-expert
+# forward; no tokens.
 BF16_WEIGHT_SHAPES = [
     (8192, 1024, 64),
+    (8192, 192, 64),
     (37, 64, 16),
     (300, 128, 40),
     (1, 1024, 8),
