@@ -399,6 +399,36 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
+// A ring of kStages shared-memory stages over `count` tiles copied by cp.async: start() issues the
+// first kStages - 1 tiles; run() then calls step(i, stage) for each tile i once it has landed (every
+// thread's copies), with up to kStages - 1 later tiles in flight, and waits for the last copies.
+// load(i, stage) issues tile i's copies into a stage, which run() refills only after a barrier
+// (every warp is done reading it). A group is committed even when empty, so that the count of
+// groups in flight stays kStages - 1 at every wait.
+template <int kStages>
+struct CpAsyncRing {
+  template <typename Load>
+  __device__ __forceinline__ static void start(int64_t count, Load&& load) {
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < count) load(s, s);
+      cp_async_commit();
+    }
+  }
+  template <typename Load, typename Step>
+  __device__ __forceinline__ static void run(int64_t count, Load&& load, Step&& step) {
+    for (int64_t i = 0; i < count; ++i) {
+      cp_async_wait<kStages - 2>();
+      __syncthreads();
+      const int64_t next = i + kStages - 1;
+      if (next < count) load(next, static_cast<int>(next % kStages));
+      cp_async_commit();
+      step(i, static_cast<int>(i % kStages));
+    }
+    cp_async_wait<0>();
+  }
+};
+
 template <typename W>  // the weight's element: float (float32) or uint16_t (bf16)
 struct PipelinedForwardTiles {
   static constexpr bool kFloatWeight = std::is_same_v<W, float>;
@@ -463,25 +493,14 @@ __global__ void __launch_bounds__(kTcThreads, PipelinedForwardTiles<W>::kMinBloc
     }
   };
 
-  // The first kStages - 1 tiles; a group is committed even when empty, so that the count of
-  // groups in flight stays kStages - 1 at every wait.
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_tiles) load(s, s);
-    cp_async_commit();
-  }
+  using Ring = CpAsyncRing<kStages>;
+  Ring::start(k_tiles, load);
 
   float acc_lead[2][kNTiles][4] = {};  // x . w0
   float acc_rest[2][kNTiles][4] = {};  // x . w2 + x . w1
   const int m_base = warp_m * 32, n_base = warp_n * (kBN / 2);
   const bool warp_has_experts = e0 + n_base < num_experts;  // else its tiles are all zero weights
-  for (int64_t kt = 0; kt < k_tiles; ++kt) {
-    cp_async_wait<kStages - 2>();  // tile kt has landed (this thread's copies)
-    __syncthreads();               // everyone's copies; and the stage refilled below is no longer read
-    const int64_t next = kt + kStages - 1;
-    if (next < k_tiles) load(next, static_cast<int>(next % kStages));
-    cp_async_commit();
-    const int stage = static_cast<int>(kt % kStages);
+  Ring::run(k_tiles, load, [&](int64_t, int stage) {
     if (warp_has_experts) {
 #pragma unroll
       for (int ks = 0; ks < kBK; ks += 16) {
@@ -515,8 +534,7 @@ __global__ void __launch_bounds__(kTcThreads, PipelinedForwardTiles<W>::kMinBloc
         }
       }
     }
-  }
-  cp_async_wait<0>();
+  });
 
   store_sums<2, kNTiles, true>(logits, num_experts, acc_lead, acc_rest, t0 + m_base, e0 + n_base, num_tokens,
                                num_experts, lane);
@@ -812,11 +830,8 @@ __global__ void __launch_bounds__(kTcThreads, StreamedGradXTiles::kBlocksPerSm)
       }
     }
   };
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < chunks) load(s, s);
-    cp_async_commit();
-  }
+  using Ring = CpAsyncRing<kStages>;
+  Ring::start(chunks, load);  // in flight while the gradient is split
 
   // The block's gradient tile split into two parts, experts past E (and tokens past T) as zeros.
 #pragma unroll
@@ -841,13 +856,8 @@ __global__ void __launch_bounds__(kTcThreads, StreamedGradXTiles::kBlocksPerSm)
     }
   }
 
-  for (int64_t c = 0; c < chunks; ++c) {
-    cp_async_wait<kStages - 2>();  // chunk c has landed (this thread's copies)
-    __syncthreads();               // everyone's copies; and the stage refilled below is no longer read
-    const int64_t next = c + kStages - 1;
-    if (next < chunks) load(next, static_cast<int>(next % kStages));
-    cp_async_commit();
-    const uint16_t* const w_stage = stages + static_cast<int>(c % kStages) * 2 * kTileElems;
+  Ring::run(chunks, load, [&](int64_t c, int stage) {
+    const uint16_t* const w_stage = stages + stage * 2 * kTileElems;
     float acc[2][4][4] = {};
 #pragma unroll
     for (int ks = 0; ks < P::kKSteps; ++ks) {
@@ -867,8 +877,7 @@ __global__ void __launch_bounds__(kTcThreads, StreamedGradXTiles::kBlocksPerSm)
     } else {
       store_bf16_rows(grad_x, dim, acc, t0 + m_base, d0 + n_base, num_tokens, lane);
     }
-  }
-  cp_async_wait<0>();
+  });
 }
 
 void launch_tc_grad_x_streamed(const at::Tensor& grad_logits, const at::Tensor& weight, const uint16_t* addend,
@@ -1036,23 +1045,14 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
       cp_async16(x_tile[stage] + row * kXLd + col, x + (t < t_end ? t * dim + d0 + col : 0), t < t_end);
     }
   };
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_tiles) load(s, s);
-    cp_async_commit();
-  }
+  using Ring = CpAsyncRing<kStages>;
+  Ring::start(k_tiles, load);
 
   float acc_lead[kMTiles][4][4] = {};  // g0 . x
   float acc_rest[kMTiles][4][4] = {};  // g2 . x + g1 . x
   const int m_base = warp_m * (kBM / 2), n_base = warp_n * 32;
   const bool warp_has_experts = e0 + m_base < num_experts;  // else its tiles are all zero gradients
-  for (int64_t kt = 0; kt < k_tiles; ++kt) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    const int64_t next = kt + kStages - 1;
-    if (next < k_tiles) load(next, static_cast<int>(next % kStages));
-    cp_async_commit();
-    const int stage = static_cast<int>(kt % kStages);
+  Ring::run(k_tiles, load, [&](int64_t kt, int stage) {
 #pragma unroll
     for (int ks = 0; ks < kBK; ks += 16) {
       // Past the chunk's last token the tiles hold zeros: skip whole k16 steps of them.
@@ -1080,8 +1080,7 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinBlocksPerSm)
         mma_tiles(p == 0 ? acc_lead : acc_rest, a[p], b);
       }
     }
-  }
-  cp_async_wait<0>();
+  });
 
   float* chunk_out = out + static_cast<int64_t>(blockIdx.y) * num_experts * dim;  // this chunk's slice
   store_sums<kMTiles, 4, false>(chunk_out, dim, acc_lead, acc_rest, e0 + m_base, d0 + n_base, num_experts, dim, lane);
