@@ -137,7 +137,9 @@ class MoE(nn.Module):
             Tensor of the shape and dtype of ``x``.
         """
         self._check_input(x)
-        x_TD, rows_TD = self._fork_tokens(x.reshape(-1, self.d_model))
+        # Tokens already (T, D) are taken as they are: a reshape would still add a view and its
+        # autograd node, host time at every step for nothing.
+        x_TD, rows_TD = self._fork_tokens(x if x.dim() == 2 else x.reshape(-1, self.d_model))
         token_grads = self._token_grad_sum(x_TD, rows_TD)
         if token_grads is None:
             routing = self.route(x_TD)
@@ -175,7 +177,8 @@ class MoE(nn.Module):
                 out_TD = self.unpermute(y_ND, kept_routing, inverse, token_offsets, out_dtype)
         if self.shared_experts is not None:
             out_TD = out_TD + self._shared_forward(x_TD)
-        out = out_TD.to(x.dtype).reshape(x.shape)
+        out = out_TD.to(x.dtype)
+        out = out if out.shape == x.shape else out.reshape(x.shape)
         # Dropless, the sort has counted the router's assignments already; with a capacity, the
         # router's own counts (when it made them) are those before the drop.
         tokens_per_expert = tokens_per_kept_expert
@@ -320,10 +323,11 @@ class MoE(nn.Module):
 
     def _record_stats(self, routing: Routing, kept: Routing, tokens_per_expert: Tensor) -> None:
         assignments = routing.expert_ids.numel()
+        # 0-d int64 CPU tensors, as torch.tensor(int) makes them, at a third of its host time.
         self.routing_stats = {
             "tokens_per_expert": tokens_per_expert.detach(),
-            "dropped": torch.tensor(assignments - kept.expert_ids.numel()),
-            "assignments": torch.tensor(assignments),
+            "dropped": torch.scalar_tensor(assignments - kept.expert_ids.numel(), dtype=torch.int64),
+            "assignments": torch.scalar_tensor(assignments, dtype=torch.int64),
             "aux_loss": routing.aux_loss.detach(),
             "z_loss": routing.z_loss.detach(),
         }

@@ -8,7 +8,7 @@ from torch import nn
 
 from lightning_moe import MoE
 from lightning_moe.routers import TopKRouter
-from tests.autograd_graph import graph_node_names
+from tests.autograd_graph import consumer_names, graph_node_names
 from tests.layers.moe_reference import reference_moe
 
 EXPERT_PARAMS = ("w1", "w2", "w3", "b1", "b2")
@@ -108,6 +108,25 @@ def test_low_precision_within_relative_bound(dtype: torch.dtype) -> None:
     # The same layer evaluated in float64 from the rounded weights: only rounding separates them.
     assert_close(out, ref, 2e-2)
     assert_close(x.grad, x64.grad, 5e-2)
+
+
+@pytest.mark.parametrize("shape", [(10, 16), (2, 5, 16)], ids=["tokens", "batch"])
+def test_tokens_of_two_dimensions_take_no_reshape(shape: tuple[int, ...]) -> None:
+    """(T, D) tokens go to the router and the experts as they are, and the output comes back as it
+    is: no reshape adds a view and its autograd node to every step. Other shapes are flattened to
+    (T, D) and the output reshaped back, one view each way."""
+    layer = MoE(d_model=16, num_experts=4, top_k=2, d_hidden=32, aux_loss_weight=0.0)
+    x = torch.randn(*shape, requires_grad=True)
+    out = layer(x)
+    consumers = consumer_names(out, x)
+    output_node = type(out.grad_fn).__name__
+    if len(shape) == 2:
+        assert consumers and not any(name.startswith("View") for name in consumers)
+        assert not output_node.startswith("View")
+    else:
+        assert consumers == ["ViewBackward0"] and output_node == "ViewBackward0"
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
 
 
 def test_router_math_runs_in_float32_for_low_precision_inputs() -> None:
