@@ -3,19 +3,22 @@
 // A persistent kernel, one CTA of three warpgroups per SM. Warpgroup 0 is the producer: one of its
 // warps walks the CTA's output tiles (a group's 128 rows x 128 columns, columns fastest, tiles
 // dealt round-robin to the CTAs) and, for each 64-wide K slice, has the TMA unit copy A's rows and
-// B's slice into a ring of kStages shared-memory stages in the 128-byte swizzle, each stage's
-// arrival counted on its "full" mbarrier. Warpgroups 1 and 2 are the consumers: each multiplies
-// its 64 rows of the tile with wgmma m64n128k16 (one group of four in flight while the next
-// stage's wait runs), hands each stage back on its "empty" mbarrier once read, and writes its
-// rows of the finished tile through a shared-memory staging buffer as 16-byte row vectors.
+// B's slice into a ring of shared-memory stages (as many as fit) in the 128-byte swizzle, each
+// stage's arrival counted on its "full" mbarrier. Warpgroups 1 and 2 are the consumers: each
+// multiplies its 64 rows of the tile with wgmma m64n128k16 (one group of four in flight while the
+// next stage's wait runs), hands each stage back on its "empty" mbarrier once read, and stores its
+// rows of the finished tile straight from its registers (wgmma.cuh's store_rows_direct): without
+// a staging buffer, the 192-row tiles below have room for a fourth stage.
 //
 // Two variants change the CTA (wgmma.cuh's CtaLayout): two CTAs per SM of one consumer each, over
 // 128 x 128 tiles; and tall tiles, 192 x 256 with three consumers of 64 rows each, so that a group
 // of 129-192 rows takes one tile across, not two that each stream the group's weights.
 //
-// A's rows past a group's last row are the next group's rows (or TMA's zero fill past the end of
-// a): they only reach output rows that are not written. No atomics: each output element is
-// written by one CTA.
+// A is loaded in 64-row boxes, and only the boxes that hold rows of the tile's group
+// (live_slices): a group of 128 rows in a 192-row tile leaves the third box unloaded, and its
+// consumer hands the stages back unread. Inside a loaded box, rows past the group's last row are
+// the next group's rows (or TMA's zero fill past the end of a): they only reach output rows that
+// are not written. No atomics: each output element is written by one CTA.
 //
 // Where the rows are a permutation of the tokens (one assignment per token), two epilogues write
 // token rows directly (row r of the sorted rows is token row_token[r]): the input gradient in
@@ -48,6 +51,7 @@ namespace {
 
 constexpr int kBK = 64;             // K per stage (128 bytes of bf16: the swizzle span)
 constexpr int kRing = 8;            // tiles whose description the producer may have posted ahead
+constexpr int kBoxABytes = 64 * kBK * 2;  // A's 64-row box
 static_assert(kBK == 64, "check_operands' messages name the tile sizes");
 
 // The constants of a CTA (CtaLayout) over tiles kBN columns wide (128, or 256 for many rows per
@@ -55,17 +59,24 @@ static_assert(kBK == 64, "check_operands' messages name the tile sizes");
 template <int kBN, int kConsumers>
 struct Shape : CtaLayout<kBN, kConsumers> {
   using Layout = CtaLayout<kBN, kConsumers>;
-  static constexpr int kStages = Layout::kStages;
   static constexpr int kRowHalves = kConsumers == 1 ? 2 : 1;  // 64-row slices of the tile per consumer
   static constexpr int kBM = 64 * kRowHalves * kConsumers;
   static constexpr int kHalves = kBN / 128;  // wgmma n128 products per k16 step
   static constexpr int kTileABytes = kBM * kBK * 2;
   static constexpr int kTileBBytes = kBN * kBK * 2;
   static constexpr int kStageBytes = kTileABytes + kTileBBytes;
-  static constexpr int kBarriersBytes = 2 * kStages * 8;
   static constexpr int kRingBytes = kRing * 20;  // sizeof(TileInfo)
-  static constexpr int kSharedBytes =
-      1024 + kStages * kStageBytes + kConsumers * kStagingBytes + kBarriersBytes + kRingBytes;
+  static constexpr int shared_bytes(int stages) { return 1024 + stages * (kStageBytes + 2 * 8) + kRingBytes; }
+  // As many stages as fit beside the barriers and the tile ring (the consumers store from their
+  // registers, with no staging buffer), and fewer than kRing.
+  static constexpr int most_stages() {
+    int stages = 1;
+    while (stages + 1 < kRing && Layout::fits(shared_bytes(stages + 1))) ++stages;
+    return stages;
+  }
+  static constexpr int kStages = most_stages();
+  static constexpr int kBarriersBytes = 2 * kStages * 8;
+  static constexpr int kSharedBytes = shared_bytes(kStages);
   static_assert(Layout::fits(kSharedBytes), "more shared memory than the CTAs of an SM may have");
   static_assert(kRing > kStages, "the producer runs at most kStages stages, so kStages tiles, ahead");
 };
@@ -110,6 +121,15 @@ struct Params {
 static_assert(sizeof(TileInfo) == 20, "Shape::kRingBytes");
 
 #ifdef LIGHTNING_MOE_WGMMA
+// The 64-row slices of a kBM-row tile that hold rows of its group: only these are loaded (a group
+// of 128 rows leaves a 192-row tile's third slice out). A consumer of one slice skips an unloaded
+// one; the one consumer of two CTAs per SM multiplies both of its slices whatever they hold, and
+// stores only the group's rows.
+template <int kBM>
+__device__ __forceinline__ int live_slices(const TileInfo& info) {
+  return min(kBM / 64, (info.group_rows - info.row0 + 63) / 64);
+}
+
 // Tile `tile` (slot-major, columns fastest; a slot is kBM rows of a group) by one warp: the warp
 // scans the groups' tile counts 32 at a time. group = -1 when the tile lies past the last one.
 template <int kBM, int kBN>
@@ -178,11 +198,9 @@ __global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, k
   // 1024-byte alignment: the swizzle pattern is taken from address bits 4-9.
   uint8_t* shared = nullptr;
   const uint32_t base = aligned_shared(shared_raw, shared);
-  const uint32_t staging_address = base + kStages * kStageBytes;
-  const uint32_t full_bar = staging_address + kConsumers * kStagingBytes;  // kStages full, then kStages empty
+  const uint32_t full_bar = base + kStages * kStageBytes;  // kStages full, then kStages empty
   const uint32_t empty_bar = full_bar + kStages * 8;
-  TileInfo* const ring = reinterpret_cast<TileInfo*>(shared + kStages * kStageBytes + kConsumers * kStagingBytes +
-                                                     S::kBarriersBytes);
+  TileInfo* const ring = reinterpret_cast<TileInfo*>(shared + kStages * kStageBytes + S::kBarriersBytes);
 
   const int tid = threadIdx.x;
   const int warpgroup = tid / 128;
@@ -212,6 +230,7 @@ __global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, k
         return;
       }
       const int a_row = info.group_start + info.row0;
+      const int live = live_slices<S::kBM>(info);
       const int b_row = info.group * p.b_rows_per_group;
       for (int step = 0; step < k_steps; ++step) {
         if (step > 0) mbarrier_wait(empty_bar + pipe.stage * 8, pipe.phase ^ 1);
@@ -219,8 +238,10 @@ __global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, k
           const uint32_t bar = full_bar + pipe.stage * 8;
           const uint32_t tile_a = base + pipe.stage * kStageBytes;
           const uint32_t tile_b = tile_a + S::kTileABytes;
-          mbarrier_arrive_expect_tx(bar, kStageBytes);
-          tma_load_2d(tile_a, &params.map_a, bar, step * kBK, a_row);
+          mbarrier_arrive_expect_tx(bar, S::kTileBBytes + live * kBoxABytes);
+          for (int box = 0; box < live; ++box) {
+            tma_load_2d(tile_a + box * kBoxABytes, &params.map_a, bar, step * kBK, a_row + box * 64);
+          }
           if constexpr (kBKN) {  // b (E * K, N): kBK rows of K, boxes of 64 columns
 #pragma unroll
             for (int box = 0; box < kBN / 64; ++box) {
@@ -242,7 +263,6 @@ __global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, k
   consumer_registers<kBN, kConsumers>();
   const int half = warpgroup - 1;
   const int ctid = tid % 128;
-  __nv_bfloat16* const staging = reinterpret_cast<__nv_bfloat16*>(shared + kStages * kStageBytes + half * kStagingBytes);
   float acc[S::kRowHalves][S::kHalves][64];
   float(&all_acc)[S::kRowHalves * S::kHalves * 64] =
       reinterpret_cast<float(&)[S::kRowHalves * S::kHalves * 64]>(acc);
@@ -251,6 +271,16 @@ __global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, k
     mbarrier_wait(full_bar + pipe.stage * 8, pipe.phase);
     const TileInfo info = ring[count % kRing];
     if (info.group < 0) break;
+    if (S::kRowHalves == 1 && half >= live_slices<S::kBM>(info)) {
+      // None of the group's rows is in this warpgroup's slice, which the producer did not load:
+      // hand each stage back unread.
+      for (int step = 0; step < k_steps; ++step) {
+        if (step > 0) mbarrier_wait(full_bar + pipe.stage * 8, pipe.phase);
+        if (ctid == 0) mbarrier_arrive(empty_bar + pipe.stage * 8);
+        pipe.advance();
+      }
+      continue;
+    }
     ConsumerStages<kStages> stages{pipe, empty_bar, ctid};
     for (int step = 0; step < k_steps; ++step) {
       if (step > 0) mbarrier_wait(full_bar + pipe.stage * 8, pipe.phase);
@@ -261,7 +291,7 @@ __global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, k
       for (int kk = 0; kk < kBK / 16; ++kk) {
 #pragma unroll
         for (int r = 0; r < S::kRowHalves; ++r) {
-          const int rows64 = half * S::kRowHalves + r;  // the tile's 64-row half this product fills
+          const int rows64 = half * S::kRowHalves + r;  // the tile's 64-row slice this product fills
           const uint64_t desc_a = descriptor(tile_a + rows64 * 64 * kRowBytes + kk * 32, 16, 1024);
 #pragma unroll
           for (int h = 0; h < S::kHalves; ++h) {
@@ -283,7 +313,7 @@ __global__ void __launch_bounds__(Shape<kBN, kConsumers>::kThreads, Shape<kBN, k
     for (int r = 0; r < S::kRowHalves; ++r) {
       const int row_base = info.row0 + (half * S::kRowHalves + r) * 64;
       const int64_t first_row = info.group_start + row_base;
-      store_rows(acc[r], staging, ctid, 1 + half, info.group_rows - row_base, [&](int row, int column, uint4 value) {
+      store_rows_direct(acc[r], ctid, info.group_rows - row_base, [&](int row, int column, uint4 value) {
         const int64_t sorted_row = first_row + row;
         const int64_t column0 = info.n0 + column;
         if constexpr (kEpilogue != static_cast<int>(Epilogue::kTokenRows)) {
@@ -389,7 +419,7 @@ void launch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends, co
   const int64_t slots = rows / kBM + groups;
   const int64_t tiles_bound = slots * (n / kBN);
   auto params = std::make_unique<Params>();
-  encode_tensor_map(&params->map_a, a.data_ptr(), rows, k, kBM);
+  encode_tensor_map(&params->map_a, a.data_ptr(), rows, k, 64);  // 64-row boxes (live_slices)
   if constexpr (kBKN) {
     encode_tensor_map(&params->map_b, b.data_ptr(), groups * k, n, kBK);
   } else {

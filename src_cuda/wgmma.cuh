@@ -27,7 +27,8 @@ namespace {
 [[maybe_unused]] constexpr int kMaxSharedBytes = 227 * 1024;
 
 // The CTA layout of the TMA kernels: a producer warpgroup and kConsumers consumer warpgroups over
-// output tiles kBN columns wide, with the pipeline stages that fit beside them. 2: one CTA per SM,
+// output tiles kBN columns wide, with the pipeline stages of 64 rows that fit beside them and a
+// staging buffer per consumer (the row kernel, which has none, counts its own). 2: one CTA per SM,
 // each consumer taking 64 of a tile's 128 rows. 1: two CTAs per SM, the one consumer taking all
 // 128 rows, so that one CTA's epilogue runs while the other multiplies. 3 (the row kernel's tall
 // tiles): one CTA per SM, each consumer taking 64 of a tile's 192 rows.
@@ -212,6 +213,64 @@ __device__ __forceinline__ void store_rows(const float (&acc)[kHalves][64], __nv
           store(row, h * 128 + q * kStagingColumns + chunk * 8,
                 *reinterpret_cast<const uint4*>(staging + row * kStagingPitch + chunk * 8));
         }
+      }
+    }
+  }
+}
+
+// The 4 x 4 transpose of 32-bit words across the four lanes of a row quad (lane % 4 = q): lane q
+// holds m[c] = M[q][c] and ends with M[c][q], in two exchanges (partner lanes q ^ 2, then q ^ 1),
+// each sending the two words the partner lacks.
+__device__ __forceinline__ uint4 transpose_quad(uint32_t m0, uint32_t m1, uint32_t m2, uint32_t m3, int q) {
+  const bool high = q & 2;  // lanes 2, 3 keep words 2, 3 and take words 0, 1 from lanes 0, 1
+  uint32_t r0 = __shfl_xor_sync(0xffffffffu, high ? m0 : m2, 2);
+  uint32_t r1 = __shfl_xor_sync(0xffffffffu, high ? m1 : m3, 2);
+  if (high) {
+    m0 = r0;
+    m1 = r1;
+  } else {
+    m2 = r0;
+    m3 = r1;
+  }
+  const bool odd = q & 1;  // lanes 1, 3 keep words 1, 3 and take words 0, 2 from lanes 0, 2
+  r0 = __shfl_xor_sync(0xffffffffu, odd ? m0 : m1, 1);
+  r1 = __shfl_xor_sync(0xffffffffu, odd ? m2 : m3, 1);
+  if (odd) {
+    m0 = r0;
+    m2 = r1;
+  } else {
+    m1 = r0;
+    m3 = r1;
+  }
+  return make_uint4(m0, m1, m2, m3);
+}
+
+__device__ __forceinline__ uint32_t bf16_pair(float low, float high) {
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
+  return *reinterpret_cast<const uint32_t*>(&pair);
+}
+
+// What store_rows does, straight from the registers, with no staging buffer and no barrier: each
+// warp's row quads (the four lanes that hold one row's columns, two adjacent ones per 8-column
+// chunk) swap words so that each lane holds one chunk's 8 columns, a 16-byte vector. A warp's store
+// then covers 64 contiguous bytes of each of 8 rows. The bf16 values are those of store_rows. The
+// row kernel stores this way; the weight-gradient kernels keep store_rows, which measured faster
+// for them (benchmarks/RESULTS.md).
+template <int kHalves, class Store>
+__device__ __forceinline__ void store_rows_direct(const float (&acc)[kHalves][64], int ctid, int rows, Store store) {
+  const int warp = ctid / 32, lane = ctid % 32, q = lane % 4;
+  const int row0 = warp * 16 + lane / 4;
+#pragma unroll
+  for (int h = 0; h < kHalves; ++h) {
+#pragma unroll
+    for (int quad = 0; quad < 4; ++quad) {  // chunks 4 quad to 4 quad + 3 of the 16 in 128 columns
+#pragma unroll
+      for (int lower = 0; lower < 2; ++lower) {  // rows row0 and row0 + 8
+        const float* v = acc[h] + 16 * quad + 2 * lower;  // chunk c's two values at v[4 c], v[4 c + 1]
+        const uint4 vector = transpose_quad(bf16_pair(v[0], v[1]), bf16_pair(v[4], v[5]), bf16_pair(v[8], v[9]),
+                                            bf16_pair(v[12], v[13]), q);
+        const int row = row0 + 8 * lower;
+        if (row < rows) store(row, h * 128 + (4 * quad + q) * 8, vector);
       }
     }
   }
