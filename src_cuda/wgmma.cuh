@@ -218,30 +218,28 @@ __device__ __forceinline__ void store_rows(const float (&acc)[kHalves][64], __nv
   }
 }
 
+// Lanes with `first` set send x0, x1 to their partner lane (lane ^ mask) and take the partner's
+// y0, y1 in their place; their partners send y0, y1 and take x0, x1 in theirs.
+__device__ __forceinline__ void swap_pairs(bool first, uint32_t& x0, uint32_t& x1, uint32_t& y0, uint32_t& y1,
+                                           int mask) {
+  const uint32_t r0 = __shfl_xor_sync(0xffffffffu, first ? x0 : y0, mask);
+  const uint32_t r1 = __shfl_xor_sync(0xffffffffu, first ? x1 : y1, mask);
+  if (first) {
+    x0 = r0;
+    x1 = r1;
+  } else {
+    y0 = r0;
+    y1 = r1;
+  }
+}
+
 // The 4 x 4 transpose of 32-bit words across the four lanes of a row quad (lane % 4 = q): lane q
-// holds m[c] = M[q][c] and ends with M[c][q], in two exchanges (partner lanes q ^ 2, then q ^ 1),
-// each sending the two words the partner lacks.
+// holds m[c] = M[q][c] and ends with M[c][q]. Lanes q and q ^ 2 first swap the words whose index
+// differs from the lane's in bit 1 (lanes 2, 3 words 0, 1 for the partner's 2, 3), then lanes q and
+// q ^ 1 those that differ in bit 0 (lanes 1, 3 words 0, 2 for the partner's 1, 3).
 __device__ __forceinline__ uint4 transpose_quad(uint32_t m0, uint32_t m1, uint32_t m2, uint32_t m3, int q) {
-  const bool high = q & 2;  // lanes 2, 3 keep words 2, 3 and take words 0, 1 from lanes 0, 1
-  uint32_t r0 = __shfl_xor_sync(0xffffffffu, high ? m0 : m2, 2);
-  uint32_t r1 = __shfl_xor_sync(0xffffffffu, high ? m1 : m3, 2);
-  if (high) {
-    m0 = r0;
-    m1 = r1;
-  } else {
-    m2 = r0;
-    m3 = r1;
-  }
-  const bool odd = q & 1;  // lanes 1, 3 keep words 1, 3 and take words 0, 2 from lanes 0, 2
-  r0 = __shfl_xor_sync(0xffffffffu, odd ? m0 : m1, 1);
-  r1 = __shfl_xor_sync(0xffffffffu, odd ? m2 : m3, 1);
-  if (odd) {
-    m0 = r0;
-    m2 = r1;
-  } else {
-    m1 = r0;
-    m3 = r1;
-  }
+  swap_pairs(q & 2, m0, m1, m2, m3, 2);
+  swap_pairs(q & 1, m0, m2, m1, m3, 1);
   return make_uint4(m0, m1, m2, m3);
 }
 
