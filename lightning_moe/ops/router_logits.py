@@ -485,6 +485,12 @@ def _(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
     return x_TD.new_empty(x_TD.shape[0], weight_ED.shape[0], dtype=torch.float32)
 
 
+def _tc_eager_grad_x(grad_TE: Tensor, weight_ED: Tensor, x_dtype: torch.dtype, addend: Tensor | None) -> Tensor:
+    """:func:`_tc_grad_x` as a :data:`_GradX`: its grad_x is bf16, the only token dtype the
+    tensor-core kernels take, so ``x_dtype`` needs no cast."""
+    return _tc_grad_x(grad_TE, weight_ED, addend)
+
+
 @torch.library.custom_op("lightning_moe::router_logits_tc_grad_x", mutates_args=())
 def _router_logits_tc_grad_x_cuda(grad_TE: Tensor, weight_ED: Tensor) -> Tensor:
     return _tc_grad_x(grad_TE, weight_ED)
@@ -516,7 +522,7 @@ _router_logits_tc_cuda.register_autograd(
 _TensorCoreRouterLogits = _eager_function(
     "_TensorCoreRouterLogits",
     _tc_forward,
-    _backward_through(lambda grad_TE, weight_ED, _, addend: _tc_grad_x(grad_TE, weight_ED, addend), _tc_grad_weight),
+    _backward_through(_tc_eager_grad_x, _tc_grad_weight),
 )
 
 
@@ -550,6 +556,4 @@ def _tensor_core_router_logits(x_TD: Tensor, weight_ED: Tensor, kernel_weight: T
 
 
 _SIMT_KERNELS = EagerKernels(_forward, _simt_grad_x, _simt_grad_weight)
-_TENSOR_CORE_KERNELS = EagerKernels(
-    _tc_forward, lambda grad_TE, weight_ED, _, addend: _tc_grad_x(grad_TE, weight_ED, addend), _tc_grad_weight
-)
+_TENSOR_CORE_KERNELS = EagerKernels(_tc_forward, _tc_eager_grad_x, _tc_grad_weight)
